@@ -1,0 +1,30 @@
+# Entry points for a fresh clone. Everything lives in .venv/ at the project root.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
+export OMP_NUM_THREADS ?= 1
+
+.PHONY: setup demo test clean
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c constraints.txt torch torchvision
+	$(PY) -m pip install -q -c constraints.txt -e ".[all,dev]"
+	touch $(STAMP)
+
+## setup: create .venv and install the project (idempotent: a second run takes seconds)
+setup: $(STAMP)
+
+## demo: set up, then run the embedded default job
+demo: setup
+	$(PY) -m unireplknet demo
+
+## test: set up, then run the test suite
+test: setup
+	$(PY) -m pytest -q tests; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
+
+clean:
+	rm -rf $(VENV) .cache
