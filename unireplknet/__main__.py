@@ -1,0 +1,124 @@
+"""Command line: ``python -m unireplknet {reparam,info,demo} ...``; ``--help`` on each for details."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+
+import timm
+import torch
+
+from . import model as _model  # noqa: F401  (registers the timm models)
+from .checkpoint import export_official, load_official, read_state_dict
+from .tools import atomic_save, measure_throughput, model_stats, randomize_statistics, verify_reparameterization
+
+MODEL_NAMES = [f"unireplknet_{v}" for v in _model.VARIANTS]
+
+
+def _model_name(value: str) -> str:
+    if value not in MODEL_NAMES:
+        raise argparse.ArgumentTypeError(f"unknown model {value!r}; choose from {', '.join(MODEL_NAMES)}")
+    return value
+
+
+def cmd_reparam(args: argparse.Namespace) -> int:
+    """Convert a training-structure checkpoint to the inference structure, verify, then write it."""
+    state_dict = read_state_dict(args.input)
+    head = state_dict.get("head.weight")
+    num_classes = head.shape[0] if head is not None else 0
+    in_chans = state_dict["downsample_layers.0.0.weight"].shape[1]
+    model = timm.create_model(args.model, num_classes=num_classes, in_chans=in_chans)
+    load_official(model, state_dict)
+    print(f"loaded {args.input} into {args.model} (training structure, {num_classes} classes, {in_chans} input channels)")
+    start = time.perf_counter()
+    deployed, error = verify_reparameterization(model, args.img_size, args.batch_size, dtype=torch.float64)
+    print(f"re-parameterized and checked on a random batch of {args.batch_size} at {args.img_size}px in float64: "
+          f"max|logit diff| / max|logit| = {error:.3e} ({time.perf_counter() - start:.1f}s)")
+    if error > args.tolerance:
+        print(f"error: difference {error:.3e} exceeds --tolerance {args.tolerance:.1e}; nothing written", file=sys.stderr)
+        return 1
+    atomic_save(export_official(deployed.float()), args.output)
+    print(f"wrote {args.output} ({sum(p.numel() for p in deployed.parameters()):,} parameters, inference structure)")
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    """Print parameters, FLOPs and forward memory for one model and input size."""
+    def build(deploy: bool):
+        return timm.create_model(args.model, num_classes=args.num_classes, in_chans=args.in_chans, deploy=deploy)
+
+    stats = model_stats(build, args.img_size, args.in_chans)
+    print(f"model                      {args.model} ({args.num_classes} classes, {args.in_chans}x{args.img_size}x{args.img_size})")
+    print(f"parameters (training)      {stats.params:,}")
+    print(f"parameters (inference)     {stats.inference_params:,}")
+    print(f"forward GMACs / image      {stats.gflops / 2:.2f} (inference structure; the papers' 'FLOPs')")
+    print(f"forward GFLOPs / image     {stats.gflops:.2f} (multiply-add = 2 FLOPs)")
+    print(f"weights fp32               {stats.param_mib:,.1f} MiB")
+    print(f"activations for backward   {stats.activation_mib:,.1f} MiB / image (training structure, fp32, "
+          f"no activation checkpointing)")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Build a model, re-parameterize it, verify equivalence and time both structures on this machine."""
+    torch.manual_seed(args.seed)
+    model = timm.create_model(args.model, num_classes=1000)
+    randomize_statistics(model, torch.Generator().manual_seed(args.seed))
+    print(f"built {args.model}: {sum(p.numel() for p in model.parameters()):,} parameters (training structure)")
+    deployed, error = verify_reparameterization(model, args.img_size, batch_size=2, dtype=torch.float64)
+    print(f"re-parameterized: {sum(p.numel() for p in deployed.parameters()):,} parameters; "
+          f"max|logit diff| / max|logit| in float64 = {error:.2e}")
+    batch = torch.randn(args.batch_size, 3, args.img_size, args.img_size)
+    model.eval()
+    deployed.float().eval()
+    train_ips = measure_throughput(model, batch)
+    infer_ips = measure_throughput(deployed, batch)
+    device = "CPU" if not torch.cuda.is_available() else torch.cuda.get_device_name()
+    print(f"throughput on {device} ({torch.get_num_threads()} threads), batch {args.batch_size} at {args.img_size}px, fp32:")
+    print(f"  training structure (eval)  {train_ips:8.1f} img/s")
+    print(f"  inference structure        {infer_ips:8.1f} img/s  ({infer_ips / train_ips:.2f}x)")
+    return 0 if error < 1e-8 else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m unireplknet", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("reparam", help="convert a training-structure checkpoint to the inference structure",
+                       description=cmd_reparam.__doc__ + " The output uses the official key layout.")
+    p.add_argument("input", help="training-structure checkpoint (.pth, bare or {'model': ...})")
+    p.add_argument("output", help="where to write the inference-structure state dict")
+    p.add_argument("--model", type=_model_name, required=True, help="architecture, e.g. unireplknet_xl")
+    p.add_argument("--img-size", type=int, default=64, help="input size of the verification batch (default 64)")
+    p.add_argument("--batch-size", type=int, default=2, help="verification batch size (default 2)")
+    p.add_argument("--tolerance", type=float, default=1e-6,
+                   help="largest accepted max|logit diff|/max|logit| in float64 (default 1e-6)")
+    p.set_defaults(func=cmd_reparam)
+
+    p = sub.add_parser("info", help="parameters, FLOPs and forward memory of a model",
+                       description=cmd_info.__doc__ + " Measured on the meta device: nothing is allocated.")
+    p.add_argument("--model", type=_model_name, required=True)
+    p.add_argument("--img-size", type=int, default=224)
+    p.add_argument("--num-classes", type=int, default=1000)
+    p.add_argument("--in-chans", type=int, default=3)
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("demo", help="build, re-parameterize, verify and time a model on this machine",
+                       description=cmd_demo.__doc__)
+    p.add_argument("--model", type=_model_name, default="unireplknet_a")
+    p.add_argument("--img-size", type=int, default=224)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
