@@ -81,6 +81,22 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0 if error < 1e-8 else 1
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    """Time several models in one process on the same device and print a table (ratios to the first)."""
+    from .bench import BenchConfig, format_table, run_bench, write_json
+
+    config = BenchConfig(
+        mode=args.mode, img_size=args.img_size, batch_size=args.batch_size, dtype=args.dtype, deploy=args.deploy,
+        channels_last=args.channels_last, compile=args.compile, warmup=args.warmup, steps=args.steps,
+        repeats=args.repeats, device=args.device or BenchConfig.device)
+    results = run_bench([name.strip() for name in args.models.split(",") if name.strip()], config)
+    print(format_table(results, config))
+    if args.json:
+        write_json(results, config, args.json)
+        print(f"wrote {args.json}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m unireplknet", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -111,6 +127,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser(
+        "bench", help="time models side by side (img/s, ms/step, peak memory)",
+        description=cmd_bench.__doc__ + " A UniRepLKNet name may end in ':reference' (torch conv2d for every "
+        "branch: the authors' plain PyTorch path) or ':fast' (this package's kernels, the default). Other names "
+        "are timm models, e.g. convnext_tiny.")
+    p.add_argument("--models", default="unireplknet_t:reference,unireplknet_t,convnext_tiny",
+                   help="comma-separated model names (default: %(default)s)")
+    p.add_argument("--mode", choices=("train", "infer"), default="infer")
+    p.add_argument("--img-size", type=int, default=224)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="bf16",
+                   help="autocast precision (default bf16; fp32 disables autocast)")
+    p.add_argument("--deploy", action="store_true", help="re-parameterized UniRepLKNet (inference structure)")
+    p.add_argument("--channels-last", action="store_true", help="channels_last memory format")
+    p.add_argument("--compile", action="store_true", help="torch.compile each model")
+    p.add_argument("--warmup", type=int, default=5, help="untimed steps first (default 5)")
+    p.add_argument("--steps", type=int, default=20, help="timed steps per repeat (default 20)")
+    p.add_argument("--repeats", type=int, default=3, help="repeats; the median is reported (default 3)")
+    p.add_argument("--device", default=None, help="cuda, cuda:1 or cpu (default: cuda if available)")
+    p.add_argument("--json", default=None, help="also write the results to this JSON file")
+    p.set_defaults(func=cmd_bench)
     return parser
 
 

@@ -15,6 +15,7 @@ Two structures compute the same function in eval mode:
 """
 from __future__ import annotations
 
+import contextlib
 from functools import partial
 from typing import Sequence
 
@@ -26,6 +27,23 @@ from torch.utils.checkpoint import checkpoint
 from timm.layers import DropPath, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import FeatureInfo
+
+
+_DEPTHWISE_IMPLEMENTATIONS = ("fast", "torch")
+_depthwise_impl = "fast"
+
+
+@contextlib.contextmanager
+def depthwise_conv_implementation(name: str):
+    """Build models inside this context with ``"torch"`` (plain ``nn.Conv2d``) or ``"fast"`` depthwise convs."""
+    global _depthwise_impl
+    if name not in _DEPTHWISE_IMPLEMENTATIONS:
+        raise ValueError(f"depthwise conv implementation must be one of {_DEPTHWISE_IMPLEMENTATIONS}, got {name!r}")
+    previous, _depthwise_impl = _depthwise_impl, name
+    try:
+        yield
+    finally:
+        _depthwise_impl = previous
 
 
 def make_depthwise_conv(channels: int, kernel_size: int, dilation: int = 1, bias: bool = False) -> nn.Conv2d:
