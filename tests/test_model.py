@@ -1,7 +1,6 @@
 """UniRepLKNet model: exact parameter counts, re-parameterization, official key layout, timm API."""
 from __future__ import annotations
 
-import re
 
 import pytest
 import timm
@@ -196,10 +195,8 @@ def expected_official_keys(depths, kernels, deploy=False):
             k = kernels[s][j]
             keys |= {p + f"se.{n}.{w}" for n in ("down", "up") for w in ("weight", "bias")}
             keys |= {p + "pwconv1.1.weight", p + "pwconv1.1.bias", p + "act.1.gamma", p + "pwconv2.0.weight"}
-            if deploy:
-                keys |= {p + "pwconv2.0.bias"}
-                keys |= {p + "dwconv.weight", p + "dwconv.bias"} if k == 3 else {
-                    p + "dwconv.lk_origin.weight", p + "dwconv.lk_origin.bias"}
+            if deploy:  # the authors' deploy=True constructor: a plain dwconv for every block
+                keys |= {p + "pwconv2.0.bias", p + "dwconv.weight", p + "dwconv.bias"}
                 continue
             keys |= {p + "gamma", p + "act.1.beta"}
             keys |= {p + f"norm.{b}" for b in bn} | {p + f"pwconv2.2.{b}" for b in bn}
@@ -238,10 +235,13 @@ def test_load_official_roundtrip_through_file(tmp_path):
         assert torch.equal(source(x), target(x))
 
 
-def test_load_official_accepts_plain_deploy_dwconv_keys():
+@pytest.mark.parametrize("inference_keys", ["deploy", "reparameterized"])
+def test_both_inference_key_forms_round_trip(inference_keys):
     model = random_model("a")
     model.reparameterize()
-    sd = {re.sub(r"dwconv\.lk_origin\.", "dwconv.", k): v for k, v in export_official(model).items()}
+    sd = export_official(model, inference_keys=inference_keys)
+    has_lk_origin = any(".dwconv.lk_origin." in k for k in sd)
+    assert has_lk_origin == (inference_keys == "reparameterized")
     target = small_model("a", num_classes=10, deploy=True).double().eval()
     load_official(target, sd)
     x = torch.randn(1, 3, 64, 64, dtype=torch.float64)

@@ -38,7 +38,7 @@ def cmd_reparam(args: argparse.Namespace) -> int:
     if error > args.tolerance:
         print(f"error: difference {error:.3e} exceeds --tolerance {args.tolerance:.1e}; nothing written", file=sys.stderr)
         return 1
-    atomic_save(export_official(deployed.float()), args.output)
+    atomic_save(export_official(deployed.float(), inference_keys=args.keys), args.output)
     print(f"wrote {args.output} ({sum(p.numel() for p in deployed.parameters()):,} parameters, inference structure)")
     return 0
 
@@ -110,6 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=2, help="verification batch size (default 2)")
     p.add_argument("--tolerance", type=float, default=1e-6,
                    help="largest accepted max|logit diff|/max|logit| in float64 (default 1e-6)")
+    p.add_argument("--keys", choices=("deploy", "reparameterized"), default="deploy",
+                   help="large-kernel key names: 'deploy' (dwconv.weight, for the authors' deploy=True "
+                        "constructor, default) or 'reparameterized' (dwconv.lk_origin.weight)")
     p.set_defaults(func=cmd_reparam)
 
     p = sub.add_parser("info", help="parameters, FLOPs and forward memory of a model",

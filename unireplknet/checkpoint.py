@@ -140,14 +140,31 @@ def load_official(
     return model
 
 
-def export_official(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The model's weights in the official key layout (CPU tensors), loadable by the authors' code."""
+def export_official(model: nn.Module, inference_keys: str = "deploy") -> dict[str, torch.Tensor]:
+    """The model's weights in the official key layout (CPU tensors), loadable by the authors' code.
+
+    For re-parameterized large-kernel blocks the authors use two names: their ``deploy=True``
+    constructor expects ``dwconv.weight`` / ``dwconv.bias`` (``inference_keys="deploy"``, the
+    default), their in-place ``reparameterize()`` leaves ``dwconv.lk_origin.*``
+    (``inference_keys="reparameterized"``). :func:`load_official` reads both.
+    """
+    if inference_keys not in ("deploy", "reparameterized"):
+        raise ValueError(f"inference_keys must be 'deploy' or 'reparameterized', got {inference_keys!r}")
     state_dict = {}
     for name, value in model.state_dict().items():
         for prefix in _PREFIXES:
             if name.startswith(prefix):
                 name = name[len(prefix):]
         state_dict[name] = value.detach().to("cpu").clone()
+    if inference_keys == "deploy":
+        training_blocks = {k.split(".dwconv.")[0] for k in state_dict if k.endswith(".dwconv.origin_bn.running_var")}
+        renamed = {}
+        for name, value in state_dict.items():
+            match = re.match(r"^(stages\.\d+\.\d+)\.dwconv\.lk_origin\.(weight|bias)$", name)
+            if match and match.group(1) not in training_blocks:
+                name = f"{match.group(1)}.dwconv.{match.group(2)}"
+            renamed[name] = value
+        state_dict = renamed
     return state_dict
 
 
