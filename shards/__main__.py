@@ -1,0 +1,4 @@
+"""``python -m shards {write,verify,bench}``: see ``shards.cli``."""
+from .cli import main
+
+raise SystemExit(main())

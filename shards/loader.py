@@ -1,0 +1,738 @@
+"""Training and evaluation loaders over WebDataset shards.
+
+Train stream (one per rank and DataLoader worker, a "slot"), built as a chain of stages:
+
+1. shard URLs: an endless walk over per-epoch permutations of the shard list, slot ``s`` of
+   ``S`` taking every ``S``-th shard (split by node and worker; no slot ever runs dry);
+2. tar -> samples (a truncated shard counts one bad sample and the walk goes on; a missing
+   shard raises naming its URL);
+3. weighted mix of several sources (optional);
+4. shuffle buffer seeded by (seed, epoch, slot);
+5. fast-forward past samples delivered before a checkpoint (no decode);
+6. decode + validate (bad samples are counted and dropped) + timm augmentation seeded by
+   (seed, epoch, slot, position);
+7. batches; a worker stops after its quota, so every rank yields exactly ``len(loader)`` batches.
+
+Mixup/CutMix runs on whole batches in the main process, seeded by (seed, epoch, rank, batch).
+
+The sample stream is a pure function of (seed, epoch, rank, worker, position), so:
+
+Resume guarantee: with the same shards, seed, world size, rank, num_workers, batch size,
+samples per epoch and shuffle buffer, a loader restored from ``state_dict()`` yields exactly the
+batches an uninterrupted loader yields after the batches counted in the state: the same sample
+keys in the same order, and bit-identical images and targets (mixup included) given the same
+torch/timm/Pillow versions. ``load_state_dict`` refuses a state saved under other settings with
+a ``ValueError`` naming the setting. Image size and augmentation may change across a resume
+(tensors then differ, the sample order does not). Restoring re-reads, without decoding, the
+part of the epoch each worker had consumed. Shards are assumed unchanged.
+
+Coverage: an epoch draws ``len(loader) * batch_size`` samples per rank from the slots' shard
+walks; with many more shards than slots that is close to one pass over the data. With fewer
+shards than slots, slots share shards (in different orders), so some samples repeat within an
+epoch; equal batch counts on every rank hold either way.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import random
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from functools import partial, reduce
+from itertools import islice
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, Mixup, create_transform
+from timm.data.auto_augment import RandAugment
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from .info import ShardSet, resolve_shard_set
+from .samples import BadSampleError, CorruptShardError, Sample, decode_sample, iter_shard_samples
+
+_logger = logging.getLogger(__name__)
+
+STATE_VERSION = 1
+MAX_BAD_IN_A_ROW = 1000
+_WARN_FIRST = 10
+
+
+@dataclass(kw_only=True, slots=True)
+class AugmentConfig:
+    """Train-time augmentation (timm ``create_transform``); ``AugmentConfig(auto_augment=None, reprob=0)`` for simple runs."""
+
+    auto_augment: str | None = "rand-m9-mstd0.5-inc1"
+    """timm auto-augment policy string; ``None`` disables it (colour jitter then applies)."""
+    reprob: float = 0.25
+    """Random-erasing probability."""
+    remode: str = "pixel"
+    """Random-erasing fill: ``pixel`` (per-pixel noise), ``rand`` or ``const``."""
+    recount: int = 1
+    """Random-erasing regions per image."""
+    color_jitter: float | None = 0.4
+    """Colour-jitter strength; timm applies it only when ``auto_augment`` is off."""
+    scale: tuple[float, float] = (0.08, 1.0)
+    """RandomResizedCrop area range."""
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    """RandomResizedCrop aspect-ratio range."""
+    hflip: float = 0.5
+    """Horizontal-flip probability."""
+    interpolation: str = "bicubic"
+    """Resize interpolation."""
+
+    def __post_init__(self) -> None:
+        for name in ("reprob", "hflip"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"AugmentConfig.{name} must be in [0, 1], got {getattr(self, name)}")
+        if not 0.0 < self.scale[0] <= self.scale[1] <= 1.0:
+            raise ValueError(f"AugmentConfig.scale must satisfy 0 < low <= high <= 1, got {self.scale}")
+
+
+@dataclass(kw_only=True, slots=True)
+class MixupConfig:
+    """Batch-level Mixup/CutMix (timm ``Mixup``); targets become soft ``(N, num_classes)`` rows."""
+
+    mixup_alpha: float = 0.8
+    """Beta(alpha, alpha) for Mixup; 0 disables Mixup."""
+    cutmix_alpha: float = 1.0
+    """Beta(alpha, alpha) for CutMix; 0 disables CutMix."""
+    prob: float = 1.0
+    """Probability of mixing a batch."""
+    switch_prob: float = 0.5
+    """Probability of CutMix instead of Mixup when both are on."""
+    label_smoothing: float = 0.1
+    """Label smoothing folded into the soft targets."""
+
+    def __post_init__(self) -> None:
+        if self.mixup_alpha < 0 or self.cutmix_alpha < 0:
+            raise ValueError(f"MixupConfig alphas must be >= 0, got mixup_alpha={self.mixup_alpha}, cutmix_alpha={self.cutmix_alpha}")
+        for name in ("prob", "switch_prob", "label_smoothing"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"MixupConfig.{name} must be in [0, 1], got {getattr(self, name)}")
+
+
+# What a derived seed is for; the first part of every derived seed, so no two uses share one.
+_SHARD_ORDER, _SOURCE_MIX, _SHUFFLE, _AUGMENT, _MIXUP = range(5)
+
+
+def _derived_seed(purpose: int, *parts: int) -> int:
+    """A 32-bit seed that depends on the purpose and every part (NumPy ``SeedSequence``)."""
+    return int(np.random.SeedSequence([purpose, *map(int, parts)]).generate_state(1)[0])
+
+
+@contextmanager
+def _seeded_global_rngs(seed: int) -> Iterator[None]:
+    """Seed Python, NumPy and torch CPU RNGs for timm's transforms, restoring them afterwards."""
+    python_state, numpy_state, torch_state = random.getstate(), np.random.get_state(), torch.random.get_rng_state()
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.random.manual_seed(seed)
+    try:
+        yield
+    finally:
+        random.setstate(python_state)
+        np.random.set_state(numpy_state)
+        torch.random.set_rng_state(torch_state)
+
+
+class _Counters:
+    """Bad-sample counts of one worker, sent to the main process with every batch."""
+
+    def __init__(self, decode_errors: int = 0):
+        self.shard_errors = 0
+        self.decode_errors = decode_errors
+
+    def warn(self, message: str) -> None:
+        total = self.shard_errors + self.decode_errors
+        level = logging.WARNING if total <= _WARN_FIRST else logging.DEBUG
+        _logger.log(level, "skipping bad data (%d so far in this worker): %s", total, message)
+
+
+# ----------------------------------------------------------------------------- stream stages
+
+
+def slot_shard_urls(urls: Sequence[str], *, seed: int, epoch: int, source_index: int, slot: int, num_slots: int) -> Iterator[str]:
+    """Endless shard URLs for one slot: every ``num_slots``-th entry of successive per-epoch permutations."""
+    position, cached_pass, permutation = slot, -1, np.arange(0)
+    while True:
+        shard_pass, index = divmod(position, len(urls))
+        if shard_pass != cached_pass:
+            permutation = np.random.default_rng(_derived_seed(_SHARD_ORDER, seed, epoch, source_index, shard_pass)).permutation(len(urls))
+            cached_pass = shard_pass
+        yield urls[permutation[index]]
+        position += num_slots
+
+
+def shard_samples(urls: Iterator[str], counters: _Counters, num_shards: int) -> Iterator[Sample]:
+    """Samples of each shard in turn; a corrupt shard tail is counted and skipped, a missing shard raises."""
+    empty: set[str] = set()
+    for url in urls:
+        produced = 0
+        try:
+            for sample in iter_shard_samples(url):
+                produced += 1
+                yield sample
+        except CorruptShardError as exc:
+            counters.shard_errors += 1
+            counters.warn(str(exc))
+        if produced:
+            empty.clear()
+            continue
+        empty.add(url)
+        if len(empty) >= num_shards:
+            raise RuntimeError(f"no readable samples in any of the {num_shards} shards this worker reads (last: {url})")
+
+
+def mixed(streams: Sequence[Iterator[Sample]], weights: Sequence[float], rng: random.Random) -> Iterator[Sample]:
+    """Draw each next sample from stream ``i`` with probability ``weights[i] / sum(weights)``."""
+    if len(streams) == 1:
+        yield from streams[0]
+        return
+    choices = range(len(streams))
+    while True:
+        yield next(streams[rng.choices(choices, weights)[0]])
+
+
+def shuffled(samples: Iterator[Sample], buffer_size: int, rng: random.Random) -> Iterator[Sample]:
+    """A shuffle buffer whose draws depend on ``rng`` only (not on sample contents)."""
+    buffer: list[Sample] = []
+    for sample in samples:
+        if len(buffer) < buffer_size:
+            buffer.append(sample)
+            continue
+        index = rng.randrange(buffer_size)
+        buffer[index], sample = sample, buffer[index]
+        yield sample
+    rng.shuffle(buffer)
+    yield from buffer
+
+
+def numbered(samples: Iterator[Sample], start: int) -> Iterator[tuple[int, Sample]]:
+    """``(position, sample)`` with positions counted from 0, dropping the first ``start`` undecoded."""
+    positioned = enumerate(samples)
+    if start:
+        next(islice(positioned, start - 1, start), None)
+    return positioned
+
+
+def decoded(
+    samples: Iterator[tuple[int, Sample]],
+    *,
+    transform: Callable[[Image.Image], torch.Tensor],
+    num_classes: int | None,
+    seed_of: Callable[[int], int] | None,
+    counters: _Counters,
+) -> Iterator[tuple[int, str, torch.Tensor, int]]:
+    """Decode, validate and transform (RNGs seeded by ``seed_of(position)`` for random transforms).
+
+    Bad samples are counted and dropped; ``MAX_BAD_IN_A_ROW`` of them in a row raise, so a
+    stream of unusable data fails instead of searching forever. Yields ``(position, key, image, label)``.
+    """
+    bad_in_a_row = 0
+    for position, sample in samples:
+        try:
+            image, label = decode_sample(sample, num_classes)
+        except BadSampleError as exc:
+            counters.decode_errors += 1
+            counters.warn(str(exc))
+            bad_in_a_row += 1
+            if bad_in_a_row >= MAX_BAD_IN_A_ROW:
+                raise RuntimeError(f"{bad_in_a_row} bad samples in a row, the data looks unusable; last: {exc}") from exc
+            continue
+        bad_in_a_row = 0
+        if seed_of is None:
+            tensor = transform(image)
+        else:
+            with _seeded_global_rngs(seed_of(position)):
+                tensor = transform(image)
+        yield position, str(sample["__key__"]), tensor, label
+
+
+def batched(items: Iterator[tuple[int, str, torch.Tensor, int]], batch_size: int, *, partial_last: bool) -> Iterator[tuple[int, list[str], torch.Tensor, torch.Tensor]]:
+    """Stack ``batch_size`` items; yields ``(samples read so far, keys, images, labels)``."""
+    while True:
+        chunk = list(islice(items, batch_size))
+        if not chunk or (len(chunk) < batch_size and not partial_last):
+            return
+        images = torch.stack([tensor for _, _, tensor, _ in chunk])
+        labels = torch.tensor([label for _, _, _, label in chunk], dtype=torch.int64)
+        yield chunk[-1][0] + 1, [key for _, key, _, _ in chunk], images, labels
+
+
+def chain(source: Iterator, *stages: Callable[[Iterator], Iterator]) -> Iterator:
+    """Feed ``source`` through ``stages`` in order."""
+    return reduce(lambda stream, stage: stage(stream), stages, source)
+
+
+# ----------------------------------------------------------------------------- train
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerPosition:
+    """Where one worker's stream stands in the current epoch, as of the last batch the trainer received."""
+
+    batches: int = 0
+    samples_read: int = 0
+    shard_errors: int = 0
+    decode_errors: int = 0
+
+
+class _TrainStream(IterableDataset):
+    """Yields this rank's train batches for one epoch from inside each DataLoader worker."""
+
+    def __init__(
+        self,
+        sources: Sequence[ShardSet],
+        weights: Sequence[float],
+        *,
+        transform: Callable[[Image.Image], torch.Tensor],
+        num_classes: int | None,
+        batch_size: int,
+        batches_per_rank: int,
+        rank: int,
+        world_size: int,
+        workers: int,
+        seed: int,
+        shuffle_buffer: int,
+    ):
+        self.sources, self.weights = list(sources), list(weights)
+        self.transform, self.num_classes = transform, num_classes
+        self.batch_size, self.batches_per_rank = batch_size, batches_per_rank
+        self.rank, self.world_size, self.workers = rank, world_size, workers
+        self.seed, self.shuffle_buffer = seed, shuffle_buffer
+        self.epoch = 0
+        self.first_worker = 0
+        self.positions = [WorkerPosition() for _ in range(workers)]
+
+    def worker_quota(self, worker: int) -> int:
+        """Batches worker ``worker`` yields per epoch; batch ``i`` of the rank comes from worker ``i % workers``."""
+        return len(range(worker, self.batches_per_rank, self.workers))
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, dict[str, Any]]]:
+        # DataLoader worker 0 serves the next batch of the epoch (round-robin from there), so it
+        # plays the stream worker that owns batch ``batches_done``: ``first_worker``.
+        info = get_worker_info()
+        return self.worker_batches(((info.id if info is not None else 0) + self.first_worker) % self.workers)
+
+    def worker_batches(self, worker: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, dict[str, Any]]]:
+        """The remaining batches of ``worker`` in ``self.epoch``, after ``self.positions[worker]``."""
+        start = self.positions[worker]
+        slot, num_slots = self.rank * self.workers + worker, self.world_size * self.workers
+        counters = _Counters(decode_errors=start.decode_errors)
+        mix_rng = random.Random(_derived_seed(_SOURCE_MIX, self.seed, self.epoch, slot))
+        shuffle_rng = random.Random(_derived_seed(_SHUFFLE, self.seed, self.epoch, slot))
+        per_source = [
+            shard_samples(
+                slot_shard_urls(source.urls, seed=self.seed, epoch=self.epoch, source_index=i, slot=slot, num_slots=num_slots),
+                counters,
+                len(source.urls),
+            )
+            for i, source in enumerate(self.sources)
+        ]
+        stream = chain(
+            mixed(per_source, self.weights, mix_rng),
+            partial(shuffled, buffer_size=self.shuffle_buffer, rng=shuffle_rng),
+            partial(numbered, start=start.samples_read),
+            partial(
+                decoded,
+                transform=self.transform,
+                num_classes=self.num_classes,
+                seed_of=partial(_derived_seed, _AUGMENT, self.seed, self.epoch, slot),
+                counters=counters,
+            ),
+            partial(batched, batch_size=self.batch_size, partial_last=False),
+        )
+        for index, (samples_read, keys, images, labels) in enumerate(
+            islice(stream, self.worker_quota(worker) - start.batches), start=start.batches
+        ):
+            meta = {
+                "worker": worker,
+                "batch": index,
+                "samples_read": samples_read,
+                "shard_errors": counters.shard_errors,
+                "decode_errors": counters.decode_errors,
+                "keys": keys,
+            }
+            yield images, labels, meta
+
+
+def _posterize_keeping_zero_bits(image: Image.Image, bits_to_keep: int, **_: Any) -> Image.Image:
+    """timm's posterize, with 0 bits giving a black image as older Pillow did (recent Pillow rejects ``bits=0``)."""
+    if bits_to_keep <= 0:
+        return Image.new(image.mode, image.size)
+    return image if bits_to_keep >= 8 else ImageOps.posterize(image, bits_to_keep)
+
+
+def _train_transform(img_size: int, augment: AugmentConfig) -> Callable[[Image.Image], torch.Tensor]:
+    transform = create_transform(
+        img_size,
+        is_training=True,
+        scale=augment.scale,
+        ratio=augment.ratio,
+        hflip=augment.hflip,
+        color_jitter=augment.color_jitter or None,
+        auto_augment=augment.auto_augment,
+        interpolation=augment.interpolation,
+        re_prob=augment.reprob,
+        re_mode=augment.remode,
+        re_count=augment.recount,
+        mean=IMAGENET_DEFAULT_MEAN,
+        std=IMAGENET_DEFAULT_STD,
+    )
+    # RandAugment's PosterizeIncreasing reaches 0 bits at high magnitude, which recent Pillow rejects.
+    for step in transform.transforms:
+        if isinstance(step, RandAugment):
+            for op in step.ops:
+                if op.name.startswith("Posterize"):
+                    op.aug_fn = _posterize_keeping_zero_bits
+    return transform
+
+
+class TrainLoader:
+    """This rank's train batches: ``len()`` is the same on every rank; resumable with ``state_dict``.
+
+    Iterating yields ``(images, targets)`` (``(images, targets, keys)`` with ``return_keys``).
+    ``set_epoch(e)`` makes the next iteration cover epoch ``e``: from its start, or, when ``e``
+    is the epoch of the current position (e.g. just restored from a checkpoint), from that
+    position on, which yields nothing if ``e`` was already complete. Without ``set_epoch`` an
+    iteration continues the current epoch, or starts the next one if it is complete.
+    """
+
+    def __init__(
+        self,
+        stream: _TrainStream,
+        *,
+        num_workers: int,
+        mixup: Mixup | None,
+        sources_signature: list[str],
+        samples_per_epoch: int,
+        pin_memory: bool,
+        return_keys: bool,
+    ):
+        self._stream = stream
+        self._num_workers = num_workers
+        self._mixup = mixup
+        self._sources_signature = sources_signature
+        self._samples_per_epoch = samples_per_epoch
+        self._pin_memory = pin_memory
+        self._return_keys = return_keys
+        self._epoch = 0
+        self._batches_done = 0
+        self._bad_before_epoch = 0
+        self._epoch_chosen = False
+
+    def __len__(self) -> int:
+        return self._stream.batches_per_rank
+
+    @property
+    def epoch(self) -> int:
+        """The epoch of the current position."""
+        return self._epoch
+
+    @property
+    def bad_samples(self) -> int:
+        """Bad samples skipped so far (undecodable, no ``cls``, corrupt shard tails), all workers, all epochs."""
+        return self._bad_before_epoch + sum(p.shard_errors + p.decode_errors for p in self._stream.positions)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Make the next iteration cover ``epoch`` (keeping a restored position within it)."""
+        if epoch != self._epoch:
+            self._start_epoch(epoch)
+        self._epoch_chosen = True
+
+    def _start_epoch(self, epoch: int) -> None:
+        self._bad_before_epoch = self.bad_samples
+        self._epoch, self._batches_done = epoch, 0
+        self._stream.positions = [WorkerPosition() for _ in self._stream.positions]
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
+        if self._batches_done >= len(self) and not self._epoch_chosen:
+            self._start_epoch(self._epoch + 1)
+        self._epoch_chosen = False
+        if self._batches_done >= len(self):
+            return
+        stream, workers = self._stream, len(self._stream.positions)
+        stream.epoch = self._epoch
+        stream.first_worker = self._batches_done % workers
+        loader = DataLoader(
+            stream,
+            batch_size=None,
+            num_workers=self._num_workers,
+            pin_memory=self._pin_memory,
+            persistent_workers=False,
+        )
+        for images, targets, meta in loader:
+            index = self._batches_done
+            if (meta["worker"], meta["batch"]) != (index % workers, index // workers):
+                raise RuntimeError(
+                    f"batch {index} came from worker {meta['worker']} (its batch {meta['batch']}), "
+                    f"expected worker {index % workers}: DataLoader order is not round-robin"
+                )
+            stream.positions[meta["worker"]] = WorkerPosition(
+                meta["batch"] + 1, meta["samples_read"], meta["shard_errors"], meta["decode_errors"]
+            )
+            self._batches_done += 1
+            if self._mixup is not None:
+                with _seeded_global_rngs(_derived_seed(_MIXUP, stream.seed, self._epoch, stream.rank, index)):
+                    images, targets = self._mixup(images, targets)
+            yield (images, targets, meta["keys"]) if self._return_keys else (images, targets)
+        if self._batches_done != len(self):
+            raise RuntimeError(f"rank {stream.rank} got {self._batches_done} of {len(self)} batches in epoch {self._epoch}")
+
+    def _identity(self) -> dict[str, Any]:
+        stream = self._stream
+        return {
+            "seed": stream.seed,
+            "rank": stream.rank,
+            "world_size": stream.world_size,
+            "num_workers": self._num_workers,
+            "batch_size": stream.batch_size,
+            "samples_per_epoch": self._samples_per_epoch,
+            "shuffle_buffer": stream.shuffle_buffer,
+            "sources": self._sources_signature,
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        """Position after the last batch handed out: plain Python data (``torch.save`` with ``weights_only=True`` works)."""
+        return {
+            "version": STATE_VERSION,
+            **self._identity(),
+            "epoch": self._epoch,
+            "batches_done": self._batches_done,
+            "bad_samples_before_epoch": self._bad_before_epoch,
+            "workers": [
+                [p.batches, p.samples_read, p.shard_errors, p.decode_errors] for p in self._stream.positions
+            ],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a position saved by ``state_dict``; raises ``ValueError`` naming a setting that differs."""
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(f"loader state version {state.get('version')!r} is not supported (expected {STATE_VERSION})")
+        for field, current in self._identity().items():
+            if state.get(field) != current:
+                raise ValueError(
+                    f"loader state was saved with {field}={state.get(field)!r} but this loader has {field}={current!r}; "
+                    "exact resume needs the same shards, seed, world size, rank, num_workers, batch size, "
+                    "samples per epoch and shuffle buffer"
+                )
+        self._epoch = int(state["epoch"])
+        self._batches_done = int(state["batches_done"])
+        self._bad_before_epoch = int(state["bad_samples_before_epoch"])
+        self._stream.positions = [WorkerPosition(*map(int, entry)) for entry in state["workers"]]
+
+
+def _resolve_sources(urls: str | Sequence[str], weights: Sequence[float] | None, *, require_counts: bool) -> list[ShardSet]:
+    if weights is None:
+        return [resolve_shard_set(urls, require_counts=require_counts)]
+    entries = urls.split("::") if isinstance(urls, str) else list(urls)
+    if len(entries) != len(weights):
+        raise ValueError(f"weights has {len(weights)} entries but urls names {len(entries)} sources")
+    if any(w <= 0 for w in weights):
+        raise ValueError(f"source weights must be > 0, got {list(weights)}")
+    return [resolve_shard_set(entry, require_counts=require_counts) for entry in entries]
+
+
+def build_train_loader(
+    urls: str | Sequence[str],
+    *,
+    batch_size: int,
+    img_size: int,
+    rank: int = 0,
+    world_size: int = 1,
+    num_workers: int = 2,
+    seed: int = 0,
+    samples_per_epoch: int | None = None,
+    augment: AugmentConfig | None = None,
+    mixup: MixupConfig | None = None,
+    num_classes: int | None = None,
+    weights: Sequence[float] | None = None,
+    shuffle_buffer: int = 2000,
+    pin_memory: bool = False,
+    return_keys: bool = False,
+) -> TrainLoader:
+    """Build this rank's train loader over shards (see the module docstring for the stages).
+
+    ``urls``: a dataset directory (shards from its ``info.json``), a brace pattern
+    (``s3://b/in22k/shard-{000000..013999}.tar``), a list of shard URLs, or, with ``weights``,
+    several such sources separated by ``::`` (or as a list), mixed with those weights.
+    ``samples_per_epoch`` defaults to the ``info.json`` total of all sources; every rank yields
+    ``samples_per_epoch // (world_size * batch_size)`` full batches. ``augment=None`` uses
+    ``AugmentConfig()``; ``mixup`` turns targets into soft ``(N, num_classes)`` rows.
+    ``num_classes`` defaults to the class count in ``info.json``.
+    """
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
+    if batch_size < 1 or num_workers < 0 or shuffle_buffer < 1:
+        raise ValueError(f"need batch_size >= 1, num_workers >= 0, shuffle_buffer >= 1; got {batch_size}, {num_workers}, {shuffle_buffer}")
+    sources = _resolve_sources(urls, weights, require_counts=samples_per_epoch is None)
+    if samples_per_epoch is None:
+        samples_per_epoch = sum(source.total for source in sources)
+    batches_per_rank = samples_per_epoch // (world_size * batch_size)
+    if batches_per_rank < 1:
+        raise ValueError(
+            f"samples_per_epoch={samples_per_epoch} gives no full batch of {batch_size} on each of {world_size} ranks; "
+            "lower batch_size or raise samples_per_epoch"
+        )
+    if num_classes is None:
+        num_classes = next((len(source.classes) for source in sources if source.classes), None)
+    mixup_fn = None
+    if mixup is not None:
+        if num_classes is None:
+            raise ValueError("mixup needs num_classes (no info.json with classes found next to the shards)")
+        if batch_size % 2:
+            raise ValueError(f"mixup needs an even batch_size, got {batch_size}")
+        mixup_fn = Mixup(
+            mixup_alpha=mixup.mixup_alpha,
+            cutmix_alpha=mixup.cutmix_alpha,
+            prob=mixup.prob,
+            switch_prob=mixup.switch_prob,
+            mode="batch",
+            label_smoothing=mixup.label_smoothing,
+            num_classes=num_classes,
+        )
+    stream = _TrainStream(
+        sources,
+        weights or [1.0],
+        transform=_train_transform(img_size, augment or AugmentConfig()),
+        num_classes=num_classes,
+        batch_size=batch_size,
+        batches_per_rank=batches_per_rank,
+        rank=rank,
+        world_size=world_size,
+        workers=max(1, num_workers),
+        seed=seed,
+        shuffle_buffer=shuffle_buffer,
+    )
+    signature = [f"{weight}:{','.join(source.urls)}" for weight, source in zip(weights or [1.0], sources)]
+    return TrainLoader(
+        stream,
+        num_workers=num_workers,
+        mixup=mixup_fn,
+        sources_signature=signature,
+        samples_per_epoch=samples_per_epoch,
+        pin_memory=pin_memory,
+        return_keys=return_keys,
+    )
+
+
+# ----------------------------------------------------------------------------- eval
+
+
+def split_range(total: int, parts: int, index: int) -> range:
+    """The ``index``-th of ``parts`` contiguous, near-equal pieces of ``range(total)``."""
+    return range(total * index // parts, total * (index + 1) // parts)
+
+
+class _EvalStream(IterableDataset):
+    """Yields this rank's eval batches; each worker reads a contiguous, batch-aligned range of samples."""
+
+    def __init__(self, source: ShardSet, *, transform, num_classes, batch_size: int, rank: int, world_size: int, workers: int):
+        self.source, self.transform, self.num_classes = source, transform, num_classes
+        self.batch_size, self.workers = batch_size, workers
+        self.samples = split_range(source.total, world_size, rank)
+        self.num_batches = math.ceil(len(self.samples) / batch_size)
+
+    def worker_range(self, worker: int) -> range:
+        """Global sample indices worker ``worker`` reads (a whole number of batches, except the last worker)."""
+        batches = split_range(self.num_batches, self.workers, worker)
+        first = self.samples.start + batches.start * self.batch_size
+        return range(first, min(self.samples.stop, self.samples.start + batches.stop * self.batch_size))
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, dict[str, Any]]]:
+        info = get_worker_info()
+        worker = info.id if info is not None else 0
+        counters = _Counters()
+        stream = chain(
+            self._samples_in(self.worker_range(worker), counters),
+            partial(decoded, transform=self.transform, num_classes=self.num_classes, seed_of=None, counters=counters),
+            partial(batched, batch_size=self.batch_size, partial_last=True),
+        )
+        for _, keys, images, labels in stream:
+            yield images, labels, {"keys": keys, "worker": worker, "bad": counters.shard_errors + counters.decode_errors}
+
+    def _samples_in(self, wanted: range, counters: _Counters) -> Iterator[tuple[int, Sample]]:
+        shard_start = 0
+        for url, count in zip(self.source.urls, self.source.counts):
+            shard = range(shard_start, shard_start + count)
+            shard_start += count
+            if shard.stop <= wanted.start or shard.start >= wanted.stop:
+                continue
+            try:
+                for index, sample in enumerate(iter_shard_samples(url), start=shard.start):
+                    if index >= wanted.stop:
+                        break
+                    if index >= wanted.start:
+                        yield index, sample
+            except CorruptShardError as exc:
+                counters.shard_errors += 1
+                counters.warn(str(exc))
+
+
+class EvalLoader:
+    """This rank's eval batches: every sample of the dataset lands on exactly one rank, once."""
+
+    def __init__(self, stream: _EvalStream, *, num_workers: int, pin_memory: bool, return_keys: bool):
+        self._stream, self._num_workers, self._pin_memory, self._return_keys = stream, num_workers, pin_memory, return_keys
+        self._bad: dict[int, int] = {}
+
+    def __len__(self) -> int:
+        return self._stream.num_batches
+
+    @property
+    def num_samples(self) -> int:
+        """Samples assigned to this rank (``info.json`` counts; bad samples are then skipped)."""
+        return len(self._stream.samples)
+
+    @property
+    def bad_samples(self) -> int:
+        """Bad samples skipped in the current or last pass."""
+        return sum(self._bad.values())
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
+        self._bad = {}
+        loader = DataLoader(self._stream, batch_size=None, num_workers=self._num_workers, pin_memory=self._pin_memory)
+        for images, targets, meta in loader:
+            self._bad[meta["worker"]] = meta["bad"]
+            yield (images, targets, meta["keys"]) if self._return_keys else (images, targets)
+
+
+def build_eval_loader(
+    urls: str | Sequence[str],
+    *,
+    batch_size: int,
+    img_size: int,
+    rank: int = 0,
+    world_size: int = 1,
+    num_workers: int = 2,
+    crop_pct: float = 0.875,
+    interpolation: str = "bicubic",
+    num_classes: int | None = None,
+    pin_memory: bool = False,
+    return_keys: bool = False,
+) -> EvalLoader:
+    """Build this rank's eval loader: resize + center crop, each sample exactly once across ranks.
+
+    Ranks get contiguous ranges of ``total // world_size`` or one more samples (in shard order,
+    counts from ``info.json``), so batch counts may differ by one between ranks: sum correct
+    predictions and all-reduce once at the end. The last batch of a rank may be short.
+    """
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
+    source = resolve_shard_set(urls, require_counts=True)
+    transform = create_transform(
+        img_size, is_training=False, crop_pct=crop_pct, interpolation=interpolation, mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD
+    )
+    stream = _EvalStream(
+        source,
+        transform=transform,
+        num_classes=num_classes if num_classes is not None else (len(source.classes) if source.classes else None),
+        batch_size=batch_size,
+        rank=rank,
+        world_size=world_size,
+        workers=max(1, num_workers),
+    )
+    return EvalLoader(stream, num_workers=num_workers, pin_memory=pin_memory, return_keys=return_keys)

@@ -1,0 +1,104 @@
+"""Reading and decoding the samples of WebDataset tar shards from any fsspec URL.
+
+A sample is the run of consecutive tar members that share a key (the member name up to the
+first dot of its basename): ``n01440764_10026.jpg``, ``n01440764_10026.cls`` and
+``n01440764_10026.json`` form the sample ``{"__key__": "n01440764_10026", "jpg": ..., ...}``.
+"""
+from __future__ import annotations
+
+import io
+import re
+import tarfile
+from collections.abc import Iterator
+
+import fsspec
+from PIL import Image
+
+from .info import ShardReadError
+
+_NAME = re.compile(r"^((?:.*/|)[^./]+)\.([^/]+)$")
+
+Sample = dict[str, bytes | str]
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+
+
+class CorruptShardError(RuntimeError):
+    """A shard opened but its tar stream broke off (truncated or garbled); earlier samples were fine."""
+
+
+def split_member_name(name: str) -> tuple[str, str] | None:
+    """``"a/b.seg.png"`` -> ``("a/b", "seg.png")``; ``None`` for names without an extension."""
+    match = _NAME.match(name)
+    return (match.group(1), match.group(2)) if match else None
+
+
+def open_shard(url: str):
+    """Open a shard for reading; a missing file or unreachable store raises ``ShardReadError`` naming ``url``."""
+    try:
+        return fsspec.open(url, "rb").open()
+    except FileNotFoundError as exc:
+        raise ShardReadError(f"shard not found: {url}") from exc
+    except Exception as exc:  # fsspec backends raise their own error types for unreachable stores
+        raise ShardReadError(f"cannot open shard {url}: {type(exc).__name__}: {exc}") from exc
+
+
+def iter_shard_samples(url: str) -> Iterator[Sample]:
+    """Yield the samples of one shard in order, each with ``__key__`` and ``__url__``.
+
+    Raises ``ShardReadError`` if the shard cannot be opened and ``CorruptShardError`` where the
+    tar stream breaks off; the sample being read at that point is dropped.
+    """
+    with open_shard(url) as stream:
+        current: Sample | None = None
+        try:
+            archive = tarfile.open(fileobj=stream, mode="r|")
+            for member in archive:
+                if not member.isreg():
+                    continue
+                parts = split_member_name(member.name)
+                if parts is None:
+                    continue
+                key, extension = parts
+                payload = archive.extractfile(member).read()
+                if len(payload) != member.size:
+                    raise tarfile.ReadError(f"member {member.name} is cut short")
+                if current is not None and current["__key__"] != key:
+                    yield current
+                    current = None
+                if current is None:
+                    current = {"__key__": key, "__url__": url}
+                current[extension] = payload
+                archive.members = []
+        except (tarfile.TarError, EOFError, OSError) as exc:
+            raise CorruptShardError(f"shard {url} breaks off after key {_last_key(current)}: {exc}") from exc
+        if current is not None:
+            yield current
+
+
+def _last_key(sample: Sample | None) -> str:
+    return repr(sample["__key__"]) if sample else "<start>"
+
+
+class BadSampleError(ValueError):
+    """A sample that cannot be used: no image, undecodable image, no or invalid ``cls``."""
+
+
+def decode_sample(sample: Sample, num_classes: int | None) -> tuple[Image.Image, int]:
+    """Decode a sample's image to RGB and parse its ``cls`` label; raises ``BadSampleError`` naming shard and key."""
+    where = f"{sample['__url__']} key {sample['__key__']!r}"
+    extension = next((ext for ext in IMAGE_EXTENSIONS if ext in sample), None)
+    if extension is None:
+        raise BadSampleError(f"{where}: no image (expected one of {', '.join(IMAGE_EXTENSIONS)})")
+    if "cls" not in sample:
+        raise BadSampleError(f"{where}: no cls")
+    try:
+        label = int(sample["cls"])
+    except ValueError as exc:
+        raise BadSampleError(f"{where}: cls {sample['cls'][:20]!r} is not an integer") from exc
+    if label < 0 or (num_classes is not None and label >= num_classes):
+        raise BadSampleError(f"{where}: cls {label} outside [0, {num_classes})")
+    try:
+        with Image.open(io.BytesIO(sample[extension])) as image:
+            return image.convert("RGB"), label
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise BadSampleError(f"{where}: {extension} does not decode: {type(exc).__name__}: {exc}") from exc
