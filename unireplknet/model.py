@@ -28,6 +28,8 @@ from timm.layers import DropPath, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import FeatureInfo
 
+from . import kernels
+
 
 _DEPTHWISE_IMPLEMENTATIONS = ("fast", "torch")
 _depthwise_impl = "fast"
@@ -47,7 +49,13 @@ def depthwise_conv_implementation(name: str):
 
 
 def make_depthwise_conv(channels: int, kernel_size: int, dilation: int = 1, bias: bool = False) -> nn.Conv2d:
-    """A stride-1 "same"-padded depthwise conv (the one place that picks the conv implementation)."""
+    """A stride-1 "same"-padded depthwise conv (the one place that picks the conv implementation).
+
+    ``"fast"``: :class:`unireplknet.kernels.DepthwiseConv2d` (Triton on CUDA when faster for the shape,
+    ``F.conv2d`` otherwise); ``"torch"``: plain ``nn.Conv2d``. Both have the same parameters and keys.
+    """
+    if _depthwise_impl == "fast":
+        return kernels.make_depthwise_conv(channels, kernel_size, dilation=dilation, bias=bias)
     padding = dilation * (kernel_size - 1) // 2
     return nn.Conv2d(channels, channels, kernel_size, padding=padding, dilation=dilation, groups=channels, bias=bias)
 

@@ -1,0 +1,52 @@
+"""Fast depthwise large-kernel convolution (Triton), with torch as the fallback.
+
+What the Triton path covers:
+    depthwise (weight (C, 1, K, K)), odd square K in [3, 31], stride 1, "same" padding
+    ``dilation * (K - 1) // 2``, any dilation >= 1; fp16 / bf16 (fp32 accumulation), fp32, fp64;
+    NCHW and channels_last (the output keeps the input's memory format; other strided inputs
+    are made contiguous first). Forward with optional bias, input gradient (the forward kernel
+    with the rotated kernel) and weight gradient (a tiled fp32 reduction over N*H*W, split over
+    programs and summed in a second stage). Double backward is not supported.
+
+What falls back to ``F.conv2d``:
+    everything else (even or out-of-range K, stride != 1, non-depthwise weights, mixed dtypes),
+    CPU tensors unless forced into the Triton interpreter, and ``UNIREPLKNET_DWCONV=torch``.
+
+Choosing the backend (``impl=`` argument of ``depthwise_conv2d``, else ``UNIREPLKNET_DWCONV``):
+    ``auto`` (default): CUDA tensors go through the ``unireplknet::dwconv2d`` custom op, whose
+        forward, input-gradient and weight-gradient passes each time Triton against torch once
+        per (shape, K, dilation, dtype, layout, device) on first use (2 warm-up + 5 timed runs,
+        median) and keep the faster; ``autotune_choices()`` lists the decisions. Nothing is timed
+        during CUDA-graph capture (torch is used). CPU tensors use ``F.conv2d``.
+    ``triton``: always the Triton kernels when eligible; on CPU this needs ``TRITON_INTERPRET=1``
+        in the environment before ``triton`` is first imported (``import timm`` imports it), e.g.
+        ``TRITON_INTERPRET=1 UNIREPLKNET_DWCONV=triton python ...``; otherwise torch, with a warning.
+    ``torch``: always ``F.conv2d``; ``make_depthwise_conv`` then builds plain ``nn.Conv2d``.
+
+``torch.compile``: the custom op has fake (meta) implementations and a registered autograd
+formula, so compiled graphs keep it as one node (no graph break); the backend choice is made at
+run time inside the op.
+
+Usage::
+
+    from unireplknet.kernels import make_depthwise_conv
+    conv = make_depthwise_conv(channels=256, kernel_size=13, dilation=1, bias=True)
+    y = conv(x)  # same parameters and state-dict keys as nn.Conv2d(..., groups=channels)
+"""
+from .depthwise import (
+    MODE_ENV,
+    DepthwiseConv2d,
+    autotune_choices,
+    depthwise_conv2d,
+    make_depthwise_conv,
+    triton_eligible,
+)
+
+__all__ = [
+    "MODE_ENV",
+    "DepthwiseConv2d",
+    "autotune_choices",
+    "depthwise_conv2d",
+    "make_depthwise_conv",
+    "triton_eligible",
+]
