@@ -178,6 +178,8 @@ class DilatedReparamBlock(nn.Module):
     """A KxK depthwise conv + BN in parallel with dilated small depthwise convs, each with a BN.
 
     ``reparameterize()`` merges all branches into one KxK depthwise conv with bias (``lk_origin``).
+    With ``fused_branches`` set, the training structure runs as one grouped conv and one batch norm
+    (:func:`unireplknet.kernels.fused_dilated_reparam_forward`): same function, parameters and keys.
     """
 
     def __init__(self, channels: int, kernel_size: int, deploy: bool = False):
@@ -186,6 +188,7 @@ class DilatedReparamBlock(nn.Module):
             raise ValueError(
                 f"Dilated Reparam Block supports kernel sizes {sorted(DILATED_BRANCHES)}, got {kernel_size}")
         self.kernel_size = kernel_size
+        self.fused_branches = False
         self.lk_origin = make_depthwise_conv(channels, kernel_size, bias=deploy)
         self.branches = tuple(zip(*DILATED_BRANCHES[kernel_size]))
         if deploy:
@@ -202,6 +205,8 @@ class DilatedReparamBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.deployed:
             return self.lk_origin(x)
+        if self.fused_branches:
+            return kernels.fused_dilated_reparam_forward(self, x)
         out = self.origin_bn(self.lk_origin(x))
         for k, r in self.branches:
             out = out + getattr(self, f"dil_bn_k{k}_{r}")(getattr(self, f"dil_conv_k{k}_{r}")(x))
@@ -332,6 +337,8 @@ class UniRepLKNet(nn.Module):
         features_only: no head; return a list of normalized feature maps at strides 4/8/16/32.
         out_indices: which stages to return with ``features_only``.
         drop_rate: dropout before the classifier.
+        fused_branches: run each Dilated Reparam Block's training structure as one grouped conv and
+            one batch norm (same function; see :meth:`set_fused_branches`).
     """
 
     def __init__(
@@ -349,6 +356,7 @@ class UniRepLKNet(nn.Module):
             out_indices: Sequence[int] = (0, 1, 2, 3),
             drop_rate: float = 0.0,
             global_pool: str = "avg",
+            fused_branches: bool = False,
     ):
         super().__init__()
         depths, dims = tuple(depths), tuple(dims)
@@ -415,6 +423,7 @@ class UniRepLKNet(nn.Module):
         if not features_only and isinstance(self.head, nn.Linear):
             self.head.weight.data.mul_(head_init_scale)
             self.head.bias.data.mul_(head_init_scale)
+        self.set_fused_branches(fused_branches)
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -445,6 +454,18 @@ class UniRepLKNet(nn.Module):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute each block's activations in the backward pass to save memory."""
         self.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def set_fused_branches(self, enable: bool = True) -> None:
+        """Compute every Dilated Reparam Block's branches in one grouped conv and one batch norm.
+
+        The same function as the separate branches (outputs, gradients, BN running statistics) with
+        the same parameters and state-dict keys; each branch kernel is zero-stuffed to KxK, so it
+        trades FLOPs for fewer kernel launches and passes over the input.
+        """
+        for module in self.modules():
+            if isinstance(module, DilatedReparamBlock):
+                module.fused_branches = enable
 
     @torch.jit.ignore
     def get_classifier(self) -> nn.Module:

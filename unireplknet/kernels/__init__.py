@@ -32,6 +32,10 @@ Usage::
     from unireplknet.kernels import make_depthwise_conv
     conv = make_depthwise_conv(channels=256, kernel_size=13, dilation=1, bias=True)
     y = conv(x)  # same parameters and state-dict keys as nn.Conv2d(..., groups=channels)
+
+``fused_dilated_reparam_forward(block, x)`` (``fused_drb``) computes a training-structure Dilated
+Reparam Block as one grouped conv of zero-stuffed KxK kernels and one batch norm over all branches;
+``UniRepLKNet(fused_branches=True)`` or ``model.set_fused_branches(True)`` switches it on.
 """
 from .depthwise import (
     MODE_ENV,
@@ -41,12 +45,15 @@ from .depthwise import (
     make_depthwise_conv,
     triton_eligible,
 )
+from .fused_drb import fused_dilated_reparam_forward, stacked_branch_kernels
 
 __all__ = [
     "MODE_ENV",
     "DepthwiseConv2d",
     "autotune_choices",
     "depthwise_conv2d",
+    "fused_dilated_reparam_forward",
     "make_depthwise_conv",
+    "stacked_branch_kernels",
     "triton_eligible",
 ]
