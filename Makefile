@@ -18,9 +18,11 @@ $(STAMP): pyproject.toml constraints.txt
 ## setup: create .venv and install the project (idempotent: a second run takes seconds)
 setup: $(STAMP)
 
-## demo: set up, then run the embedded default job
+## demo: set up, then run the embedded default job: generate digit shards, pretrain a small
+## UniRepLKNet on them with DeepSpeed (CPU, about a minute), evaluate, export re-parameterized
 demo: setup
-	$(PY) -m unireplknet demo
+	$(PY) -m pretrain --config demo
+	$(PY) -m pretrain export runs/demo runs/demo/unireplknet_demo_deploy.pth --reparameterize --official
 
 ## test: set up, then run the test suite
 test: setup

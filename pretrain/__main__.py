@@ -1,0 +1,119 @@
+"""Command line: ``python -m pretrain [train] --config NAME|FILE [--set key=value ...]``, ``export``, ``bench``."""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+
+from .config import PRESETS, ConfigError, config_to_dict, load_config
+from .metrics import init_logging
+
+_COMMANDS = ("train", "export", "bench", "presets")
+
+_EPILOG = """\
+examples:
+  python -m pretrain --config demo                                   # tiny net, generated shards, CPU
+  python -m pretrain --config xl_in22k_384 --set data.train_urls=/data/in22k/train \\
+      launch.launcher=torchrun launch.num_workers=8
+  torchrun --nproc-per-node 8 -m pretrain --config xl_in22k_384      # the same, torchrun started by you
+  python -m pretrain --config demo --set launch.launcher=ray launch.num_workers=2 launch.device=cpu
+  python -m pretrain --config xl_in22k_384 --dry-run                 # print the effective config, exit
+  python -m pretrain export runs/xl_in22k_384 xl_in22k.pth --official
+  python -m pretrain bench --config xl_in22k_384 --steps 20
+
+exit status: 0 finished; 75 preempted (SIGTERM/SIGUSR1) after saving a checkpoint: run the same
+command again to resume from RUN_DIR/checkpoints/latest; 1 failure (bad config, non-finite loss).
+"""
+
+
+def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", default="demo",
+                        help=f"a preset ({', '.join(PRESETS)}) or a JSON file such as RUN_DIR/config.json "
+                             "(default: demo)")
+    parser.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                        help="override config values, e.g. train.zero_stage=3 optim.lr=1e-3 model.dims=16,32,64,128")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m pretrain", description=__doc__, epilog=_EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", metavar="{train,export,bench,presets}")
+
+    train = commands.add_parser("train", help="train (the default command)", epilog=_EPILOG,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_config_arguments(train)
+    train.add_argument("--resume", default=None, metavar="latest|none|FOLDER",
+                       help="latest (default: continue the run directory's latest checkpoint if there is one), "
+                            "none (start over), or a checkpoint folder")
+    train.add_argument("--dry-run", action="store_true", help="validate, print the effective config as JSON, exit")
+
+    export = commands.add_parser("export", help="write a consolidated fp32 state dict from a run's checkpoint")
+    export.add_argument("run_dir", help="the run directory (holds config.json and checkpoints/)")
+    export.add_argument("out", help="output .pth file")
+    export.add_argument("--checkpoint", default="latest", help="latest (default) or a checkpoint folder")
+    export.add_argument("--ema", action="store_true", help="export the EMA weights")
+    export.add_argument("--reparameterize", action="store_true", help="convert to the inference structure")
+    export.add_argument("--official", action="store_true", help="the authors' key layout (unireplknet.export_official)")
+
+    bench = commands.add_parser("bench", help="time training steps on synthetic data on this device")
+    _add_config_arguments(bench)
+    bench.add_argument("--steps", type=int, default=20, help="timed optimizer steps (default 20)")
+    bench.add_argument("--warmup", type=int, default=3, help="untimed steps first (default 3)")
+
+    commands.add_parser("presets", help="list the presets")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or (argv[0] not in _COMMANDS and argv[0] not in ("-h", "--help")):
+        argv.insert(0, "train")
+    args = build_parser().parse_args(argv)
+    init_logging(int(os.environ.get("RANK", "0")))
+
+    if args.command == "presets":
+        for name, make in PRESETS.items():
+            print(f"{name:18s} {(make.__doc__ or '').strip().splitlines()[0] if make.__doc__ else ''}")
+        return 0
+    if args.command == "export":
+        from .export import export_checkpoint
+
+        with contextlib.redirect_stdout(sys.stderr):
+            summary = export_checkpoint(args.run_dir, args.out, checkpoint=args.checkpoint, ema=args.ema,
+                                        reparameterize=args.reparameterize, official=args.official)
+        print(json.dumps(summary, indent=2))
+        return 0
+
+    overrides = list(args.overrides)
+    if args.command == "train" and args.resume is not None:
+        overrides.append(f"checkpoint.resume={args.resume}")
+    try:
+        config = load_config(args.config, overrides)
+    except ConfigError as error:
+        print(f"config error: {error}", file=sys.stderr)
+        return 2
+    if args.command == "bench":
+        from .bench import bench
+
+        with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed logs and prints to stdout; keep it JSON only
+            results = bench(config, steps=args.steps, warmup=args.warmup)
+        print(json.dumps(results, indent=2))
+        return 0
+    if args.dry_run:
+        print(json.dumps(config_to_dict(config), indent=2))
+        return 0
+
+    from .launch import launch
+    from .trainer import NonFiniteLossError
+
+    try:
+        return launch(config)
+    except NonFiniteLossError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,112 @@
+"""Parameter groups (layer-wise lr decay, no decay for norms/biases/layer scale/GRN), optimizers, schedule."""
+from __future__ import annotations
+
+import logging
+import math
+from typing import Callable
+
+import torch
+import torch.nn as nn
+from timm.models import group_parameters
+
+from .config import OptimConfig
+
+__all__ = ["build_optimizer", "build_param_groups", "build_scheduler", "cosine_with_warmup", "optimizer_implementation"]
+
+_logger = logging.getLogger(__name__)
+
+
+def build_param_groups(model: nn.Module, config: OptimConfig) -> list[dict]:
+    """Groups named ``layer{i}_decay`` / ``layer{i}_no_decay`` with ``lr = config.lr * layer_decay**(last - i)``.
+
+    Layers come from ``model.group_matcher()`` (stem = 0, blocks in order, head last). Weight decay
+    is off for 1-D parameters (norms, biases, layer scale) and ``model.no_weight_decay()`` (GRN).
+    Without layer decay all parameters share one layer, so there are two groups.
+    """
+    no_decay_names = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
+    if config.layer_decay < 1.0:
+        layer_of = group_parameters(model, model.group_matcher(coarse=False), reverse=True)
+        num_layers = max(layer_of.values()) + 1
+    else:
+        layer_of, num_layers = {}, 1
+    groups: dict[str, dict] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        layer = layer_of.get(name, num_layers - 1)
+        decay = param.ndim > 1 and name not in no_decay_names
+        group_name = f"layer{layer:02d}_{'decay' if decay else 'no_decay'}" if num_layers > 1 else (
+            "decay" if decay else "no_decay")
+        if group_name not in groups:
+            scale = config.layer_decay ** (num_layers - 1 - layer)
+            groups[group_name] = dict(name=group_name, params=[], param_names=[], lr_scale=scale,
+                                      lr=config.lr * scale, weight_decay=config.weight_decay if decay else 0.0)
+        groups[group_name]["params"].append(param)
+        groups[group_name]["param_names"].append(name)
+    return [groups[name] for name in sorted(groups)]
+
+
+def _apex_optimizers():
+    try:
+        from apex.optimizers import FusedAdam, FusedLAMB
+    except ImportError:
+        return None
+    return FusedAdam, FusedLAMB
+
+
+def optimizer_implementation(config: OptimConfig, device: torch.device) -> str:
+    """Which implementation :func:`build_optimizer` will use on ``device`` (for logs and bench)."""
+    on_gpu = device.type == "cuda"
+    apex = _apex_optimizers() if on_gpu else None
+    if config.name == "adamw":
+        if apex:
+            return "apex.FusedAdam"
+        return "torch.AdamW(fused)" if on_gpu else "torch.AdamW(foreach)"
+    if apex:
+        return "apex.FusedLAMB"
+    return "deepspeed.FusedLamb" if on_gpu else "timm.Lamb"
+
+
+def build_optimizer(param_groups: list[dict], config: OptimConfig, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW or LAMB over ``param_groups``; the fused GPU implementation when one is available."""
+    implementation = optimizer_implementation(config, device)
+    groups = [{k: v for k, v in g.items() if k != "param_names"} for g in param_groups]
+    common = dict(lr=config.lr, betas=config.betas, eps=config.eps, weight_decay=config.weight_decay)
+    if implementation == "apex.FusedAdam":
+        optimizer = _apex_optimizers()[0](groups, adam_w_mode=True, **common)
+    elif implementation.startswith("torch.AdamW"):
+        fused = device.type == "cuda"
+        optimizer = torch.optim.AdamW(groups, fused=fused, foreach=None if fused else True, **common)
+    elif implementation == "apex.FusedLAMB":
+        optimizer = _apex_optimizers()[1](groups, **common)
+    elif implementation == "deepspeed.FusedLamb":
+        from deepspeed.ops.lamb import FusedLamb
+
+        optimizer = FusedLamb(groups, **common)
+    else:
+        from timm.optim import Lamb
+
+        optimizer = Lamb(groups, max_grad_norm=None, **common)
+    _logger.info("optimizer %s, %d parameter groups", implementation, len(groups))
+    return optimizer
+
+
+def cosine_with_warmup(total_steps: int, warmup_steps: int, min_ratio: float) -> Callable[[int], float]:
+    """lr multiplier for optimizer step ``t`` (0-based): linear (t+1)/warmup, then cosine down to ``min_ratio``."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        decay_steps = max(1, total_steps - warmup_steps)
+        progress = min(1.0, (step - warmup_steps) / decay_steps)
+        return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, config: OptimConfig, total_steps: int,
+                    steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Per-step cosine with warmup, scaling every group's own lr (layer decay is kept)."""
+    warmup_steps = min(total_steps, round(config.warmup_epochs * steps_per_epoch))
+    factor = cosine_with_warmup(total_steps, warmup_steps, config.min_lr / config.lr)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

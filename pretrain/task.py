@@ -1,0 +1,179 @@
+"""What the one training loop needs from a problem: model, data, loss, evaluation.
+
+Image classification (pretraining, the 22K -> 1K fine-tune) is :class:`ImageClassification`;
+detection and segmentation fine-tuning plug in by implementing the same :class:`Task` protocol.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Iterable, Protocol
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import Config
+from .distributed import WorldInfo, barrier
+
+__all__ = ["ImageClassification", "Task", "build_model"]
+
+_logger = logging.getLogger(__name__)
+
+
+class Task(Protocol):
+    """The pluggable parts of training. Loaders follow the ``shards`` contract: ``set_epoch``,
+    ``len`` (micro-batches per epoch, equal on all ranks), ``state_dict``/``load_state_dict``,
+    ``bad_samples``."""
+
+    def build_model(self) -> nn.Module: ...
+
+    def build_train_loader(self, world: WorldInfo) -> Any: ...
+
+    def build_eval_loader(self, world: WorldInfo) -> Iterable | None: ...
+
+    def prepare_batch(self, batch: Any, device: torch.device) -> tuple[torch.Tensor, Any]:
+        """(inputs for the model, targets for the loss) on ``device``."""
+
+    def loss(self, outputs: Any, targets: Any) -> torch.Tensor: ...
+
+    eval_sum_names: tuple[str, ...]
+    """The keys of :meth:`eval_sums`."""
+
+    def eval_sums(self, outputs: Any, targets: Any) -> dict[str, torch.Tensor]:
+        """Per-batch sums (summed again over batches and ranks) that :meth:`eval_results` turns into metrics."""
+
+    def eval_results(self, sums: dict[str, float]) -> dict[str, float]: ...
+
+    def dummy_input(self, device: torch.device) -> torch.Tensor:
+        """A one-sample input for ranks that ran out of evaluation data while others still run (ZeRO-3
+        forward passes are collective)."""
+
+    def preview(self, inputs: torch.Tensor) -> torch.Tensor:
+        """Inputs turned back into displayable images in [0, 1] (N, 3, H, W)."""
+
+
+def build_model(config: Config) -> nn.Module:
+    """The timm model named by ``config.model``, with optional depth/width/kernel overrides and init weights."""
+    import timm
+    import unireplknet
+
+    m = config.model
+    overrides = {k: getattr(m, k) for k in ("depths", "dims", "kernel_sizes") if getattr(m, k) is not None}
+    if overrides:
+        model = unireplknet.UniRepLKNet(
+            in_chans=m.in_chans, num_classes=m.num_classes, drop_path_rate=m.drop_path_rate,
+            head_init_scale=m.head_init_scale,
+            depths=overrides.get("depths", unireplknet.VARIANTS[m.name[len("unireplknet_"):]][0]),
+            dims=overrides.get("dims", unireplknet.VARIANTS[m.name[len("unireplknet_"):]][1]),
+            kernel_sizes=overrides.get("kernel_sizes"))
+    else:
+        model = timm.create_model(m.name, num_classes=m.num_classes, in_chans=m.in_chans,
+                                  drop_path_rate=m.drop_path_rate, head_init_scale=m.head_init_scale)
+    if m.init_from:
+        head = model.get_classifier()
+        state = unireplknet.read_state_dict(m.init_from)
+        ignore_head = "head.weight" in state and tuple(state["head.weight"].shape) != tuple(head.weight.shape)
+        unireplknet.load_official(model, state, ignore_head=ignore_head)
+        _logger.info("initialized from %s%s", m.init_from, " (new classifier)" if ignore_head else "")
+    if m.grad_checkpointing:
+        model.set_grad_checkpointing(True)
+    return model
+
+
+class ImageClassification:
+    """Single-label classification from ``shards`` loaders: cross-entropy with label smoothing, or
+    soft-target cross-entropy when mixup/cutmix produce soft targets; top-1/top-5 evaluation."""
+
+    eval_sum_names = ("correct1", "correct5", "loss", "count")
+
+    def __init__(self, config: Config):
+        self.config = config
+        self._train_urls, self._val_urls = config.data.train_urls, config.data.val_urls
+
+    def build_model(self) -> nn.Module:
+        return build_model(self.config)
+
+    def _prepare_demo_shards(self, world: WorldInfo) -> None:
+        """Generate the demo shards once (rank 0), everyone else waits; then point the urls at them."""
+        import shards
+
+        data = self.config.data
+        train_dir, val_dir = os.path.join(data.demo_dir, "train"), os.path.join(data.demo_dir, "val")
+        done = os.path.join(data.demo_dir, "COMPLETE")
+        if world.is_main and not os.path.isfile(done):
+            _logger.info("generating demo shards in %s", data.demo_dir)
+            for split, folder, count in (("train", train_dir, data.demo_train_samples),
+                                         ("val", val_dir, data.demo_val_samples)):
+                shards.write_demo(folder, split=split, num_samples=count, seed=self.config.train.seed,
+                                  image_size=data.img_size)
+            with open(done, "w") as f:
+                f.write("ok\n")
+        barrier()
+        self._train_urls, self._val_urls = train_dir, val_dir
+
+    def build_train_loader(self, world: WorldInfo):
+        import shards
+
+        data, train = self.config.data, self.config.train
+        if data.source == "demo":
+            self._prepare_demo_shards(world)
+        augment = shards.AugmentConfig(auto_augment=data.auto_augment or None, reprob=data.random_erasing,
+                                       scale=(data.crop_scale_min, 1.0), hflip=data.hflip,
+                                       color_jitter=data.color_jitter or None)
+        mixup = shards.MixupConfig(mixup_alpha=data.mixup_alpha, cutmix_alpha=data.cutmix_alpha,
+                                   label_smoothing=train.label_smoothing) if data.uses_mixup else None
+        return shards.build_train_loader(
+            self._train_urls, batch_size=train.micro_batch_size, img_size=data.img_size, rank=world.rank,
+            world_size=world.world_size, num_workers=data.num_workers, seed=train.seed,
+            samples_per_epoch=data.samples_per_epoch, augment=augment, mixup=mixup,
+            num_classes=self.config.model.num_classes)
+
+    def build_eval_loader(self, world: WorldInfo):
+        import shards
+
+        if not self._val_urls:
+            return None
+        return shards.build_eval_loader(
+            self._val_urls, batch_size=self.config.train.micro_batch_size, img_size=self.config.data.img_size,
+            rank=world.rank, world_size=world.world_size, num_workers=self.config.data.num_workers)
+
+    def prepare_batch(self, batch, device: torch.device):
+        images, targets = batch
+        memory_format = torch.channels_last if self.config.model.channels_last else torch.contiguous_format
+        images = images.to(device, non_blocking=True).contiguous(memory_format=memory_format)
+        return images, targets.to(device, non_blocking=True)
+
+    def loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        logits = outputs.float()
+        if targets.is_floating_point():
+            return torch.sum(-targets * F.log_softmax(logits, dim=-1), dim=-1).mean()
+        return F.cross_entropy(logits, targets, label_smoothing=self.config.train.label_smoothing)
+
+    def eval_sums(self, outputs: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
+        logits = outputs.float()
+        top5 = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
+        hits = top5 == targets[:, None]
+        return {
+            "correct1": hits[:, 0].sum().float(),
+            "correct5": hits.any(dim=-1).sum().float(),
+            "loss": F.cross_entropy(logits, targets, reduction="sum"),
+            "count": torch.tensor(float(targets.numel()), device=logits.device),
+        }
+
+    def eval_results(self, sums: dict[str, float]) -> dict[str, float]:
+        count = max(sums["count"], 1.0)
+        return {"top1": 100.0 * sums["correct1"] / count, "top5": 100.0 * sums["correct5"] / count,
+                "loss": sums["loss"] / count, "samples": sums["count"]}
+
+    def dummy_input(self, device: torch.device) -> torch.Tensor:
+        size = self.config.data.img_size
+        return torch.zeros(1, self.config.model.in_chans, size, size, device=device)
+
+    def preview(self, inputs: torch.Tensor) -> torch.Tensor:
+        from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+        images = inputs.detach().float().cpu()[:, :3]
+        mean = torch.tensor(IMAGENET_DEFAULT_MEAN).view(1, 3, 1, 1)
+        std = torch.tensor(IMAGENET_DEFAULT_STD).view(1, 3, 1, 1)
+        return (images * std + mean).clamp(0, 1)

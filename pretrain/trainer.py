@@ -1,0 +1,382 @@
+"""The one training loop: a Trainer built from a Config and a Task, run by every launcher."""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import random
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Iterator, Literal
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from . import engine as ds
+from .config import Config, save_config
+from .distributed import WorldInfo, all_reduce_batchnorm_buffers, all_reduce_sum
+from .ema import ModelEMA
+from .metrics import Progress, TensorBoard, Throughput, init_logging, memory_stats
+from .optim import build_optimizer, build_param_groups, build_scheduler
+from .task import ImageClassification, Task
+
+__all__ = ["NonFiniteLossError", "TrainResult", "Trainer", "capture_rng", "restore_rng", "seed_everything"]
+
+_logger = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite; nothing was applied for this step."""
+
+    def __init__(self, step: int, last_checkpoint: str | None):
+        where = f"the last good checkpoint is {last_checkpoint}" if last_checkpoint else "no checkpoint was written yet"
+        super().__init__(f"non-finite loss at step {step}; stopped before applying it; {where}")
+        self.step, self.last_checkpoint = step, last_checkpoint
+
+
+@dataclass
+class TrainResult:
+    """How a run ended: ``completed`` the schedule (or ``train.max_steps``) or was ``preempted`` by a signal."""
+
+    status: Literal["completed", "preempted"]
+    step: int
+    checkpoint: str | None
+    eval: dict[str, float] = field(default_factory=dict)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def capture_rng() -> dict:
+    """Python, NumPy, torch CPU (and CUDA) generator states."""
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def restore_rng(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+@contextlib.contextmanager
+def _rng_untouched() -> Iterator[None]:
+    """Whatever runs inside (creating loader iterators, evaluation) leaves the training RNG stream as it was,
+    so a resumed run draws exactly the numbers an uninterrupted one draws."""
+    state = capture_rng()
+    try:
+        yield
+    finally:
+        restore_rng(state)
+
+
+class PreemptionSignals:
+    """Records SIGTERM / SIGUSR1 (what Slurm and Kubernetes send before preemption) instead of dying."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self):
+        self.received: int | None = None
+        self._previous: dict[int, object] = {}
+
+    def _handle(self, signum, frame) -> None:
+        self.received = signum
+
+    def __enter__(self) -> "PreemptionSignals":
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        else:
+            _logger.warning("not on the main thread: preemption signals are left to the launcher")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+
+def pick_device(choice: str, world: WorldInfo) -> torch.device:
+    if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise RuntimeError("launch.device=cuda but no CUDA device is visible")
+        index = world.local_rank % torch.cuda.device_count()
+        torch.cuda.set_device(index)
+        return torch.device("cuda", index)
+    return torch.device("cpu")
+
+
+class Trainer:
+    """Builds model, data, optimizer and DeepSpeed engine from a Config, resumes, and runs :meth:`train`."""
+
+    config: Config
+    task: Task
+    world: WorldInfo
+    device: torch.device
+    engine: object
+    ema: ModelEMA | None
+    train_loader: object
+    eval_loader: object | None
+    tensorboard: TensorBoard
+    step: int
+
+    def __init__(self, config: Config, task: Task | None = None):
+        from .distributed import world_info_from_env
+
+        self.config = config
+        self.task = task or ImageClassification(config)
+        self.device = pick_device(config.launch.device, world_info_from_env())
+        self.world = ds.init_distributed(self.device)
+        self.checkpoint_root = os.path.join(config.run_dir, "checkpoints")
+        init_logging(self.world.rank, os.path.join(config.run_dir, "train.log"))
+        if self.world.is_main:
+            save_config(config, os.path.join(config.run_dir, "config.json"))
+        self.precision = "bf16" if config.train.precision == "bf16" or (
+            config.train.precision == "auto" and self.device.type == "cuda") else "fp32"
+        if self.precision == "bf16" and self.device.type != "cuda":
+            raise ValueError("train.precision=bf16 needs a CUDA device; use fp32 or auto on CPU")
+        torch.backends.cudnn.benchmark = not config.train.deterministic
+        if config.train.deterministic:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+
+        seed_everything(config.train.seed)  # identical initial weights on every rank
+        model = self._build_model()
+        self.train_loader = self.task.build_train_loader(self.world)
+        self.eval_loader = self.task.build_eval_loader(self.world)
+        ds_config = ds.build_deepspeed_config(config.train, config.optim, self.world.world_size, self.device)
+        self.grad_accum = ds_config["gradient_accumulation_steps"]
+        self.steps_per_epoch = len(self.train_loader) // self.grad_accum
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"an epoch has {len(self.train_loader)} micro-batches per rank, fewer than the "
+                             f"{self.grad_accum} accumulation steps of one optimizer step: lower "
+                             "train.global_batch_size or raise data.samples_per_epoch")
+        self.total_steps = config.train.epochs * self.steps_per_epoch
+        self.stop_step = min(self.total_steps, config.train.max_steps or self.total_steps)
+        param_groups = build_param_groups(model, config.optim)
+        self.group_names = [g["name"] for g in param_groups]
+        self.optimizer = build_optimizer(param_groups, config.optim, self.device)
+        scheduler = build_scheduler(self.optimizer, config.optim, self.total_steps, self.steps_per_epoch)
+        self.engine = ds.initialize(model, self.optimizer, scheduler, ds_config)
+        self.ema = ModelEMA(lambda: ds.ema_targets(self.engine), config.train.ema_decay) \
+            if config.train.ema_decay else None
+
+        self.step = 0
+        self.last_checkpoint: str | None = None
+        self._resumed_mid_epoch = False
+        self._loss_sum, self._loss_steps = 0.0, 0
+        self._preview_pending = True
+        self._resume()
+        self.tensorboard = TensorBoard(os.path.join(config.run_dir, "tensorboard"), self.world.is_main)
+        _logger.info("%s on %s x%d, precision %s, ZeRO %d, %d steps/epoch x %d epochs, accumulation %d, from step %d",
+                     config.model.name, self.device.type, self.world.world_size, self.precision,
+                     config.train.zero_stage, self.steps_per_epoch, config.train.epochs, self.grad_accum, self.step)
+
+    def _build_model(self) -> nn.Module:
+        model = self.task.build_model()
+        if self.config.model.sync_batchnorm:
+            if self.device.type != "cuda":
+                raise ValueError("model.sync_batchnorm needs CUDA (gloo has no SyncBatchNorm kernels)")
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        # channels_last is applied to the inputs only (Task.prepare_batch): convolutions then run and
+        # return NHWC, while parameters stay contiguous, as DeepSpeed's broadcast and ZeRO flattening need.
+        return model.to(self.device)
+
+    def _resume(self) -> None:
+        folder = ds.find_checkpoint(self.checkpoint_root, self.config.checkpoint.resume)
+        if folder is None:
+            seed_everything(self.config.train.seed + 7919 * (self.world.rank + 1))  # per-rank drop path
+            return
+        state = ds.load_checkpoint(self.engine, folder, self.world)
+        self.step = state["step"]
+        self.train_loader.load_state_dict(state["loader"])
+        self._resumed_mid_epoch = self.step % self.steps_per_epoch != 0
+        if self.ema is not None:
+            self.ema.load_state_dict(state["ema"])
+        restore_rng(state["rng"])
+        self.last_checkpoint = folder
+        _logger.info("resumed from %s at step %d", folder, self.step)
+
+    # ------------------------------------------------------------------ the loop
+
+    def train(self) -> TrainResult:
+        """Step, log, evaluate, checkpoint; until the schedule ends, a preemption signal, or a non-finite loss."""
+        cfg = self.config
+        batches = self._micro_batches()
+        throughput = Throughput()
+        progress = Progress(self.stop_step, self.step, self.world.is_main)
+        status: Literal["completed", "preempted"] = "completed"
+        try:
+            with PreemptionSignals() as signals:
+                while self.step < self.stop_step:
+                    stop = self._train_step(batches, throughput, signals)
+                    self.step += 1
+                    log_now = self.step % cfg.train.log_every == 0 or self.step == self.stop_step or stop
+                    progress.update(self.step, self._log(throughput) if log_now else {}, log_now)
+                    if cfg.train.eval_every and self.step % cfg.train.eval_every == 0 and self.step < self.stop_step:
+                        self.evaluate()
+                    if stop:
+                        status = "preempted"
+                        _logger.warning("preemption signal received: saving at step %d and exiting", self.step)
+                        break
+                    if self.step % cfg.checkpoint.every == 0 and self.step < self.stop_step:
+                        self.save()
+        finally:
+            progress.close()
+        results = self.evaluate() if status == "completed" else {}
+        if self.last_checkpoint is None or not self.last_checkpoint.endswith(ds.CHECKPOINT_PREFIX + f"{self.step:08d}"):
+            self.save()
+        return TrainResult(status, self.step, self.last_checkpoint, results)
+
+    def _train_step(self, batches: Iterator, throughput: Throughput, signals: PreemptionSignals) -> bool:
+        """One optimizer step over ``grad_accum`` micro-batches; True when some rank got a preemption signal."""
+        stop = False
+        for _ in range(self.grad_accum):
+            wait_start = time.perf_counter()
+            inputs, targets = self.task.prepare_batch(next(batches), self.device)
+            throughput.data_wait += time.perf_counter() - wait_start
+            if self._preview_pending:
+                self.tensorboard.image_grid("train/augmented_inputs", self.task.preview(inputs[:32]), self.step)
+                self._preview_pending = False
+            with self._autocast():
+                loss = self.task.loss(self.engine(inputs), targets)
+            mean_loss, finite, stop_now = self._agree(loss.detach(), signals.received is not None)
+            if not finite:
+                raise NonFiniteLossError(self.step + 1, self.last_checkpoint)
+            self.engine.backward(loss)
+            self.engine.step()
+            self._loss_sum += mean_loss / self.grad_accum
+            throughput.images += inputs.shape[0]
+            stop = stop or stop_now
+        self._loss_steps += 1
+        throughput.steps += 1
+        if self.ema is not None:
+            self.ema.update()
+        return stop
+
+    def _agree(self, loss: torch.Tensor, signalled: bool) -> tuple[float, bool, bool]:
+        """One small all-reduce per micro-batch: mean loss, whether every rank's loss is finite, any signal."""
+        finite = bool(torch.isfinite(loss))
+        flags = torch.tensor([loss.item() if finite else 0.0, 0.0 if finite else 1.0, float(signalled)],
+                             dtype=torch.float64, device=self.device)
+        all_reduce_sum(flags)
+        return flags[0].item() / self.world.world_size, flags[1].item() == 0, flags[2].item() > 0
+
+    def _micro_batches(self) -> Iterator:
+        """Micro-batches forever, epoch after epoch, continuing mid-epoch after a resume.
+
+        Loading runs outside the training RNG stream (in-process loading does its work lazily, in
+        ``next``, and differently right after a resume), so drop path draws the same masks either way.
+        """
+        while True:
+            epoch, step_in_epoch = divmod(self.step, self.steps_per_epoch)
+            with _rng_untouched():
+                if not self._resumed_mid_epoch:
+                    self.train_loader.set_epoch(epoch)
+                self._resumed_mid_epoch = False
+                iterator = iter(self.train_loader)
+            for _ in range((self.steps_per_epoch - step_in_epoch) * self.grad_accum):
+                with _rng_untouched():
+                    batch = next(iterator)
+                yield batch
+
+    def _autocast(self):
+        if self.precision == "bf16":
+            return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    # ------------------------------------------------------------------ monitoring, eval, checkpoints
+
+    def _log(self, throughput: Throughput) -> dict[str, float]:
+        perf = throughput.summary()
+        totals = all_reduce_sum(torch.tensor([float(throughput.images), float(self.train_loader.bad_samples)],
+                                             dtype=torch.float64, device=self.device))
+        loss = self._loss_sum / max(self._loss_steps, 1)
+        values = {
+            "train/loss": loss,
+            "perf/images_per_s_worker": perf["images_per_s"],
+            "perf/images_per_s_global": totals[0].item() / perf["elapsed_s"],
+            "perf/step_time_s": perf["step_time_s"],
+            "perf/data_wait_fraction": perf["data_wait_fraction"],
+            "data/bad_samples": totals[1].item(),
+            "train/epoch": self.step / self.steps_per_epoch,
+        }
+        grad_norm = ds.global_grad_norm(self.engine)
+        if grad_norm is not None:
+            values["train/grad_norm"] = grad_norm
+        for name, group in zip(self.group_names, self.optimizer.param_groups):
+            values[f"lr/{name}"] = group["lr"]
+        values.update({f"memory/{k}": v for k, v in memory_stats(self.device).items()})
+        self.tensorboard.scalars(values, self.step)
+        self.tensorboard.flush()
+        self._loss_sum, self._loss_steps = 0.0, 0
+        throughput.reset()
+        return {"loss": loss, "lr": max(g["lr"] for g in self.optimizer.param_groups),
+                "img/s": values["perf/images_per_s_global"], "data_wait": perf["data_wait_fraction"]}
+
+    def evaluate(self) -> dict[str, float]:
+        """Top-1/top-5 on the validation shards (and with the EMA weights when enabled), all ranks together."""
+        if self.eval_loader is None:
+            return {}
+        all_reduce_batchnorm_buffers(self.engine.module)
+        results = {f"eval/{k}": v for k, v in self._evaluate_weights().items()}
+        if self.ema is not None:
+            with self.ema.swapped_in():
+                results.update({f"eval_ema/{k}": v for k, v in self._evaluate_weights().items()})
+        self.tensorboard.scalars(results, self.step)
+        self.tensorboard.flush()
+        _logger.info("eval at step %d: %s", self.step, ", ".join(f"{k} {v:.4g}" for k, v in results.items()))
+        return results
+
+    @torch.no_grad()
+    def _evaluate_weights(self) -> dict[str, float]:
+        names = self.task.eval_sum_names
+        sums = torch.zeros(len(names), dtype=torch.float64, device=self.device)
+        self.engine.eval()
+        try:
+            with _rng_untouched(), self._autocast():
+                iterator = iter(self.eval_loader)
+                while True:
+                    batch = next(iterator, None)
+                    others = all_reduce_sum(torch.tensor([float(batch is not None)], device=self.device))
+                    if others.item() == 0:
+                        break
+                    if batch is None:  # keep ZeRO-3's collective forward passes in step with the other ranks
+                        self.engine(self.task.dummy_input(self.device))
+                        continue
+                    inputs, targets = self.task.prepare_batch(batch, self.device)
+                    batch_sums = self.task.eval_sums(self.engine(inputs), targets)
+                    sums += torch.stack([batch_sums[n].double() for n in names])
+        finally:
+            self.engine.train()
+        all_reduce_sum(sums)
+        return self.task.eval_results(dict(zip(names, sums.tolist())))
+
+    def save(self) -> str:
+        """A complete checkpoint of this step (BatchNorm buffers averaged over ranks first)."""
+        all_reduce_batchnorm_buffers(self.engine.module)
+        rank_state = {
+            "step": self.step,
+            "rank": self.world.rank,
+            "world_size": self.world.world_size,
+            "loader": self.train_loader.state_dict(),
+            "rng": capture_rng(),
+            "ema": self.ema.state_dict() if self.ema is not None else None,
+        }
+        self.last_checkpoint = ds.save_checkpoint(self.engine, self.checkpoint_root, self.step, rank_state,
+                                                  self.world, self.config.checkpoint.keep)
+        _logger.info("saved %s", self.last_checkpoint)
+        return self.last_checkpoint
+
+    def close(self) -> None:
+        self.tensorboard.close()
+        ds.shutdown_distributed()

@@ -1,0 +1,290 @@
+"""Two ranks on CPU: ZeRO 1/2/3 under torchrun and under Ray Train against an independent single-process
+computation, exact resume after SIGKILL (ZeRO-2 and ZeRO-3), BatchNorm buffers synchronized across
+ranks, and the torchrun launcher forwarding SIGUSR1 into a requeue exit."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from test_pretrain_train import read_scalars, tiny_overrides
+
+REPO = Path(__file__).resolve().parents[1]
+STEPS = 6
+
+pytestmark = pytest.mark.slow
+
+
+def distributed_overrides(shards, run_dir, **changes) -> list[str]:
+    """2 ranks x micro-batch 8 x accumulation 2 = global batch 32; clipping on; drop path off."""
+    values = {"train.global_batch_size": 32, "train.micro_batch_size": 8, "optim.clip_grad": 1.0,
+              "train.max_steps": STEPS, "data.crop_scale_min": 0.5}
+    values.update(changes)
+    return tiny_overrides(shards, run_dir, **values)
+
+
+def torchrun(args: list[str], **popen) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", *args],
+        cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, **popen)
+
+
+def run_torchrun(args: list[str], timeout: float = 300) -> None:
+    process = torchrun(args)
+    _, stderr = process.communicate(timeout=timeout)
+    assert process.returncode == 0, stderr[-4000:]
+
+
+def reference_losses(overrides: list[str], steps: int) -> list[float]:
+    """The same optimization without DeepSpeed, ranks or engines: one process computes both ranks'
+    micro-batches, averages their losses, clips the global gradient norm and takes a torch AdamW step."""
+    from pretrain.config import load_config
+    from pretrain.distributed import WorldInfo
+    from pretrain.optim import build_param_groups, build_scheduler
+    from pretrain.task import ImageClassification
+    from pretrain.trainer import seed_everything
+
+    config = load_config("demo", overrides)
+    task = ImageClassification(config)
+    seed_everything(config.train.seed)
+    model = task.build_model()
+    world_size, accumulation = 2, config.train.global_batch_size // (2 * config.train.micro_batch_size)
+    loaders = [iter(task.build_train_loader(WorldInfo(rank, rank, world_size))) for rank in range(world_size)]
+    steps_per_epoch = len(task.build_train_loader(WorldInfo(0, 0, world_size))) // accumulation
+    groups = build_param_groups(model, config.optim)
+    optimizer = torch.optim.AdamW([{k: v for k, v in g.items() if k != "param_names"} for g in groups],
+                                  lr=config.optim.lr, betas=config.optim.betas, eps=config.optim.eps)
+    scheduler = build_scheduler(optimizer, config.optim, config.train.epochs * steps_per_epoch, steps_per_epoch)
+    losses = []
+    for _ in range(steps):
+        step_losses = []
+        for _ in range(accumulation):
+            for loader in loaders:
+                images, targets = next(loader)
+                step_losses.append(task.loss(model(images), targets))
+        loss = torch.stack(step_losses).mean()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), config.optim.clip_grad)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    return losses
+
+
+@pytest.fixture(scope="module")
+def reference(pretrain_shards, tmp_path_factory) -> list[float]:
+    return reference_losses(distributed_overrides(pretrain_shards, tmp_path_factory.mktemp("reference")), STEPS)
+
+
+# ----------------------------------------------------------------------------- torchrun
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_torchrun_zero_stages_match_the_single_process_computation(stage, pretrain_shards, reference, tmp_path):
+    run_dir = tmp_path / "run"
+    run_torchrun(["-m", "pretrain", "--config", "demo", "--set",
+                  *distributed_overrides(pretrain_shards, run_dir, **{"train.zero_stage": stage})])
+    losses = [v for _, v in read_scalars(run_dir)["train/loss"]]
+    assert len(losses) == STEPS
+    assert losses == pytest.approx(reference, rel=2e-5), (losses, reference)
+    assert losses[-1] < losses[0]
+
+
+def process_tree(root: int) -> list[int]:
+    """``root`` and all its descendants (from /proc), parents first."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    parent = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(parent, []).append(int(entry))
+    tree, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        tree.append(pid)
+        todo.extend(children.get(pid, []))
+    return tree
+
+
+def kill_after_checkpoint_then_resume(args: list[str], run_dir: Path, final_step: int) -> int:
+    """Start 2 ranks, SIGKILL torchrun and every worker once a checkpoint is complete, rerun the same command.
+
+    torchrun puts its workers in their own process groups, so the whole tree is killed, not one group."""
+    process = torchrun(args)
+    latest = run_dir / "checkpoints" / "latest"
+    deadline = time.time() + 300
+    while not latest.exists():
+        assert process.poll() is None, process.stderr.read()[-4000:]
+        assert time.time() < deadline, "no checkpoint appeared"
+        time.sleep(0.02)
+    tree = process_tree(process.pid)
+    assert len(tree) >= 3, f"expected torchrun and 2 workers, found processes {tree}"
+    for pid in tree:
+        os.kill(pid, signal.SIGKILL)
+    process.wait(timeout=60)
+    for pid in tree[1:]:
+        while os.path.exists(f"/proc/{pid}") and "State:\tZ" not in open(f"/proc/{pid}/status").read():
+            time.sleep(0.05)
+    killed_at = int(latest.read_text().split("_")[1])
+    assert killed_at < final_step, "the run finished before it could be killed"
+    run_torchrun(args)
+    assert f"resumed from {run_dir / 'checkpoints' / f'step_{killed_at:08d}'}" in (run_dir / "train.log").read_text()
+    return killed_at
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_sigkill_then_resume_reaches_the_same_weights_as_an_uninterrupted_run(stage, pretrain_shards, tmp_path):
+    from pretrain.engine import consolidated_state_dict, read_rank_states
+    from pretrain.ema import consolidate_ema
+
+    final_step = 24
+    changes = {"train.zero_stage": stage, "train.epochs": 2, "train.max_steps": final_step, "checkpoint.every": 4,
+               "train.ema_decay": 0.9, "data.num_workers": 1, "model.drop_path_rate": 0.1}
+    runs = {name: tmp_path / name for name in ("uninterrupted", "killed")}
+    args = {name: ["-m", "pretrain", "--config", "demo", "--set",
+                   *distributed_overrides(pretrain_shards, run_dir, **changes)] for name, run_dir in runs.items()}
+    run_torchrun(args["uninterrupted"])
+    killed_at = kill_after_checkpoint_then_resume(args["killed"], runs["killed"], final_step)
+
+    final = {name: run_dir / "checkpoints" / f"step_{final_step:08d}" for name, run_dir in runs.items()}
+    expected, actual = (consolidated_state_dict(str(final[name])) for name in ("uninterrupted", "killed"))
+    assert expected.keys() == actual.keys()
+    worst = max((expected[k].double() - actual[k].double()).abs().max().item() for k in expected)
+    assert worst <= 1e-6, f"killed at step {killed_at}: max |difference| {worst}"
+    ema_expected, ema_actual = (consolidate_ema([s["ema"] for s in read_rank_states(str(final[name]))])
+                                for name in ("uninterrupted", "killed"))
+    assert max((ema_expected[k] - ema_actual[k]).abs().max().item() for k in ema_expected) <= 1e-6
+    losses = {name: read_scalars(run_dir)["train/loss"] for name, run_dir in runs.items()}
+    resumed = dict(losses["killed"])
+    for step, value in losses["uninterrupted"]:
+        assert resumed[step] == pytest.approx(value, rel=1e-6, abs=1e-7), step
+
+
+BN_SYNC_WORKER = textwrap.dedent('''
+    """Train 3 steps on 2 ranks (different data per rank), then save: BatchNorm buffers must agree."""
+    import json, sys
+    import torch
+    import torch.distributed as dist
+    import torch.nn as nn
+    from pretrain.config import load_config
+    from pretrain.engine import consolidated_state_dict
+    from pretrain.trainer import Trainer
+
+    def batchnorm_buffers(model):
+        return {f"{name}.{kind}": getattr(module, kind).detach().clone().double()
+                for name, module in model.named_modules() if isinstance(module, nn.BatchNorm2d)
+                for kind in ("running_mean", "running_var")}
+
+    class RecordingTrainer(Trainer):
+        def save(self):
+            before = batchnorm_buffers(self.engine.module)
+            folder = super().save()
+            after = batchnorm_buffers(self.engine.module)
+            gathered = [None, None]
+            dist.all_gather_object(gathered, (before, after))
+            if self.world.is_main:
+                saved = consolidated_state_dict(folder)
+                (before0, after0), (before1, after1) = gathered
+                report = {
+                    "buffers": len(after0),
+                    "ranks_differed_before": max((before0[k] - before1[k]).abs().max().item() for k in before0),
+                    "ranks_differ_after": max((after0[k] - after1[k]).abs().max().item() for k in after0),
+                    "after_vs_mean_before": max((after0[k] - (before0[k] + before1[k]) / 2).abs().max().item()
+                                                for k in after0),
+                    "checkpoint_vs_after": max((saved[k].double() - after0[k]).abs().max().item() for k in after0),
+                }
+                with open(sys.argv[2], "w") as f:
+                    json.dump(report, f)
+            return folder
+
+    trainer = RecordingTrainer(load_config("demo", json.loads(sys.argv[1])))
+    try:
+        trainer.train()
+    finally:
+        trainer.close()
+''')
+
+
+@pytest.mark.parametrize("stage", [3])
+def test_batchnorm_buffers_agree_across_ranks_and_in_the_checkpoint(stage, pretrain_shards, tmp_path):
+    script, report = tmp_path / "bn_sync_worker.py", tmp_path / "report.json"
+    script.write_text(BN_SYNC_WORKER)
+    overrides = distributed_overrides(pretrain_shards, tmp_path / "run", **{
+        "train.zero_stage": stage, "train.max_steps": 3, "data.val_urls": ""})
+    run_torchrun([str(script), json.dumps(overrides), str(report)])
+    result = json.loads(report.read_text())
+    import unireplknet
+
+    tiny = unireplknet.UniRepLKNet(depths=(1, 1, 2, 1), dims=(16, 32, 64, 128), num_classes=10,
+                                   kernel_sizes=((3,), (13,), (13, 3), (13,)))
+    batchnorms = sum(isinstance(m, torch.nn.BatchNorm2d) for m in tiny.modules())
+    assert result["buffers"] == 2 * batchnorms  # running mean and var of every block and branch norm
+    assert result["ranks_differed_before"] > 1e-4
+    assert result["ranks_differ_after"] == 0.0
+    assert result["after_vs_mean_before"] <= 1e-6
+    assert result["checkpoint_vs_after"] <= 1e-6
+
+
+def test_torchrun_launcher_forwards_sigusr1_and_exits_for_requeue(pretrain_shards, tmp_path):
+    from pretrain.train import REQUEUE_EXIT_CODE
+
+    run_dir = tmp_path / "run"
+    args = ["--config", "demo", "--set", *distributed_overrides(pretrain_shards, run_dir, **{
+        "train.max_steps": 10_000, "train.epochs": 400, "launch.launcher": "torchrun", "launch.num_workers": 2})]
+    process = subprocess.Popen([sys.executable, "-m", "pretrain", *args], cwd=REPO, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True)
+    log, deadline = run_dir / "train.log", time.time() + 300
+    while not (log.exists() and "step 2/" in log.read_text()):
+        assert process.poll() is None, process.stderr.read()[-4000:]
+        assert time.time() < deadline
+        time.sleep(0.1)
+    process.send_signal(signal.SIGUSR1)
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == REQUEUE_EXIT_CODE, stderr[-4000:]
+    stopped_at = int((run_dir / "REQUEUE").read_text())
+    assert (run_dir / "checkpoints" / "latest").read_text() == f"step_{stopped_at:08d}"
+
+
+# ----------------------------------------------------------------------------- Ray Train
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """A local 2-CPU Ray cluster on loopback for this module, stopped afterwards."""
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False,
+             runtime_env={"env_vars": {"OMP_NUM_THREADS": "1",
+                                       "TORCH_EXTENSIONS_DIR": os.environ["TORCH_EXTENSIONS_DIR"]}})
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_ray_train_zero_stages_match_the_single_process_computation(stage, ray_cluster, pretrain_shards, reference,
+                                                                    tmp_path):
+    from pretrain.config import load_config
+    from pretrain.launch import launch
+
+    run_dir = tmp_path / "run"
+    config = load_config("demo", distributed_overrides(pretrain_shards, run_dir, **{
+        "train.zero_stage": stage, "launch.launcher": "ray", "launch.num_workers": 2, "launch.device": "cpu"}))
+    assert launch(config) == 0
+    losses = [v for _, v in read_scalars(run_dir)["train/loss"]]
+    assert losses == pytest.approx(reference, rel=2e-5), (losses, reference)
+    assert (run_dir / "checkpoints" / "latest").read_text() == f"step_{STEPS:08d}"

@@ -1,0 +1,288 @@
+"""The single-worker trainer: the demo learns, TensorBoard (event files and the real server), export,
+non-finite loss, SIGTERM -> save -> requeue exit -> resume, bench.
+
+Runs are real: DeepSpeed engines on CPU, generated shards, subprocesses of ``python -m pretrain``.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny_overrides(shards: dict, run_dir, **changes) -> list[str]:
+    """The demo's tiny network on the session's small shards, one rank, loss logged every step."""
+    values = {
+        "run_dir": run_dir, "data.source": "shards", "data.train_urls": shards["train"],
+        "data.val_urls": shards["val"], "data.num_workers": 0, "train.global_batch_size": 16,
+        "train.micro_batch_size": 16, "train.epochs": 1, "train.log_every": 1, "train.eval_every": 0,
+        "checkpoint.every": 1000, "optim.warmup_epochs": 0.25,
+    }
+    values.update(changes)
+    return [f"{key}={value}" for key, value in values.items()]
+
+
+def read_scalars(run_dir) -> dict[str, list[tuple[int, float]]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(Path(run_dir) / "tensorboard"), size_guidance={"scalars": 0, "images": 0})
+    events.Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+def run_cli(args: list[str], timeout: float = 600, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pretrain", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout, **kwargs)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ----------------------------------------------------------------------------- a short in-process run
+
+
+@pytest.fixture(scope="module")
+def short_run(pretrain_shards, tmp_path_factory):
+    """12 steps in this process (ZeRO-1, EMA on, eval at step 6 and at the end, checkpoint every 5)."""
+    from pretrain.config import load_config
+    from pretrain.trainer import Trainer
+
+    run_dir = tmp_path_factory.mktemp("short_run")
+    config = load_config("demo", tiny_overrides(pretrain_shards, run_dir, **{
+        "train.max_steps": 12, "train.eval_every": 6, "checkpoint.every": 5, "checkpoint.keep": 2,
+        "train.ema_decay": 0.9}))
+    trainer = Trainer(config)
+    try:
+        result = trainer.train()
+        live_state = {k: v.detach().clone() for k, v in trainer.engine.module.state_dict().items()}
+        ema_state = dict(zip(trainer.ema.names, (s.clone() for s in trainer.ema.shadow)))
+        steps_per_epoch = trainer.steps_per_epoch
+    finally:
+        trainer.close()
+    return dict(run_dir=run_dir, config=config, result=result, live_state=live_state, ema_state=ema_state,
+                steps_per_epoch=steps_per_epoch)
+
+
+def test_short_run_checkpoints_and_keeps_the_last_k(short_run):
+    result, run_dir = short_run["result"], short_run["run_dir"]
+    assert result.status == "completed" and result.step == 12
+    checkpoints = run_dir / "checkpoints"
+    assert (checkpoints / "latest").read_text() == "step_00000012"
+    assert sorted(p.name for p in checkpoints.iterdir() if p.name.startswith("step_")) == [
+        "step_00000010", "step_00000012"]
+    saved = json.loads((run_dir / "config.json").read_text())
+    assert saved["train"]["max_steps"] == 12 and saved["train"]["ema_decay"] == 0.9
+    rank_state = torch.load(checkpoints / "step_00000012" / "trainer_rank00000.pt", weights_only=False)
+    assert rank_state["step"] == 12 and rank_state["loader"]["batches_done"] == 12
+
+
+def test_tensorboard_event_files_hold_the_training_curves(short_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_dir, config = short_run["run_dir"], short_run["config"]
+    scalars = read_scalars(run_dir)
+    for tag in ("train/loss", "train/grad_norm", "lr/decay", "lr/no_decay", "perf/images_per_s_worker",
+                "perf/images_per_s_global", "perf/data_wait_fraction", "perf/step_time_s", "data/bad_samples",
+                "memory/cpu_rss_gib", "memory/cpu_peak_gib", "eval/top1", "eval/top5", "eval/loss",
+                "eval_ema/top1", "eval_ema/top5"):
+        assert tag in scalars, f"{tag} missing; have {sorted(scalars)}"
+    assert [step for step, _ in scalars["train/loss"]] == list(range(1, 13))
+    assert all(math.isfinite(v) and v > 0 for _, v in scalars["train/loss"])
+    # the lr the optimizer used, recomputed from the recipe: warmup 0.25 epoch, then cosine to min_lr
+    total, warmup = short_run["steps_per_epoch"], round(0.25 * short_run["steps_per_epoch"])
+    lr, min_lr = config.optim.lr, config.optim.min_lr
+    for step, value in scalars["lr/decay"]:
+        t = step  # the lr logged after `step` optimizer steps is the one for step index `step`
+        expected = lr * ((t + 1) / warmup if t < warmup else
+                         min_lr / lr + (1 - min_lr / lr) * 0.5 * (1 + math.cos(math.pi * (t - warmup) / (total - warmup))))
+        assert value == pytest.approx(expected, rel=1e-6)
+    assert scalars["lr/decay"] == scalars["lr/no_decay"]
+    for (_, worker), (_, total_rate) in zip(scalars["perf/images_per_s_worker"], scalars["perf/images_per_s_global"]):
+        assert total_rate == pytest.approx(worker, rel=0.05) and worker > 0
+    assert all(0 <= v <= 1 for _, v in scalars["perf/data_wait_fraction"])
+    assert [s for s, _ in scalars["eval/top1"]] == [6, 12]
+    assert all(0 <= v <= 100 for _, v in scalars["eval/top1"] + scalars["eval_ema/top5"])
+    assert all(t1 <= t5 for (_, t1), (_, t5) in zip(scalars["eval/top1"], scalars["eval/top5"]))
+    assert scalars["data/bad_samples"][-1][1] == 0
+    events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"images": 0})
+    events.Reload()
+    grid = events.Images("train/augmented_inputs")
+    assert len(grid) == 1 and grid[0].step == 0 and grid[0].width > 32 * 4 and grid[0].height > 32
+
+
+def test_tensorboard_server_serves_the_loss_curve(short_run):
+    port = free_port()
+    server = subprocess.Popen(
+        [str(Path(sys.executable).parent / "tensorboard"), "--logdir", str(short_run["run_dir"] / "tensorboard"),
+         "--host", "127.0.0.1", "--port", str(port), "--reload_interval", "1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        url = f"http://127.0.0.1:{port}/data/plugin/scalars/scalars?run=.&tag=train%2Floss"
+        deadline, served = time.time() + 90, None
+        while time.time() < deadline:
+            try:
+                with urllib.request.urlopen(url, timeout=5) as response:
+                    served = json.loads(response.read())
+                if len(served) == 12:
+                    break
+            except (OSError, ValueError):
+                pass
+            time.sleep(0.5)
+        assert served is not None, "tensorboard never answered"
+        from_files = read_scalars(short_run["run_dir"])["train/loss"]
+        assert [(step, pytest.approx(value, rel=1e-6)) for _, step, value in served] == from_files
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def test_export_loads_into_a_fresh_model_with_strict_keys(short_run, tmp_path):
+    import unireplknet
+    from pretrain.export import export_checkpoint
+    from pretrain.task import build_model
+
+    run_dir, config = short_run["run_dir"], short_run["config"]
+    plain = tmp_path / "plain.pth"
+    export_checkpoint(str(run_dir), str(plain))
+    state = torch.load(plain, weights_only=True)
+    for name, value in short_run["live_state"].items():
+        assert torch.equal(state[name], value), name
+    model = build_model(config)
+    model.load_state_dict(state, strict=True)
+
+    ema = tmp_path / "ema.pth"
+    export_checkpoint(str(run_dir), str(ema), ema=True)
+    ema_state = torch.load(ema, weights_only=True)
+    for name, value in short_run["ema_state"].items():
+        assert torch.allclose(ema_state[name], value.to(ema_state[name].dtype)), name
+    assert not torch.equal(ema_state["head.weight"], state["head.weight"])
+
+    official = tmp_path / "official_deploy.pth"
+    result = run_cli(["export", str(run_dir), str(official), "--official", "--reparameterize"], timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["reparam_max_rel_diff"] < 1e-8
+    deployed = unireplknet.UniRepLKNet(depths=(1, 1, 2, 1), dims=(16, 32, 64, 128), num_classes=10,
+                                       kernel_sizes=((3,), (13,), (13, 3), (13,)), deploy=True)
+    unireplknet.load_official(deployed, str(official))
+    model.eval()
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected, actual = model(x), deployed.eval()(x)
+    assert torch.allclose(actual, expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
+
+
+# ----------------------------------------------------------------------------- failures and signals
+
+
+def test_non_finite_loss_stops_naming_the_step_and_the_last_good_checkpoint(pretrain_shards, tmp_path):
+    from pretrain.config import load_config
+    from pretrain.task import ImageClassification
+    from pretrain.trainer import NonFiniteLossError, Trainer
+
+    class CorruptFromBatch(ImageClassification):
+        """Image classification whose 6th batch onwards arrives as inf (a corrupt decode, a bad sensor)."""
+
+        calls = 0
+
+        def prepare_batch(self, batch, device):
+            images, targets = super().prepare_batch(batch, device)
+            self.calls += 1
+            return (images * math.inf if self.calls >= 6 else images), targets
+
+    config = load_config("demo", tiny_overrides(pretrain_shards, tmp_path / "run", **{"checkpoint.every": 2}))
+    trainer = Trainer(config, CorruptFromBatch(config))
+    try:
+        with pytest.raises(NonFiniteLossError) as error:
+            trainer.train()
+    finally:
+        trainer.close()
+    last_good = str(tmp_path / "run" / "checkpoints" / "step_00000004")
+    assert error.value.step == 6 and error.value.last_checkpoint == last_good
+    assert "step 6" in str(error.value) and last_good in str(error.value)
+    assert (tmp_path / "run" / "checkpoints" / "latest").read_text() == "step_00000004"
+
+
+def test_sigterm_saves_exits_for_requeue_and_the_rerun_resumes(pretrain_shards, tmp_path):
+    from pretrain.train import REQUEUE_EXIT_CODE
+
+    run_dir = tmp_path / "run"
+    args = ["--config", "demo", "--set", *tiny_overrides(pretrain_shards, run_dir, **{"train.epochs": 20})]
+    log = run_dir / "train.log"
+    process = subprocess.Popen([sys.executable, "-m", "pretrain", *args], cwd=REPO, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and not (log.exists() and "step 3/" in log.read_text()):
+        assert process.poll() is None, process.stderr.read()
+        time.sleep(0.1)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == REQUEUE_EXIT_CODE == 75, stderr
+    stopped_at = int((run_dir / "REQUEUE").read_text())
+    assert 3 <= stopped_at < 20 * 32
+    assert (run_dir / "checkpoints" / "latest").read_text() == f"step_{stopped_at:08d}"
+
+    rerun = run_cli([*args, f"train.max_steps={stopped_at + 3}"], timeout=300)
+    assert rerun.returncode == 0, rerun.stderr
+    assert f"resumed from {run_dir / 'checkpoints' / f'step_{stopped_at:08d}'} at step {stopped_at}" in log.read_text()
+    assert not (run_dir / "REQUEUE").exists()
+    assert (run_dir / "checkpoints" / "latest").read_text() == f"step_{stopped_at + 3:08d}"
+    losses = read_scalars(run_dir)["train/loss"]
+    assert [s for s, _ in losses][-3:] == [stopped_at + 1, stopped_at + 2, stopped_at + 3]
+
+
+# ----------------------------------------------------------------------------- the demo and bench
+
+
+@pytest.mark.slow
+def test_demo_preset_learns_well_above_chance(tmp_path):
+    """``python -m pretrain --config demo`` exactly as ``make demo`` would run it (paths moved to tmp)."""
+    run_dir = tmp_path / "run"
+    started = time.time()
+    result = run_cli(["--config", "demo", "--set", f"run_dir={run_dir}", f"data.demo_dir={tmp_path / 'data'}"],
+                     timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    scalars = read_scalars(run_dir)
+    top1 = scalars["eval/top1"][-1][1]
+    losses = [v for _, v in scalars["train/loss"]]
+    print(f"demo: val top-1 {top1:.1f}% after {scalars['eval/top1'][-1][0]} steps, {time.time() - started:.0f} s")
+    assert top1 >= 60.0, f"val top-1 {top1}% (chance 10%)"
+    assert sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5
+
+
+def test_bench_reports_throughput_memory_and_tflops():
+    result = run_cli(["bench", "--config", "xl_in22k_384", "--steps", "3", "--warmup", "1", "--set",
+                      "model.depths=1,1,2,1", "model.dims=16,32,64,128", "model.kernel_sizes=[[3],[13],[13,3],[13]]",
+                      "data.img_size=64", "train.global_batch_size=4", "train.micro_batch_size=4",
+                      "model.num_classes=100", "launch.device=cpu"], timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout)
+    assert report["images_per_s"] > 0 and report["step_time_s"] > 0 and report["peak_memory_gib"] > 0
+    assert report["img_size"] == 64 and report["micro_batch_size"] == 4 and report["precision"] == "fp32"
+    # TFLOP/s = images/s x training FLOPs per image; the per-image count is checked independently:
+    # 3 x forward FLOPs of the same network, counted by torch's FlopCounterMode on a forward pass only
+    from torch.utils.flop_counter import FlopCounterMode
+
+    import unireplknet
+
+    model = unireplknet.UniRepLKNet(depths=(1, 1, 2, 1), dims=(16, 32, 64, 128), num_classes=100,
+                                    kernel_sizes=((3,), (13,), (13, 3), (13,)))
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(torch.randn(1, 3, 64, 64))
+    assert report["gflops_per_image"] == pytest.approx(3 * counter.get_total_flops() / 1e9, rel=0.05)
+    assert report["achieved_tflops"] == pytest.approx(report["images_per_s"] * report["gflops_per_image"] / 1e3,
+                                                      rel=1e-6)
