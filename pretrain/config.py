@@ -566,12 +566,23 @@ def in1k_finetune_384(variant: str) -> Config:
     )
 
 
+def _preset(make: Callable[[], Config], summary: str) -> Callable[[], Config]:
+    make.__doc__ = summary
+    return make
+
+
 def _preset_table() -> dict[str, Callable[[], Config]]:
     table: dict[str, Callable[[], Config]] = {"demo": demo}
     for variant, (size, _) in _IN22K_VARIANTS.items():
-        table[f"{variant}_in22k_{size}"] = lambda v=variant: in22k_pretrain(v)
-        table[f"{variant}_in22k_384"] = lambda v=variant: in22k_pretrain(v, 384)
-        table[f"{variant}_in1k_ft_384"] = lambda v=variant: in1k_finetune_384(v)
+        name = variant.upper()
+        table[f"{variant}_in22k_{size}"] = _preset(
+            lambda v=variant: in22k_pretrain(v), f"{name} ImageNet-22K pretraining at {size}, the authors' recipe.")
+        if size != 384:
+            table[f"{variant}_in22k_384"] = _preset(
+                lambda v=variant: in22k_pretrain(v, 384), f"{name} ImageNet-22K pretraining at 384 (the recipe at 384x384).")
+        table[f"{variant}_in1k_ft_384"] = _preset(
+            lambda v=variant: in1k_finetune_384(v),
+            f"{name} 22K -> 1K fine-tune at 384: layer decay 0.8, EMA, label smoothing 0.3, head init 0.001.")
     return table
 
 
