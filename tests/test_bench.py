@@ -33,3 +33,13 @@ def test_reference_model_uses_plain_torch_convs_and_deploy_reparameterizes():
     dwconvs = [m.lk_origin for m in model.modules() if isinstance(m, DilatedReparamBlock)]
     assert dwconvs and all(type(conv) is torch.nn.Conv2d for conv in dwconvs)
     assert model.deployed and not model.training
+
+
+def test_fused_suffix_builds_fused_training_blocks_and_unknown_suffix_fails():
+    import pytest
+
+    model = build_bench_model("unireplknet_a:fused", BenchConfig(mode="train", device="cpu"))
+    blocks = [m for m in model.modules() if isinstance(m, DilatedReparamBlock)]
+    assert blocks and all(block.fused_branches for block in blocks)
+    with pytest.raises(ValueError, match="suffix"):
+        build_bench_model("unireplknet_a:turbo", BenchConfig(device="cpu"))

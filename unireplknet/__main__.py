@@ -134,8 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "bench", help="time models side by side (img/s, ms/step, peak memory)",
         description=cmd_bench.__doc__ + " A UniRepLKNet name may end in ':reference' (torch conv2d for every "
-        "branch: the authors' plain PyTorch path) or ':fast' (this package's kernels, the default). Other names "
-        "are timm models, e.g. convnext_tiny.")
+        "branch: the authors' plain PyTorch path), ':fast' (this package's kernels, the default) or ':fused' "
+        "(fast kernels plus the fused multi-branch training block). Other names are timm models, e.g. "
+        "convnext_tiny.")
     p.add_argument("--models", default="unireplknet_t:reference,unireplknet_t,convnext_tiny",
                    help="comma-separated model names (default: %(default)s)")
     p.add_argument("--mode", choices=("train", "infer"), default="infer")

@@ -5,7 +5,8 @@
 A model name is any timm name. A UniRepLKNet name may carry an implementation suffix:
 ``:reference`` builds it with torch's ``conv2d`` for every branch (the authors' plain PyTorch
 path, the baseline of the speed targets); without a suffix (or ``:fast``) the depthwise convs use
-this package's selection (:func:`unireplknet.model.make_depthwise_conv`).
+this package's selection (:func:`unireplknet.model.make_depthwise_conv`); ``:fused`` adds the
+fused training structure of the Dilated Reparam Block (``fused_branches=True``).
 """
 from __future__ import annotations
 
@@ -67,12 +68,14 @@ class BenchResult:
 
 
 def build_bench_model(name: str, config: BenchConfig) -> nn.Module:
-    """Build ``name`` (with an optional ``:reference`` / ``:fast`` suffix) as the bench will run it."""
+    """Build ``name`` (with an optional ``:reference`` / ``:fast`` / ``:fused`` suffix) as the bench will run it."""
     base, _, impl = name.partition(":")
     impl = impl or "fast"
-    if impl not in ("fast", "reference"):
-        raise ValueError(f"{name}: implementation suffix must be ':fast' or ':reference'")
+    if impl not in ("fast", "fused", "reference"):
+        raise ValueError(f"{name}: implementation suffix must be ':fast', ':fused' or ':reference'")
     kwargs = {"deploy": True} if config.deploy and base.startswith("unireplknet") else {}
+    if impl == "fused" and not kwargs:
+        kwargs["fused_branches"] = True
     context = depthwise_conv_implementation("torch") if impl == "reference" else contextlib.nullcontext()
     with context:
         model = timm.create_model(base, num_classes=1000, **kwargs)
