@@ -286,3 +286,28 @@ def test_bench_reports_throughput_memory_and_tflops():
     assert report["gflops_per_image"] == pytest.approx(3 * counter.get_total_flops() / 1e9, rel=0.05)
     assert report["achieved_tflops"] == pytest.approx(report["images_per_s"] * report["gflops_per_image"] / 1e3,
                                                       rel=1e-6)
+
+
+def test_lamb_runs_under_zero_0_and_apex_stays_optional(pretrain_shards, tmp_path):
+    """LAMB (timm's on CPU; DeepSpeed's or apex's on GPU) steps the weights; apex is never required."""
+    import importlib.util
+
+    from pretrain.config import load_config
+    from pretrain.optim import optimizer_implementation
+    from pretrain.trainer import Trainer
+
+    config = load_config("demo", tiny_overrides(pretrain_shards, tmp_path / "run", **{
+        "optim.name": "lamb", "train.zero_stage": 0, "train.max_steps": 4}))
+    assert optimizer_implementation(config.optim, torch.device("cpu")) == "timm.Lamb"
+    assert importlib.util.find_spec("apex") is None or importlib.util.find_spec("apex.optimizers") is not None
+    trainer = Trainer(config)
+    try:
+        before = {k: v.detach().clone() for k, v in trainer.engine.module.named_parameters()}
+        result = trainer.train()
+        after = dict(trainer.engine.module.named_parameters())
+    finally:
+        trainer.close()
+    assert result.step == 4
+    changed = [name for name, value in before.items() if not torch.equal(value, after[name].detach())]
+    assert len(changed) == len(before), f"unchanged: {sorted(set(before) - set(changed))}"
+    assert "optimizer timm.Lamb" in (tmp_path / "run" / "train.log").read_text()
