@@ -43,3 +43,10 @@ def test_fused_suffix_builds_fused_training_blocks_and_unknown_suffix_fails():
     assert blocks and all(block.fused_branches for block in blocks)
     with pytest.raises(ValueError, match="suffix"):
         build_bench_model("unireplknet_a:turbo", BenchConfig(device="cpu"))
+
+
+def test_bench_config_rejects_an_unknown_compile_mode():
+    import pytest
+
+    with pytest.raises(ValueError, match="compile_mode"):
+        BenchConfig(device="cpu", compile=True, compile_mode="fastest")

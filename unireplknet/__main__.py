@@ -87,7 +87,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     config = BenchConfig(
         mode=args.mode, img_size=args.img_size, batch_size=args.batch_size, dtype=args.dtype, deploy=args.deploy,
-        channels_last=args.channels_last, compile=args.compile, warmup=args.warmup, steps=args.steps,
+        channels_last=args.channels_last, compile=args.compile or args.compile_mode is not None,
+        compile_mode=args.compile_mode or "default", warmup=args.warmup, steps=args.steps,
         repeats=args.repeats, device=args.device or BenchConfig.device)
     results = run_bench([name.strip() for name in args.models.split(",") if name.strip()], config)
     print(format_table(results, config))
@@ -147,6 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--deploy", action="store_true", help="re-parameterized UniRepLKNet (inference structure)")
     p.add_argument("--channels-last", action="store_true", help="channels_last memory format")
     p.add_argument("--compile", action="store_true", help="torch.compile each model")
+    p.add_argument("--compile-mode", choices=("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
+                   help="torch.compile mode (implies --compile); reduce-overhead replays CUDA graphs")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps first (default 5)")
     p.add_argument("--steps", type=int, default=20, help="timed steps per repeat (default 20)")
     p.add_argument("--repeats", type=int, default=3, help="repeats; the median is reported (default 3)")

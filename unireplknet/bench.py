@@ -28,6 +28,7 @@ __all__ = ["BenchConfig", "BenchResult", "build_bench_model", "bench_model", "ru
 _logger = logging.getLogger(__name__)
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+_COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 @dataclass
@@ -41,6 +42,8 @@ class BenchConfig:
     deploy: bool = False
     channels_last: bool = False
     compile: bool = False
+    compile_mode: str = "default"
+    """``torch.compile`` mode; ``reduce-overhead`` replays CUDA graphs (inference at small batch)."""
     warmup: int = 5
     steps: int = 20
     repeats: int = 3
@@ -51,6 +54,8 @@ class BenchConfig:
             raise ValueError(f"mode must be 'train' or 'infer', got {self.mode!r}")
         if self.dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
+        if self.compile_mode not in _COMPILE_MODES:
+            raise ValueError(f"compile_mode must be one of {_COMPILE_MODES}, got {self.compile_mode!r}")
         if min(self.img_size, self.batch_size, self.steps, self.repeats) < 1:
             raise ValueError("img_size, batch_size, steps and repeats must be positive")
 
@@ -103,7 +108,7 @@ def bench_model(name: str, config: BenchConfig) -> BenchResult:
     images = images.contiguous(memory_format=memory_format)
     targets = torch.randint(0, 1000, (config.batch_size,), device=device)
     autocast = torch.autocast(device_type=device.split(":")[0], dtype=dtype, enabled=dtype != torch.float32)
-    forward = torch.compile(model) if config.compile else model
+    forward = torch.compile(model, mode=config.compile_mode) if config.compile else model
 
     if config.mode == "train":
         optimizer = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
@@ -169,7 +174,7 @@ def format_table(results: list[BenchResult], config: BenchConfig) -> str:
     env = environment()
     lines = [
         f"{config.mode} | {env['device']} | torch {env['torch']} | batch {config.batch_size} at {config.img_size} | "
-        f"{config.dtype}{' | channels_last' if config.channels_last else ''}{' | compile' if config.compile else ''}"
+        f"{config.dtype}{' | channels_last' if config.channels_last else ''}{f' | compile ({config.compile_mode})' if config.compile else ''}"
         f"{' | deploy' if config.deploy else ''}",
         "",
         "| model | img/s | ms/step | peak GiB | ratio |",
