@@ -311,3 +311,24 @@ def test_lamb_runs_under_zero_0_and_apex_stays_optional(pretrain_shards, tmp_pat
     changed = [name for name, value in before.items() if not torch.equal(value, after[name].detach())]
     assert len(changed) == len(before), f"unchanged: {sorted(set(before) - set(changed))}"
     assert "optimizer timm.Lamb" in (tmp_path / "run" / "train.log").read_text()
+
+
+def test_a_finetune_run_starts_from_an_exported_pretraining_checkpoint(short_run, tmp_path):
+    """The 22K -> 1K path in small: export (official keys) -> ``model.init_from`` with another head size."""
+    import dataclasses
+
+    from pretrain.export import export_checkpoint
+    from pretrain.task import build_model
+
+    exported = tmp_path / "pretrained_official.pth"
+    export_checkpoint(str(short_run["run_dir"]), str(exported), official=True)
+    config = short_run["config"]
+    config = dataclasses.replace(config, model=dataclasses.replace(
+        config.model, init_from=str(exported), num_classes=7, head_init_scale=0.001))
+    model = build_model(config)
+    body = {k: v for k, v in short_run["live_state"].items() if not k.startswith("head.")}
+    state = model.state_dict()
+    for name, value in body.items():
+        assert torch.equal(state[name], value), name
+    assert model.head.weight.shape == (7, 128)
+    assert model.head.weight.abs().max() < 0.01  # a fresh classifier, scaled by head_init_scale
