@@ -263,7 +263,8 @@ def test_torchrun_launcher_forwards_sigusr1_and_exits_for_requeue(pretrain_shard
 @pytest.fixture(scope="module")
 def ray_cluster():
     """A local 2-CPU Ray cluster on loopback for this module, stopped afterwards."""
-    os.environ["RAY_AUTH_MODE"] = "disabled"
+    previous_auth = os.environ.get("RAY_AUTH_MODE")
+    os.environ["RAY_AUTH_MODE"] = "disabled"  # Ray 2.60 turns token auth on by default
     import ray
 
     ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False,
@@ -273,6 +274,10 @@ def ray_cluster():
         yield ray
     finally:
         ray.shutdown()
+        if previous_auth is None:
+            os.environ.pop("RAY_AUTH_MODE", None)
+        else:
+            os.environ["RAY_AUTH_MODE"] = previous_auth
 
 
 @pytest.mark.parametrize("stage", [1, 2, 3])
