@@ -70,8 +70,13 @@ class ModelConfig:
     """Feed inputs in NHWC memory format (convolutions then run and return NHWC; parameters stay contiguous)."""
     sync_batchnorm: bool = False
     """Convert BatchNorm to SyncBatchNorm (GPU only); buffers are averaged across ranks regardless."""
+    fused_branches: bool = False
+    """Run each Dilated Reparam Block's branches as one grouped conv + one batch norm (same function)."""
 
     def validate(self) -> None:
+        if self.fused_branches and self.sync_batchnorm:
+            raise ConfigError("fused_branches", "expected false with model.sync_batchnorm=true (the fused "
+                              "branches use one plain batch norm, which would drop the cross-rank statistics)")
         if not self.name.startswith("unireplknet_"):
             raise ConfigError("name", f"expected a unireplknet_* model name, got {self.name!r}")
         _positive("num_classes", self.num_classes)

@@ -78,6 +78,7 @@ def build_model(config: Config) -> nn.Module:
         _logger.info("initialized from %s%s", m.init_from, " (new classifier)" if ignore_head else "")
     if m.grad_checkpointing:
         model.set_grad_checkpointing(True)
+    model.set_fused_branches(m.fused_branches)
     return model
 
 

@@ -59,6 +59,7 @@ def test_recipes_carry_the_papers_numbers():
     (["model.depths=1,2,3"], "model.depths", "4 positive integers"),
     (["launch.num_workers=2"], "launch.num_workers", "torchrun or ray"),
     (["model.channels_last=maybe"], "model.channels_last", "true or false"),
+    (["model.fused_branches=true", "model.sync_batchnorm=true"], "model.fused_branches", "sync_batchnorm"),
     (["model"], "model", "key=value"),
     (["model=3"], "model", "is a section"),
 ])
