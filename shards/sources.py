@@ -8,6 +8,7 @@ nothing is unpacked to disk.
 from __future__ import annotations
 
 import logging
+import os
 import posixpath
 import tarfile
 from collections.abc import Callable, Iterable, Sequence
@@ -25,6 +26,16 @@ _logger = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"})
 
 Mapper = Callable[[Callable, Iterable], Iterable]
+
+
+def in_this_process(fs: AbstractFileSystem) -> AbstractFileSystem:
+    """The filesystem equal to ``fs`` that belongs to this process (``fs`` itself outside pool workers).
+
+    Async filesystems (s3fs, gcsfs) refuse to run in a forked pool worker ("not fork-safe").
+    fsspec caches instances per process, so re-instantiating from the same arguments returns the
+    cached ``fs`` in its own process and builds one fresh instance in each forked worker.
+    """
+    return type(fs)(*fs.storage_args, **fs.storage_options)
 
 
 class SourceItem(NamedTuple):
@@ -78,7 +89,7 @@ class ImageTreeSource:
 
     def list_items(self, map_fn: Mapper, progress: bool) -> list[SourceItem]:
         root = self.root.rstrip("/")
-        found = self.fs.find(root, detail=True)
+        found = in_this_process(self.fs).find(root, detail=True)
         items, ignored = [], 0
         for path, entry in found.items():
             relative = path[len(root) + 1 :]
@@ -94,7 +105,7 @@ class ImageTreeSource:
 
     def read_many(self, items: Sequence[SourceItem]) -> list[bytes]:
         paths = [self.root.rstrip("/") + "/" + item.path for item in items]
-        contents = self.fs.cat(paths, on_error="raise")
+        contents = in_this_process(self.fs).cat(paths, on_error="raise")
         return [contents[path] for path in paths]
 
 
@@ -168,7 +179,7 @@ class SynsetArchiveSource:
 
     def read_many(self, items: Sequence[SourceItem]) -> list[bytes]:
         by_position = sorted(range(len(items)), key=lambda i: (items[i].archive, items[i].offset))
-        contents = self.fs.cat_ranges(
+        contents = in_this_process(self.fs).cat_ranges(
             [self.refs[items[i].archive].path for i in by_position],
             [items[i].offset for i in by_position],
             [items[i].offset + items[i].size for i in by_position],
@@ -188,7 +199,7 @@ class _ListArchive:
     fs: AbstractFileSystem
 
     def __call__(self, ref: _ArchiveRef) -> tuple[list[tuple[str, int, int]], str | None]:
-        return _list_archive(self.fs, ref)
+        return _list_archive(in_this_process(self.fs), ref)
 
 
 @dataclass

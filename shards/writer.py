@@ -33,7 +33,7 @@ from PIL import Image
 
 from .classes import is_wnid, resolve_classes
 from .info import CLASSES_NAME, INFO_FORMAT, INFO_NAME, INFO_VERSION
-from .sources import DemoSource, ImageSource, SourceItem, open_source
+from .sources import DemoSource, ImageSource, SourceItem, in_this_process, open_source
 from .samples import split_member_name
 
 _logger = logging.getLogger(__name__)
@@ -139,7 +139,11 @@ class _ShardWriter:
     """Writes one planned shard (runs in pool workers; holds the source and target)."""
 
     def __init__(self, source: ImageSource, fs: AbstractFileSystem, out_path: str, options: EncodeOptions):
-        self.source, self.fs, self.out_path, self.options = source, fs, out_path, options
+        self.source, self._fs, self.out_path, self.options = source, fs, out_path, options
+
+    @property
+    def fs(self) -> AbstractFileSystem:
+        return in_this_process(self._fs)
 
     def __call__(self, task: _ShardTask) -> dict[str, Any]:
         final = _join(self.out_path, task.name)
