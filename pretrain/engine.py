@@ -211,7 +211,7 @@ def _checkpoint_steps(root: str) -> list[int]:
 
 def save_checkpoint(engine, root: str, step: int, rank_state: dict, world: WorldInfo, keep: int) -> str:
     """All ranks: write the DeepSpeed checkpoint and this rank's trainer state, flush, then (rank 0)
-    point ``latest`` at it and delete all but the newest ``keep``. Returns the checkpoint folder."""
+    point ``latest`` at it and delete all but the newest ``keep`` up to ``step``. Returns the folder."""
     tag = _tag(step)
     folder = os.path.join(root, tag)
     engine.save_checkpoint(root, tag=tag, client_state={"step": step}, save_latest=False)
@@ -220,9 +220,10 @@ def save_checkpoint(engine, root: str, step: int, rank_state: dict, world: World
     barrier()
     if world.is_main:
         _write_latest(root, tag)
-        for old in _checkpoint_steps(root)[:-keep]:
-            if old != step:
-                shutil.rmtree(os.path.join(root, _tag(old)), ignore_errors=True)
+        # Folders past this step are leftovers of an interrupted (or abandoned) timeline: never
+        # counted among the newest, so they cannot push a complete checkpoint out.
+        for old in [s for s in _checkpoint_steps(root) if s <= step][:-keep]:
+            shutil.rmtree(os.path.join(root, _tag(old)), ignore_errors=True)
     barrier()
     return folder
 

@@ -332,3 +332,22 @@ def test_a_finetune_run_starts_from_an_exported_pretraining_checkpoint(short_run
         assert torch.equal(state[name], value), name
     assert model.head.weight.shape == (7, 128)
     assert model.head.weight.abs().max() < 0.01  # a fresh classifier, scaled by head_init_scale
+
+
+def test_a_leftover_folder_from_an_interrupted_save_never_pushes_out_complete_checkpoints(pretrain_shards, tmp_path):
+    from pretrain.config import load_config
+    from pretrain.trainer import Trainer
+
+    checkpoints = tmp_path / "run" / "checkpoints"
+    leftover = checkpoints / "step_00000099"  # e.g. killed while writing, after `latest` was replaced
+    leftover.mkdir(parents=True)
+    config = load_config("demo", tiny_overrides(pretrain_shards, tmp_path / "run", **{
+        "train.max_steps": 6, "checkpoint.every": 2, "checkpoint.keep": 2}))
+    trainer = Trainer(config)
+    try:
+        trainer.train()
+    finally:
+        trainer.close()
+    assert (checkpoints / "latest").read_text() == "step_00000006"
+    assert sorted(p.name for p in checkpoints.iterdir() if p.name.startswith("step_")) == [
+        "step_00000004", "step_00000006", "step_00000099"]
