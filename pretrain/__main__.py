@@ -110,6 +110,9 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return launch(config)
+    except ConfigError as error:
+        print(f"config error: {error}", file=sys.stderr)
+        return 2
     except NonFiniteLossError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

@@ -13,11 +13,11 @@ import signal
 import subprocess
 import sys
 
-from .config import Config, config_from_dict, config_to_dict, save_config, validate
+from .config import Config, ConfigError, config_from_dict, config_to_dict, save_config, validate
 from .distributed import inside_launched_worker
 from .train import REQUEUE_EXIT_CODE, REQUEUE_MARKER, run_worker
 
-__all__ = ["launch", "launch_ray", "launch_torchrun", "run_local"]
+__all__ = ["launch", "launch_ray", "launch_torchrun", "preflight", "run_local"]
 
 _logger = logging.getLogger(__name__)
 
@@ -108,8 +108,33 @@ def launch_ray(config: Config):
     return trainer.fit()
 
 
+def preflight(config: Config) -> None:
+    """Check what can be checked before any worker starts or any model is built: the shards exist
+    and have ``info.json`` counts, their classes fit the classifier, ``model.init_from`` exists.
+    Raises ``ConfigError`` naming the key."""
+    data = config.data
+    if data.source == "shards":
+        from shards.info import ShardReadError, resolve_shard_set
+
+        for key in ("train_urls", "val_urls"):
+            spec = getattr(data, key)
+            if not spec:
+                continue
+            try:
+                shard_set = resolve_shard_set(spec, require_counts=key == "val_urls" or data.samples_per_epoch is None)
+            except (FileNotFoundError, ValueError, ShardReadError) as error:
+                raise ConfigError(f"data.{key}", str(error)) from error
+            if shard_set.classes and len(shard_set.classes) > config.model.num_classes:
+                raise ConfigError("model.num_classes", f"expected at least the {len(shard_set.classes)} classes of "
+                                  f"data.{key} ({spec}), got {config.model.num_classes}")
+    init_from = config.model.init_from
+    if init_from and "://" not in init_from and not os.path.isfile(init_from):
+        raise ConfigError("model.init_from", f"no such file: {init_from}")
+
+
 def launch(config: Config) -> int:
     """Dispatch on ``launch.launcher``; a process started by torchrun always runs as a worker."""
+    preflight(config)
     if inside_launched_worker() or config.launch.launcher == "local":
         return run_local(config)
     if config.launch.launcher == "torchrun":

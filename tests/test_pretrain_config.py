@@ -91,6 +91,25 @@ def test_cli_rejects_a_bad_config_before_training(tmp_path):
     assert not run_dir.exists()
 
 
+@pytest.mark.parametrize("changes, message", [
+    ({"data.train_urls": "{missing}"}, "data.train_urls: no info.json at {missing}/info.json"),
+    ({"model.num_classes": 5}, "model.num_classes: expected at least the 10 classes of data.train_urls"),
+    ({"model.init_from": "{missing}.pth"}, "model.init_from: no such file: {missing}.pth"),
+])
+def test_preflight_rejects_missing_data_too_few_classes_and_missing_weights(changes, message, pretrain_shards,
+                                                                          tmp_path):
+    """Caught in the launching process, before workers start or a model is built (no run directory)."""
+    run_dir, missing = tmp_path / "run", str(tmp_path / "nowhere")
+    values = {"run_dir": run_dir, "data.source": "shards", "data.train_urls": pretrain_shards["train"],
+              "data.val_urls": pretrain_shards["val"], **changes}
+    overrides = [f"{key}={str(value).format(missing=missing)}" for key, value in values.items()]
+    result = subprocess.run([sys.executable, "-m", "pretrain", "--config", "demo", "--set", *overrides],
+                            cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert message.format(missing=missing) in result.stderr
+    assert not run_dir.exists()
+
+
 def test_cli_dry_run_prints_the_effective_config():
     result = subprocess.run(
         [sys.executable, "-m", "pretrain", "--config", "xl_in22k_384", "--set", "optim.lr=2e-3", "--dry-run"],
