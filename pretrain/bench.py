@@ -76,10 +76,10 @@ def training_flops_per_image(config: Config) -> float:
     config.model = dataclasses.replace(config.model, init_from="", grad_checkpointing=False)
     with torch.device("meta"):
         model = build_model(config).train()
-        x = torch.empty(1, config.model.in_chans, config.data.img_size, config.data.img_size)
+        x = torch.empty(2, config.model.in_chans, config.data.img_size, config.data.img_size)  # BN needs > 1
         with FlopCounterMode(display=False) as counter, torch.no_grad():
             model(x)
-    return 3.0 * float(counter.get_total_flops())
+    return 3.0 * float(counter.get_total_flops()) / 2
 
 
 def bench(config: Config, steps: int, warmup: int) -> dict[str, float]:

@@ -172,3 +172,17 @@ def test_cosine_schedule_with_warmup_matches_the_formula():
         optimizer.step()
         scheduler.step()
     assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([2.0, 1.0])
+
+
+def test_training_flops_of_the_demo_net_whose_last_stage_is_1x1():
+    """3 x forward FLOPs, counted independently on one image in eval mode (BatchNorm accepts a batch of 1)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    import unireplknet
+    from pretrain.bench import training_flops_per_image
+
+    model = unireplknet.UniRepLKNet(depths=(1, 1, 2, 1), dims=(16, 32, 64, 128), num_classes=10,
+                                    kernel_sizes=((3,), (13,), (13, 3), (13,))).eval()
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(torch.randn(1, 3, 32, 32))
+    assert training_flops_per_image(load_config("demo")) == pytest.approx(3 * counter.get_total_flops())
