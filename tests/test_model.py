@@ -395,3 +395,33 @@ def test_sync_batchnorm_conversion_keeps_keys_and_outputs():
     converted.reparameterize()
     with torch.no_grad():
         assert max_relative_difference(model(x), converted(x)) < 1e-4
+
+
+def test_model_stats_counts_activations_per_image_without_the_weights():
+    """Against real tensors on CPU: saved storages, minus the parameters' storages, at batch 1 and 2."""
+    from unireplknet.tools import model_stats
+
+    def build(deploy: bool):
+        return UniRepLKNet(depths=(1, 1, 2, 1), dims=(16, 32, 64, 128), num_classes=10,
+                           kernel_sizes=((3,), (13,), (13, 3), (13,)), deploy=deploy)
+
+    torch.manual_seed(0)
+    model = build(False).train()
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+
+    def saved_activation_bytes(batch: int) -> int:
+        storages: dict[int, int] = {}
+
+        def pack(t):
+            storage = t.untyped_storage()
+            if storage.data_ptr() not in weights:
+                storages[storage.data_ptr()] = storage.nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model(torch.randn(batch, 3, 64, 64))
+        return sum(storages.values())
+
+    one, two = saved_activation_bytes(1), saved_activation_bytes(2)
+    assert two == pytest.approx(2 * one, rel=0.02)  # per-image memory: nothing batch-independent is left
+    assert model_stats(build, 64).activation_mib == pytest.approx(one / 2**20, rel=0.02)

@@ -57,10 +57,15 @@ class ModelStats:
 
 
 def _forward_cost(model: nn.Module, x: torch.Tensor) -> tuple[float, float]:
+    """Forward GFLOPs, and MiB of activations saved for backward (weights, and views of them, excluded:
+    they are saved by every conv and linear but cost no memory per image)."""
     saved: dict[int, torch.Tensor] = {}
+    parameters = {id(p) for p in model.parameters()}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
-        saved[id(t)] = t  # the same tensor saved by several ops is counted once
+        base = t._base if t._base is not None else t
+        if id(base) not in parameters:
+            saved[id(t)] = t  # the same tensor saved by several ops is counted once
         return t
 
     counter = FlopCounterMode(display=False)
