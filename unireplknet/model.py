@@ -56,8 +56,7 @@ def make_depthwise_conv(channels: int, kernel_size: int, dilation: int = 1, bias
     """
     if _depthwise_impl == "fast":
         return kernels.make_depthwise_conv(channels, kernel_size, dilation=dilation, bias=bias)
-    padding = dilation * (kernel_size - 1) // 2
-    return nn.Conv2d(channels, channels, kernel_size, padding=padding, dilation=dilation, groups=channels, bias=bias)
+    return kernels.plain_depthwise_conv(channels, kernel_size, dilation=dilation, bias=bias)
 
 __all__ = [
     "UniRepLKNet",
@@ -207,18 +206,24 @@ class DilatedReparamBlock(nn.Module):
             return self.lk_origin(x)
         if self.fused_branches:
             return kernels.fused_dilated_reparam_forward(self, x)
-        out = self.origin_bn(self.lk_origin(x))
-        for k, r in self.branches:
-            out = out + getattr(self, f"dil_bn_k{k}_{r}")(getattr(self, f"dil_conv_k{k}_{r}")(x))
+        (_, origin_conv, origin_bn), *dilated = self.branch_layers()
+        out = origin_bn(origin_conv(x))
+        for _, conv, bn in dilated:
+            out = out + bn(conv(x))
         return out
+
+    def branch_layers(self) -> list[tuple[int, nn.Conv2d, nn.BatchNorm2d]]:
+        """(dilation, conv, bn) of every branch of the training structure, ``lk_origin`` first."""
+        return [(1, self.lk_origin, self.origin_bn)] + [
+            (r, getattr(self, f"dil_conv_k{k}_{r}"), getattr(self, f"dil_bn_k{k}_{r}")) for k, r in self.branches]
 
     def merged_kernel(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The (weight, bias) of the single KxK conv equal to all branches in eval mode."""
-        weight, bias = fuse_bn(self.lk_origin.weight, self.lk_origin.bias, self.origin_bn)
-        for k, r in self.branches:
-            conv, bn = getattr(self, f"dil_conv_k{k}_{r}"), getattr(self, f"dil_bn_k{k}_{r}")
+        (_, origin_conv, origin_bn), *dilated = self.branch_layers()
+        weight, bias = fuse_bn(origin_conv.weight, origin_conv.bias, origin_bn)
+        for dilation, conv, bn in dilated:
             branch_weight, branch_bias = fuse_bn(conv.weight, conv.bias, bn)
-            dense = dilated_to_dense_kernel(branch_weight, r)
+            dense = dilated_to_dense_kernel(branch_weight, dilation)
             pad = self.kernel_size // 2 - dense.shape[-1] // 2
             weight = weight + F.pad(dense, [pad] * 4)
             bias = bias + branch_bias

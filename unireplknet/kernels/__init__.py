@@ -43,6 +43,7 @@ from .depthwise import (
     autotune_choices,
     depthwise_conv2d,
     make_depthwise_conv,
+    plain_depthwise_conv,
     triton_eligible,
 )
 from .fused_drb import fused_dilated_reparam_forward, stacked_branch_kernels
@@ -54,6 +55,7 @@ __all__ = [
     "depthwise_conv2d",
     "fused_dilated_reparam_forward",
     "make_depthwise_conv",
+    "plain_depthwise_conv",
     "stacked_branch_kernels",
     "triton_eligible",
 ]

@@ -23,6 +23,7 @@ __all__ = [
     "DepthwiseConv2d",
     "depthwise_conv2d",
     "make_depthwise_conv",
+    "plain_depthwise_conv",
     "triton_eligible",
     "autotune_choices",
 ]
@@ -300,5 +301,10 @@ def make_depthwise_conv(channels: int, kernel_size: int, dilation: int = 1, bias
             and kernel_size % 2 == 1 and _MIN_KERNEL <= kernel_size <= _MAX_KERNEL)
     if fast:
         return DepthwiseConv2d(channels, kernel_size, dilation=dilation, bias=bias)
+    return plain_depthwise_conv(channels, kernel_size, dilation=dilation, bias=bias)
+
+
+def plain_depthwise_conv(channels: int, kernel_size: int, dilation: int = 1, bias: bool = False) -> nn.Conv2d:
+    """The same conv as a plain ``nn.Conv2d`` (torch's own kernels only)."""
     padding = dilation * (kernel_size - 1) // 2
     return nn.Conv2d(channels, channels, kernel_size, padding=padding, dilation=dilation, groups=channels, bias=bias)

@@ -26,26 +26,25 @@ __all__ = ["fused_dilated_reparam_forward", "stacked_branch_kernels"]
 
 def _branch_modules(block: nn.Module) -> tuple[list[nn.Conv2d], list[nn.BatchNorm2d]]:
     """The block's convs and BNs in branch order: ``lk_origin`` / ``origin_bn`` first, then ``block.branches``."""
-    convs = [block.lk_origin] + [getattr(block, f"dil_conv_k{k}_{r}") for k, r in block.branches]
-    norms = [block.origin_bn] + [getattr(block, f"dil_bn_k{k}_{r}") for k, r in block.branches]
-    return convs, norms
+    _, convs, norms = zip(*block.branch_layers())
+    return list(convs), list(norms)
 
 
 def stacked_branch_kernels(block: nn.Module) -> torch.Tensor:
     """Every branch's kernel zero-stuffed and centred in KxK, as a (C * B, 1, K, K) grouped-conv weight.
 
-    Built with differentiable slice assignments, so gradients flow back to each branch's weight.
+    Built with differentiable slice assignments (no extra conv launches, unlike the transposed conv
+    of ``dilated_to_dense_kernel``), so gradients flow back to each branch's weight.
     """
-    convs, _ = _branch_modules(block)
-    lk_weight, size = convs[0].weight, block.kernel_size
+    layers, size = block.branch_layers(), block.kernel_size
+    lk_weight = layers[0][1].weight
     channels = lk_weight.shape[0]
-    stacked = lk_weight.new_zeros(channels, len(convs), size, size)
-    stacked[:, 0] = lk_weight[:, 0]
-    for index, ((k, r), conv) in enumerate(zip(block.branches, convs[1:]), start=1):
-        span = r * (k - 1) + 1
+    stacked = lk_weight.new_zeros(channels, len(layers), size, size)
+    for index, (dilation, conv, _) in enumerate(layers):
+        span = dilation * (conv.weight.shape[-1] - 1) + 1
         start = (size - span) // 2
-        stacked[:, index, start:start + span:r, start:start + span:r] = conv.weight[:, 0]
-    return stacked.reshape(channels * len(convs), 1, size, size)
+        stacked[:, index, start:start + span:dilation, start:start + span:dilation] = conv.weight[:, 0]
+    return stacked.reshape(channels * len(layers), 1, size, size)
 
 
 def _check_fusable(convs: list[nn.Conv2d], norms: list[nn.BatchNorm2d]) -> None:
