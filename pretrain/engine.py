@@ -46,9 +46,7 @@ _logger = logging.getLogger(__name__)
 
 CHECKPOINT_PREFIX = "step_"
 _RANK_FILE = "trainer_rank{rank:05d}.pt"
-_OWN_PROCESS_GROUP = False
 _ENV_BEFORE_INIT: dict[str, str | None] = {}
-_EXIT_HOOK: list[bool] = []
 
 
 def _free_port() -> int:
@@ -62,8 +60,10 @@ def init_distributed(device: torch.device) -> WorldInfo:
 
     Under torchrun and Slurm the usual ``MASTER_ADDR``/``MASTER_PORT`` env is read; Ray Train has
     already created the group. A lone process gets a loopback rendezvous on a free port.
+
+    A group created here lives until interpreter exit: DeepSpeed caches its groups at module level,
+    so a second Trainer in the same process (a notebook, the test suite) must find it again.
     """
-    global _OWN_PROCESS_GROUP
     import deepspeed
     import torch.distributed as dist
 
@@ -75,39 +75,31 @@ def init_distributed(device: torch.device) -> WorldInfo:
         env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
     _ENV_BEFORE_INIT.update({key: os.environ.get(key) for key in env if key not in _ENV_BEFORE_INIT})
     os.environ.update(env)
-    if not dist.is_initialized():
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
-        _OWN_PROCESS_GROUP = True
-    else:
+    if dist.is_initialized():
         deepspeed.init_distributed(auto_mpi_discovery=False, verbose=False)
+    else:
+        deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo",
+                                   auto_mpi_discovery=False, verbose=False)
+        atexit.register(_destroy_process_group)
     return WorldInfo(dist.get_rank(), world.local_rank, dist.get_world_size())
 
 
-def shutdown_distributed() -> None:
-    """Release what :func:`init_distributed` set up when this process ends.
+def _destroy_process_group() -> None:
+    import torch.distributed as dist
 
-    A group this module created lives until interpreter exit rather than being destroyed here:
-    DeepSpeed caches its groups at module level, so a second Trainer in the same process (a notebook,
-    the test suite) must find the same group again. Ray Train and torchrun own theirs. The
-    rendezvous environment variables it set are put back, so child processes do not inherit them.
-    """
-    if _OWN_PROCESS_GROUP and not _EXIT_HOOK:
-        atexit.register(_destroy_own_process_group)
-        _EXIT_HOOK.append(True)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def shutdown_distributed() -> None:
+    """Put back the environment variables :func:`init_distributed` set, so child processes do not
+    inherit them. The process group itself stays (see :func:`init_distributed`)."""
     for key, value in _ENV_BEFORE_INIT.items():
         if value is None:
             os.environ.pop(key, None)
         else:
             os.environ[key] = value
     _ENV_BEFORE_INIT.clear()
-
-
-def _destroy_own_process_group() -> None:
-    import torch.distributed as dist
-
-    if _OWN_PROCESS_GROUP and dist.is_initialized():
-        dist.destroy_process_group()
 
 
 def build_deepspeed_config(train: TrainConfig, optim: OptimConfig, world_size: int, device: torch.device) -> dict:
