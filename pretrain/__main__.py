@@ -102,6 +102,13 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(results, indent=2))
         return 0
     if args.dry_run:
+        from .launch import check_batch_split, launch_world_size
+
+        try:
+            check_batch_split(config, launch_world_size(config))
+        except ConfigError as error:
+            print(f"config error: {error}", file=sys.stderr)
+            return 2
         print(json.dumps(config_to_dict(config), indent=2))
         return 0
 

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import types
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Callable, Literal
+from typing import Any, Callable, Iterator, Literal
 
 __all__ = [
     "CheckpointConfig",
@@ -74,6 +75,7 @@ class ModelConfig:
     """Run each Dilated Reparam Block's branches as one grouped conv + one batch norm (same function)."""
 
     def validate(self) -> None:
+        _off_words_to_empty(self, "init_from")
         if self.fused_branches and self.sync_batchnorm:
             raise ConfigError("fused_branches", "expected false with model.sync_batchnorm=true (the fused "
                               "branches use one plain batch norm, which would drop the cross-rank statistics)")
@@ -133,6 +135,9 @@ class DataConfig:
     """CutMix alpha (0 disables)."""
 
     def validate(self) -> None:
+        _off_words_to_empty(self, "auto_augment", "val_urls")
+        if self.auto_augment:
+            _check_auto_augment(self.auto_augment)
         if self.source == "shards" and not self.train_urls:
             raise ConfigError("train_urls", "expected the training shards (or data.source=demo)")
         if self.source == "demo" and not self.demo_dir:
@@ -306,6 +311,41 @@ class Config:
                               "so LAMB's per-parameter trust ratio would be computed over whole partitions")
 
 
+def _off_words_to_empty(section, *names: str) -> None:
+    """String fields where empty means "off": the words none/off/false also mean off."""
+    for name in names:
+        if getattr(section, name).strip().lower() in ("", "none", "off", "false"):
+            setattr(section, name, "")
+
+
+def _check_auto_augment(policy: str) -> None:
+    """A timm auto-augment policy string (``rand-m9-mstd0.5-inc1``, ``augmix-m5``, ``original``, ...)."""
+    from timm.data.auto_augment import auto_augment_transform, augment_and_mix_transform, rand_augment_transform
+
+    try:
+        if policy.startswith("rand"):
+            rand_augment_transform(policy, {})
+        elif policy.startswith("augmix"):
+            augment_and_mix_transform(policy, {})
+        else:
+            auto_augment_transform(policy, {})
+    except (AssertionError, ValueError, KeyError, IndexError) as error:
+        raise ConfigError("auto_augment", f"expected a timm policy such as 'rand-m9-mstd0.5-inc1' or '' for none, "
+                          f"got {policy!r} ({type(error).__name__}: {error})") from None
+
+
+def _non_finite_floats(value: Any, key: str) -> Iterator[str]:
+    """Dotted keys of every NaN or infinite float in a config (sections walked recursively)."""
+    if dataclasses.is_dataclass(value):
+        for f in dataclasses.fields(value):
+            yield from _non_finite_floats(getattr(value, f.name), f"{key}.{f.name}" if key else f.name)
+    elif isinstance(value, (tuple, list)):
+        for i, item in enumerate(value):
+            yield from _non_finite_floats(item, f"{key}[{i}]")
+    elif isinstance(value, float) and not math.isfinite(value):
+        yield key
+
+
 def _positive(key: str, value: int) -> None:
     if value <= 0:
         raise ConfigError(key, f"expected > 0, got {value}")
@@ -321,6 +361,8 @@ def _in_range(key: str, value: float, low: float, high: float, lower_open: bool 
 
 def validate(config: Config) -> Config:
     """Check every section, then the cross-section rules; errors name the dotted key."""
+    for key in _non_finite_floats(config, ""):
+        raise ConfigError(key, f"expected a finite number, got {_get(config, key)}")
     for section in dataclasses.fields(config):
         value = getattr(config, section.name)
         if dataclasses.is_dataclass(value):
@@ -330,6 +372,13 @@ def validate(config: Config) -> Config:
                 raise ConfigError(f"{section.name}.{error.key}", str(error).split(": ", 1)[1]) from None
     config.validate()
     return config
+
+
+def _get(config: Config, key: str) -> Any:
+    value: Any = config
+    for part in key.replace("[", ".").replace("]", "").split("."):
+        value = value[int(part)] if part.isdigit() else getattr(value, part)
+    return value
 
 
 # ----------------------------------------------------------------------------- parsing
@@ -348,7 +397,8 @@ def _type_name(annotation: Any) -> str:
         return f"a list of {len(args)} values ({', '.join(_type_name(a) for a in args)})"
     if annotation is type(None):
         return "none"
-    return getattr(annotation, "__name__", str(annotation))
+    names = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
+    return names.get(annotation, getattr(annotation, "__name__", str(annotation)))
 
 
 def _coerce(key: str, value: Any, annotation: Any) -> Any:
@@ -428,24 +478,65 @@ def config_to_dict(config: Config) -> dict:
     return json.loads(json.dumps(dataclasses.asdict(config)))
 
 
-def _parse_text(text: str, annotation: Any) -> Any:
-    """Turn the text of ``--set key=TEXT`` into a plain value for ``annotation``."""
-    lowered = text.strip().lower()
-    if lowered in ("none", "null"):
-        return None
-    if lowered in ("true", "yes", "on"):
-        return True
-    if lowered in ("false", "no", "off"):
-        return False
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        pass
-    is_tuple = typing.get_origin(annotation) is tuple or any(
-        typing.get_origin(a) is tuple for a in typing.get_args(annotation))
-    if is_tuple and "," in text:
-        return [_parse_text(part, Any) for part in text.split(",")]
-    return text
+_TRUE_WORDS, _FALSE_WORDS, _NONE_WORDS = ("true", "yes", "on", "1"), ("false", "no", "off", "0"), ("none", "null")
+
+
+def _parse_text(key: str, text: str, annotation: Any) -> Any:
+    """Turn the text of ``--set key=TEXT`` into a value of the field's type ``annotation``.
+
+    The field's type decides what the text means: a string field takes the text as it is
+    (``checkpoint.resume=none`` is the word "none", ``data.auto_augment=off`` the word "off");
+    ``none``/``null`` mean None only where the field accepts None; ``true/yes/on/1`` and
+    ``false/no/off/0`` only for booleans; lists are JSON or comma-separated.
+    """
+    origin = typing.get_origin(annotation)
+    expected = _type_name(annotation)
+    stripped = text.strip()
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(annotation)
+        if type(None) in options and stripped.lower() in _NONE_WORDS:
+            return None
+        for option in (o for o in options if o is not type(None)):
+            try:
+                return _parse_text(key, text, option)
+            except ConfigError:
+                continue
+        raise ConfigError(key, f"expected {expected}, got {text!r}")
+    if origin is Literal:
+        if stripped in typing.get_args(annotation):
+            return stripped
+        raise ConfigError(key, f"expected {expected}, got {text!r}")
+    if origin is tuple:
+        if stripped.startswith("["):
+            try:
+                return json.loads(stripped)
+            except json.JSONDecodeError as error:
+                raise ConfigError(key, f"expected {expected} (JSON or comma-separated), got {text!r}: {error}") from None
+        args = typing.get_args(annotation)
+        element_types = [args[0]] * (stripped.count(",") + 1) if len(args) == 2 and args[1] is Ellipsis else list(args)
+        parts = stripped.split(",") if stripped else []
+        if len(parts) != len(element_types):
+            raise ConfigError(key, f"expected {expected}, got {text!r}")
+        return [_parse_text(f"{key}[{i}]", part, element) for i, (part, element) in enumerate(zip(parts, element_types))]
+    if annotation is bool:
+        if stripped.lower() in _TRUE_WORDS:
+            return True
+        if stripped.lower() in _FALSE_WORDS:
+            return False
+        raise ConfigError(key, f"expected true or false, got {text!r}")
+    if annotation is int:
+        try:
+            return int(stripped)
+        except ValueError:
+            raise ConfigError(key, f"expected an integer, got {text!r}") from None
+    if annotation is float:
+        try:
+            return float(stripped)
+        except ValueError:
+            raise ConfigError(key, f"expected a number, got {text!r}") from None
+    if annotation is str:
+        return text
+    raise ConfigError(key, f"cannot be set from text (type {expected})")
 
 
 def apply_overrides(config: Config, overrides: list[str]) -> Config:
@@ -471,7 +562,7 @@ def apply_overrides(config: Config, overrides: list[str]) -> Config:
                 if dataclasses.is_dataclass(annotation):
                     raise ConfigError(key, f"is a section; set one of its keys: "
                                       f"{', '.join(sorted(_fields(annotation)))}")
-                setattr(target, part, _coerce(key, _parse_text(text, annotation), annotation))
+                setattr(target, part, _coerce(key, _parse_text(key, text, annotation), annotation))
     return config
 
 

@@ -14,10 +14,10 @@ import subprocess
 import sys
 
 from .config import Config, ConfigError, config_from_dict, config_to_dict, save_config, validate
-from .distributed import inside_launched_worker
+from .distributed import inside_launched_worker, world_info_from_env
 from .train import REQUEUE_EXIT_CODE, REQUEUE_MARKER, run_worker
 
-__all__ = ["launch", "launch_ray", "launch_torchrun", "preflight", "run_local"]
+__all__ = ["check_batch_split", "launch", "launch_ray", "launch_torchrun", "launch_world_size", "preflight", "run_local"]
 
 _logger = logging.getLogger(__name__)
 
@@ -108,10 +108,28 @@ def launch_ray(config: Config):
     return trainer.fit()
 
 
+def launch_world_size(config: Config) -> int:
+    """The number of ranks this launch will run: ``launch.num_workers`` for torchrun and Ray, the
+    environment's world size (torchrun, srun, or 1) for a process that is itself a worker."""
+    if inside_launched_worker() or config.launch.launcher == "local":
+        return world_info_from_env().world_size
+    return config.launch.num_workers
+
+
+def check_batch_split(config: Config, world_size: int) -> None:
+    """The global batch must split into micro-batches over ``world_size`` ranks (ConfigError otherwise)."""
+    train = config.train
+    if train.global_batch_size % (train.micro_batch_size * world_size):
+        raise ConfigError("train.global_batch_size", f"{train.global_batch_size} is not a multiple of "
+                          f"train.micro_batch_size x world size ({train.micro_batch_size} x {world_size}): "
+                          "change the global batch, the micro-batch or the number of workers")
+
+
 def preflight(config: Config) -> None:
-    """Check what can be checked before any worker starts or any model is built: the shards exist
-    and have ``info.json`` counts, their classes fit the classifier, ``model.init_from`` exists.
-    Raises ``ConfigError`` naming the key."""
+    """Check what can be checked before any worker starts or any model is built: the batch splits over
+    the launch's world size, the shards exist and have ``info.json`` counts, their classes fit the
+    classifier, ``model.init_from`` exists. Raises ``ConfigError`` naming the key."""
+    check_batch_split(config, launch_world_size(config))
     data = config.data
     if data.source == "shards":
         from shards.info import ShardReadError, resolve_shard_set

@@ -185,6 +185,11 @@ def test_reparameterize_is_idempotent_and_keeps_outputs():
 # Official key layout, derived from the spec's rules (not from the model).
 
 def expected_official_keys(depths, kernels, deploy=False):
+    """Keys of the authors' model, following their constructor: a block with kernel >= 7 holds a
+    DilatedReparamBlock (``dwconv.lk_origin``, with bias under ``deploy``; branches and BNs only in
+    training); kernels 3 and 5 a plain depthwise ``dwconv`` (bias under ``deploy``). ``deploy``
+    drops the block BN ``norm``, GRN's ``beta``, ``gamma`` and ``pwconv2``'s BN, and gives
+    ``pwconv2.0`` a bias."""
     bn = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
     keys = {f"downsample_layers.0.{i}.{p}" for i in (0, 1, 3, 4) for p in ("weight", "bias")}
     keys |= {f"downsample_layers.{s}.{i}.{p}" for s in (1, 2, 3) for i in (0, 1) for p in ("weight", "bias")}
@@ -195,15 +200,14 @@ def expected_official_keys(depths, kernels, deploy=False):
             k = kernels[s][j]
             keys |= {p + f"se.{n}.{w}" for n in ("down", "up") for w in ("weight", "bias")}
             keys |= {p + "pwconv1.1.weight", p + "pwconv1.1.bias", p + "act.1.gamma", p + "pwconv2.0.weight"}
-            if deploy:  # the authors' deploy=True constructor: a plain dwconv for every block
-                keys |= {p + "pwconv2.0.bias", p + "dwconv.weight", p + "dwconv.bias"}
+            conv = p + ("dwconv.lk_origin." if k >= 7 else "dwconv.")
+            keys.add(conv + "weight")
+            if deploy:
+                keys |= {conv + "bias", p + "pwconv2.0.bias"}
                 continue
             keys |= {p + "gamma", p + "act.1.beta"}
             keys |= {p + f"norm.{b}" for b in bn} | {p + f"pwconv2.2.{b}" for b in bn}
-            if k == 3:
-                keys.add(p + "dwconv.weight")
-            else:
-                keys.add(p + "dwconv.lk_origin.weight")
+            if k >= 7:
                 keys |= {p + f"dwconv.origin_bn.{b}" for b in bn}
                 for kk, r in zip(*DILATED_BRANCHES[k]):
                     keys.add(p + f"dwconv.dil_conv_k{kk}_{r}.weight")
@@ -222,6 +226,7 @@ def test_export_uses_official_key_layout(family):
     c = SMALL_DIMS[0]
     assert sd["stages.0.0.se.down.weight"].shape == (c // 4, c, 1, 1)
     assert sd["stages.0.0.act.1.gamma"].shape == (1, 1, 1, 4 * c)
+    assert sd["stages.1.0.dwconv.lk_origin.weight"].shape == (SMALL_DIMS[1], 1, 13, 13)
 
 
 def test_load_official_roundtrip_through_file(tmp_path):
@@ -235,13 +240,13 @@ def test_load_official_roundtrip_through_file(tmp_path):
         assert torch.equal(source(x), target(x))
 
 
-@pytest.mark.parametrize("inference_keys", ["deploy", "reparameterized"])
+@pytest.mark.parametrize("inference_keys", ["deploy", "flat"])
 def test_both_inference_key_forms_round_trip(inference_keys):
     model = random_model("a")
     model.reparameterize()
     sd = export_official(model, inference_keys=inference_keys)
     has_lk_origin = any(".dwconv.lk_origin." in k for k in sd)
-    assert has_lk_origin == (inference_keys == "reparameterized")
+    assert has_lk_origin == (inference_keys == "deploy")
     target = small_model("a", num_classes=10, deploy=True).double().eval()
     load_official(target, sd)
     x = torch.randn(1, 3, 64, 64, dtype=torch.float64)

@@ -81,6 +81,65 @@ def test_overrides_are_parsed_by_annotation():
     assert config.data.auto_augment == "" and config.model.channels_last is True and config.train.max_steps == 7
 
 
+def test_overrides_coerce_words_by_the_field_type():
+    """none/off/true are words for string fields, None only where None is allowed, booleans only for bools."""
+    config = load_config("demo", [
+        "checkpoint.resume=none", "run_dir=true", "data.auto_augment=off", "model.init_from=none",
+        "train.max_steps=none", "optim.clip_grad=null", "model.channels_last=off", "model.grad_checkpointing=yes",
+        "train.ema_decay=none", "data.val_urls=none"])
+    assert config.checkpoint.resume == "none" and config.run_dir == "true"
+    assert config.data.auto_augment == "" and config.model.init_from == "" and config.data.val_urls == ""
+    assert config.train.max_steps is None and config.optim.clip_grad is None and config.train.ema_decay is None
+    assert config.model.channels_last is False and config.model.grad_checkpointing is True
+    assert load_config("demo", ["checkpoint.resume=off"]).checkpoint.resume == "off"
+
+
+@pytest.mark.parametrize("override, key, expected", [
+    (["optim.lr=Infinity"], "optim.lr", "expected a finite number, got inf"),
+    (["optim.lr=NaN"], "optim.lr", "expected a finite number, got nan"),
+    (["optim.betas=0.9,nan"], "optim.betas[1]", "finite"),
+    (["train.ema_decay=inf"], "train.ema_decay", "finite"),
+    (["data.auto_augment=rand-bogus9"], "data.auto_augment", "timm policy"),
+    (["train.max_steps=ten"], "train.max_steps", "expected an integer or none, got 'ten'"),
+    (["model.channels_last=none"], "model.channels_last", "true or false"),
+])
+def test_non_finite_numbers_and_bad_words_fail_naming_the_key(override, key, expected):
+    with pytest.raises(ConfigError) as error:
+        load_config("demo", override)
+    assert error.value.key == key and expected in str(error.value), str(error.value)
+
+
+def test_cli_resume_none_and_a_json_config_with_non_finite_lr(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "pretrain", "--config", "demo", "--resume", "none", "--dry-run"],
+                            cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["checkpoint"]["resume"] == "none"
+    values = config_to_dict(load_config("demo"))
+    values["optim"]["lr"] = float("inf")
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(values))  # Python's json writes Infinity, and reads it back
+    with pytest.raises(ConfigError, match="^optim.lr: expected a finite number"):
+        load_config(str(path))
+
+
+@pytest.mark.parametrize("launch_args, env, message", [
+    (["launch.launcher=torchrun", "launch.num_workers=3"], {},
+     "train.global_batch_size: 64 is not a multiple of train.micro_batch_size x world size (16 x 3)"),
+    (["launch.launcher=ray", "launch.num_workers=8", "launch.device=cpu"], {},
+     "(16 x 8)"),
+    ([], {"RANK": "0", "WORLD_SIZE": "3", "LOCAL_RANK": "0"}, "(16 x 3)"),
+])
+def test_dry_run_checks_the_batch_split_with_the_launch_world_size(launch_args, env, message):
+    import os
+
+    result = subprocess.run(
+        [sys.executable, "-m", "pretrain", "--config", "demo", "--dry-run", "--set", "train.global_batch_size=64",
+         "train.micro_batch_size=16", *launch_args],
+        cwd=REPO, capture_output=True, text=True, timeout=120, env={**os.environ, **env})
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert message in result.stderr
+
+
 def test_cli_rejects_a_bad_config_before_training(tmp_path):
     run_dir = tmp_path / "run"
     result = subprocess.run(

@@ -176,6 +176,11 @@ def test_export_loads_into_a_fresh_model_with_strict_keys(short_run, tmp_path):
     result = run_cli(["export", str(run_dir), str(official), "--official", "--reparameterize"], timeout=300)
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["reparam_max_rel_diff"] < 1e-8
+    official_keys = set(torch.load(official, weights_only=True))
+    # what the authors' deploy=True constructor holds: lk_origin for kernel 13, plain dwconv for kernel 3
+    assert {"stages.1.0.dwconv.lk_origin.weight", "stages.1.0.dwconv.lk_origin.bias",
+            "stages.0.0.dwconv.weight", "stages.0.0.dwconv.bias"} <= official_keys
+    assert "stages.1.0.dwconv.weight" not in official_keys
     deployed = unireplknet.UniRepLKNet(depths=(1, 1, 2, 1), dims=(16, 32, 64, 128), num_classes=10,
                                        kernel_sizes=((3,), (13,), (13, 3), (13,)), deploy=True)
     unireplknet.load_official(deployed, str(official))

@@ -111,9 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=2, help="verification batch size (default 2)")
     p.add_argument("--tolerance", type=float, default=1e-6,
                    help="largest accepted max|logit diff|/max|logit| in float64 (default 1e-6)")
-    p.add_argument("--keys", choices=("deploy", "reparameterized"), default="deploy",
-                   help="large-kernel key names: 'deploy' (dwconv.weight, for the authors' deploy=True "
-                        "constructor, default) or 'reparameterized' (dwconv.lk_origin.weight)")
+    p.add_argument("--keys", choices=("deploy", "flat"), default="deploy",
+                   help="large-kernel (kernel >= 7) key names: 'deploy' (dwconv.lk_origin.weight/bias, what the "
+                        "authors' deploy=True constructor loads; default) or 'flat' (dwconv.weight/bias)")
     p.set_defaults(func=cmd_reparam)
 
     p = sub.add_parser("info", help="parameters, FLOPs and forward memory of a model",

@@ -58,10 +58,10 @@ def read_state_dict(path_or_state_dict: str | os.PathLike | Mapping[str, Any]) -
 
 
 def _rename_to_model(state_dict: dict[str, torch.Tensor], model: UniRepLKNet) -> dict[str, torch.Tensor]:
-    """Map inference-structure LarK keys between ``dwconv.*`` and ``dwconv.lk_origin.*``.
+    """Map inference-structure LarK keys written flat (``dwconv.*``) to ``dwconv.lk_origin.*``.
 
-    The authors' ``deploy=True`` constructor gives a LarK block a plain ``dwconv`` conv, while their
-    ``reparameterize()`` keeps it under ``dwconv.lk_origin``; both forms were released.
+    The authors' code (``deploy=True`` constructor and ``reparameterize()``) keeps LarK weights
+    under ``dwconv.lk_origin``; files flattened to ``dwconv.*`` are accepted as well.
     """
     large_kernel_blocks = {
         name[: -len(".dwconv")] for name, module in model.named_modules()
@@ -143,20 +143,22 @@ def load_official(
 def export_official(model: nn.Module, inference_keys: str = "deploy") -> dict[str, torch.Tensor]:
     """The model's weights in the official key layout (CPU tensors), loadable by the authors' code.
 
-    For re-parameterized large-kernel blocks the authors use two names: their ``deploy=True``
-    constructor expects ``dwconv.weight`` / ``dwconv.bias`` (``inference_keys="deploy"``, the
-    default), their in-place ``reparameterize()`` leaves ``dwconv.lk_origin.*``
-    (``inference_keys="reparameterized"``). :func:`load_official` reads both.
+    ``inference_keys`` names re-parameterized large-kernel blocks (kernel >= 7). ``"deploy"``
+    (default): ``dwconv.lk_origin.weight`` / ``dwconv.lk_origin.bias``, what the authors' model
+    built with ``deploy=True`` expects (it keeps a ``DilatedReparamBlock`` for every kernel >= 7,
+    plain ``dwconv.*`` only for kernels 3 and 5) and what their ``reparameterize()`` leaves.
+    ``"flat"``: ``dwconv.weight`` / ``dwconv.bias`` for every block, for tools that flatten the
+    block. :func:`load_official` reads both. Training-structure weights are the same either way.
     """
-    if inference_keys not in ("deploy", "reparameterized"):
-        raise ValueError(f"inference_keys must be 'deploy' or 'reparameterized', got {inference_keys!r}")
+    if inference_keys not in ("deploy", "flat"):
+        raise ValueError(f"inference_keys must be 'deploy' or 'flat', got {inference_keys!r}")
     state_dict = {}
     for name, value in model.state_dict().items():
         for prefix in _PREFIXES:
             if name.startswith(prefix):
                 name = name[len(prefix):]
         state_dict[name] = value.detach().to("cpu").clone()
-    if inference_keys == "deploy":
+    if inference_keys == "flat":
         training_blocks = {k.split(".dwconv.")[0] for k in state_dict if k.endswith(".dwconv.origin_bn.running_var")}
         renamed = {}
         for name, value in state_dict.items():
