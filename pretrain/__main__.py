@@ -23,8 +23,9 @@ examples:
   python -m pretrain export runs/xl_in22k_384 xl_in22k.pth --official
   python -m pretrain bench --config xl_in22k_384 --steps 20
 
-exit status: 0 finished; 75 preempted (SIGTERM/SIGUSR1) after saving a checkpoint: run the same
-command again to resume from RUN_DIR/checkpoints/latest; 1 failure (bad config, non-finite loss).
+exit status: 0 finished; 75 preempted (SIGTERM/SIGUSR1, or RUN_DIR/STOP) after saving a checkpoint:
+run the same command again to resume from RUN_DIR/checkpoints/latest; 2 a bad config or a checkpoint
+that cannot be resumed (the message says why); 1 another failure (non-finite loss, ...).
 """
 
 
@@ -80,9 +81,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "export":
         from .export import export_checkpoint
 
-        with contextlib.redirect_stdout(sys.stderr):
-            summary = export_checkpoint(args.run_dir, args.out, checkpoint=args.checkpoint, ema=args.ema,
-                                        reparameterize=args.reparameterize, official=args.official)
+        from .checkpoint import CheckpointError
+
+        try:
+            with contextlib.redirect_stdout(sys.stderr):
+                summary = export_checkpoint(args.run_dir, args.out, checkpoint=args.checkpoint, ema=args.ema,
+                                            reparameterize=args.reparameterize, official=args.official)
+        except (CheckpointError, ConfigError, FileNotFoundError, ValueError) as error:
+            print(f"export error: {error}", file=sys.stderr)
+            return 2
         print(json.dumps(summary, indent=2))
         return 0
 
@@ -112,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(config_to_dict(config), indent=2))
         return 0
 
+    from .checkpoint import CheckpointError
     from .launch import launch
     from .trainer import NonFiniteLossError
 
@@ -119,6 +127,9 @@ def main(argv: list[str] | None = None) -> int:
         return launch(config)
     except ConfigError as error:
         print(f"config error: {error}", file=sys.stderr)
+        return 2
+    except CheckpointError as error:
+        print(f"checkpoint error: {error}", file=sys.stderr)
         return 2
     except NonFiniteLossError as error:
         print(f"error: {error}", file=sys.stderr)

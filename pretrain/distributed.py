@@ -13,6 +13,7 @@ __all__ = [
     "all_reduce_batchnorm_buffers",
     "all_reduce_sum",
     "barrier",
+    "broadcast_object",
     "inside_launched_worker",
     "world_info_from_env",
 ]
@@ -50,6 +51,15 @@ def inside_launched_worker() -> bool:
 def barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
+
+
+def broadcast_object(value, src: int = 0):
+    """Rank ``src``'s ``value`` on every rank (picklable Python data; returned as is when alone)."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        holder = [value]
+        dist.broadcast_object_list(holder, src=src)
+        return holder[0]
+    return value
 
 
 def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:

@@ -1,51 +1,31 @@
-"""Everything that touches DeepSpeed: process group, engine, checkpoints, ZeRO consolidation.
+"""Everything that touches DeepSpeed's engine: process group, DeepSpeed config, engine, ZeRO tensors.
 
-Checkpoint layout under ``RUN_DIR/checkpoints``::
-
-    step_00001000/               one DeepSpeed tag: model, ZeRO optimizer partitions, lr scheduler
-        trainer_rank00000.pt     per rank: step, data-loader position, RNG states, EMA (partition)
-        ...
-    latest                       the tag of the newest *complete* checkpoint
-
-``latest`` is replaced atomically (temporary file, fsync, rename) only after every rank has
-written and flushed its files, so a kill at any moment leaves it pointing at a whole checkpoint.
+Checkpoints (layout, atomic saves, resume decisions, consolidation) live in :mod:`pretrain.checkpoint`.
 """
 from __future__ import annotations
 
 import atexit
-import contextlib
-import io
 import logging
 import os
-import re
-import shutil
 import socket
 
 import torch
 import torch.nn as nn
 
 from .config import OptimConfig, TrainConfig
-from .distributed import WorldInfo, barrier, world_info_from_env
+from .distributed import WorldInfo, world_info_from_env
 
 __all__ = [
-    "CHECKPOINT_PREFIX",
     "build_deepspeed_config",
-    "consolidated_state_dict",
     "ema_targets",
-    "find_checkpoint",
     "global_grad_norm",
     "initialize",
     "init_distributed",
-    "load_checkpoint",
-    "read_rank_states",
-    "save_checkpoint",
     "shutdown_distributed",
 ]
 
 _logger = logging.getLogger(__name__)
 
-CHECKPOINT_PREFIX = "step_"
-_RANK_FILE = "trainer_rank{rank:05d}.pt"
 _ENV_BEFORE_INIT: dict[str, str | None] = {}
 
 
@@ -160,111 +140,3 @@ def ema_targets(engine) -> tuple[dict[str, torch.Tensor], dict[str, tuple[int, .
         if buffer.is_floating_point():
             targets[name], shapes[name] = buffer, tuple(buffer.shape)
     return targets, shapes
-
-
-def _tag(step: int) -> str:
-    return f"{CHECKPOINT_PREFIX}{step:08d}"
-
-
-def _fsync_path(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_own_files(folder: str, rank: int) -> None:
-    """Flush this rank's files (rank 0 also flushes the shared ones) so ``latest`` never outruns the data."""
-    own = re.compile(rf"(?:^|_)rank_?0*{rank}(?:_|\.)")
-    for root, _, files in os.walk(folder):
-        for name in files:
-            rank_named = re.search(r"rank_?\d+", name) and not name.startswith("mp_rank_")
-            if own.search(name) or (rank == 0 and not rank_named):
-                _fsync_path(os.path.join(root, name))
-
-
-def _write_latest(root: str, tag: str) -> None:
-    tmp = os.path.join(root, f".latest.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(tag)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, os.path.join(root, "latest"))
-    _fsync_path(root)
-
-
-def _checkpoint_steps(root: str) -> list[int]:
-    if not os.path.isdir(root):
-        return []
-    pattern = re.compile(rf"^{CHECKPOINT_PREFIX}(\d+)$")
-    return sorted(int(m.group(1)) for m in map(pattern.match, os.listdir(root)) if m)
-
-
-def save_checkpoint(engine, root: str, step: int, rank_state: dict, world: WorldInfo, keep: int) -> str:
-    """All ranks: write the DeepSpeed checkpoint and this rank's trainer state, flush, then (rank 0)
-    point ``latest`` at it and delete all but the newest ``keep`` up to ``step``. Returns the folder."""
-    tag = _tag(step)
-    folder = os.path.join(root, tag)
-    engine.save_checkpoint(root, tag=tag, client_state={"step": step}, save_latest=False)
-    torch.save(rank_state, os.path.join(folder, _RANK_FILE.format(rank=world.rank)))
-    _fsync_own_files(folder, world.rank)
-    barrier()
-    if world.is_main:
-        _write_latest(root, tag)
-        # Folders past this step are leftovers of an interrupted (or abandoned) timeline: never
-        # counted among the newest, so they cannot push a complete checkpoint out.
-        for old in [s for s in _checkpoint_steps(root) if s <= step][:-keep]:
-            shutil.rmtree(os.path.join(root, _tag(old)), ignore_errors=True)
-    barrier()
-    return folder
-
-
-def find_checkpoint(root: str, resume: str) -> str | None:
-    """The checkpoint folder to resume from: ``latest`` (None if the run has none yet), ``none``, or a path."""
-    if resume == "none":
-        return None
-    if resume == "latest":
-        latest = os.path.join(root, "latest")
-        if not os.path.isfile(latest):
-            return None
-        with open(latest) as f:
-            return os.path.join(root, f.read().strip())
-    if not os.path.isdir(resume):
-        raise FileNotFoundError(f"checkpoint.resume: no checkpoint folder at {resume!r}")
-    return resume
-
-
-def load_checkpoint(engine, folder: str, world: WorldInfo) -> dict:
-    """Restore model, optimizer and scheduler into ``engine``; return this rank's trainer state."""
-    rank_file = os.path.join(folder, _RANK_FILE.format(rank=world.rank))
-    if not os.path.isfile(rank_file):
-        saved = len([n for n in os.listdir(folder) if n.startswith("trainer_rank")])
-        raise RuntimeError(f"{folder} was written by {saved} ranks; this run has {world.world_size}. "
-                           "Exact resume needs the same world size (data position and ZeRO partitions are per rank)")
-    root, tag = os.path.split(os.path.normpath(folder))
-    path, _ = engine.load_checkpoint(root, tag=tag, load_module_strict=True, load_optimizer_states=True,
-                                     load_lr_scheduler_states=True)
-    if path is None:
-        raise RuntimeError(f"DeepSpeed could not load the checkpoint in {folder}")
-    state = torch.load(rank_file, map_location="cpu", weights_only=False)
-    if state["world_size"] != world.world_size:
-        raise RuntimeError(f"{folder} was written by {state['world_size']} ranks; this run has {world.world_size}")
-    return state
-
-
-def read_rank_states(folder: str) -> list[dict]:
-    """Every rank's trainer state in a checkpoint folder, in rank order."""
-    names = sorted(n for n in os.listdir(folder) if n.startswith("trainer_rank"))
-    return [torch.load(os.path.join(folder, n), map_location="cpu", weights_only=False) for n in names]
-
-
-def consolidated_state_dict(folder: str) -> dict[str, torch.Tensor]:
-    """The full fp32 model state dict (parameters and buffers) from a checkpoint of any ZeRO stage, on CPU."""
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    root, tag = os.path.split(os.path.normpath(folder))
-    with contextlib.redirect_stdout(io.StringIO()):  # zero_to_fp32 prints its progress
-        state_dict = get_fp32_state_dict_from_zero_checkpoint(root, tag=tag)
-    return {name: tensor.detach().cpu().clone() for name, tensor in state_dict.items()}
-

@@ -5,10 +5,9 @@ import dataclasses
 import logging
 import os
 
-import torch
 
-from . import engine as ds
-from .config import load_config
+from . import checkpoint as ckpt
+from .config import config_from_dict, validate
 from .ema import consolidate_ema
 from .task import build_model
 
@@ -32,14 +31,20 @@ def export_checkpoint(run_dir: str, out_path: str, *, checkpoint: str = "latest"
     import unireplknet
     from unireplknet.tools import atomic_save, verify_reparameterization
 
-    config = load_config(os.path.join(run_dir, "config.json"))
-    folder = ds.find_checkpoint(os.path.join(run_dir, "checkpoints"),
-                                "latest" if checkpoint == "latest" else checkpoint)
+    if not os.path.isdir(run_dir):
+        raise FileNotFoundError(f"{run_dir}: no such run directory")
+    root = os.path.join(run_dir, "checkpoints")
+    folder = ckpt.find_checkpoint(root, checkpoint)
     if folder is None:
-        raise FileNotFoundError(f"{run_dir} has no checkpoint yet (no checkpoints/latest)")
-    state_dict = ds.consolidated_state_dict(folder)
+        raise FileNotFoundError(f"{run_dir} has no checkpoint yet (nothing under {root}): train first, "
+                                "or pass the run directory that holds checkpoints/")
+    saved = ckpt.read_saved_config(folder)
+    if saved is None:
+        raise ckpt.CheckpointError(f"{folder} holds no {ckpt.CONFIG_NAME}: cannot tell which model it is")
+    config = validate(config_from_dict(saved))
+    state_dict = ckpt.consolidated_state_dict(folder)
     if ema:
-        rank_states = ds.read_rank_states(folder)
+        rank_states = ckpt.read_rank_states(folder)
         if rank_states[0].get("ema") is None:
             raise ValueError(f"{folder} has no EMA weights (the run had train.ema_decay unset)")
         state_dict.update(consolidate_ema([s["ema"] for s in rank_states]))

@@ -15,8 +15,9 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from . import checkpoint as ckpt
 from . import engine as ds
-from .config import Config, save_config
+from .config import Config, config_to_dict, save_config
 from .distributed import WorldInfo, all_reduce_batchnorm_buffers, all_reduce_sum
 from .ema import ModelEMA
 from .metrics import Progress, TensorBoard, Throughput, init_logging, memory_stats
@@ -54,8 +55,12 @@ def seed_everything(seed: int) -> None:
 
 
 def capture_rng() -> dict:
-    """Python, NumPy, torch CPU (and CUDA) generator states."""
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Python, NumPy, torch CPU (and CUDA) generator states, as tensors and plain Python values
+    (so a checkpoint holding them loads with ``weights_only=True``)."""
+    kind, keys, position, has_gauss, cached_gaussian = np.random.get_state()
+    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
+             "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "position": int(position),
+                       "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)}}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
@@ -63,7 +68,9 @@ def capture_rng() -> dict:
 
 def restore_rng(state: dict) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    numpy = state["numpy"]
+    np.random.set_state((numpy["kind"], numpy["keys"].numpy().astype(np.uint32), numpy["position"],
+                         numpy["has_gauss"], numpy["cached_gaussian"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
@@ -139,8 +146,9 @@ class Trainer:
         self.world = ds.init_distributed(self.device)
         self.checkpoint_root = os.path.join(config.run_dir, "checkpoints")
         init_logging(self.world.rank, os.path.join(config.run_dir, "train.log"))
-        if self.world.is_main:
-            save_config(config, os.path.join(config.run_dir, "config.json"))
+        # decided on rank 0 before anything is built, so a checkpoint that cannot be used fails every rank fast
+        self.resume_from = ckpt.choose_checkpoint(self.checkpoint_root, config.checkpoint.resume, self.world,
+                                                  config_to_dict(config))
         self.precision = "bf16" if config.train.precision == "bf16" or (
             config.train.precision == "auto" and self.device.type == "cuda") else "fp32"
         if self.precision == "bf16" and self.device.type != "cuda":
@@ -176,6 +184,8 @@ class Trainer:
         self._loss_sum, self._loss_steps = 0.0, 0
         self._preview_pending = True
         self._resume()
+        if self.world.is_main:  # only once the resume worked: a refused resume leaves the run's config as it was
+            save_config(config, os.path.join(config.run_dir, "config.json"))
         self.tensorboard = TensorBoard(os.path.join(config.run_dir, "tensorboard"), self.world.is_main)
         _logger.info("%s on %s x%d, precision %s, ZeRO %d, %d steps/epoch x %d epochs, accumulation %d, from step %d",
                      config.model.name, self.device.type, self.world.world_size, self.precision,
@@ -192,11 +202,11 @@ class Trainer:
         return model.to(self.device)
 
     def _resume(self) -> None:
-        folder = ds.find_checkpoint(self.checkpoint_root, self.config.checkpoint.resume)
+        folder = self.resume_from
         if folder is None:
             seed_everything(self.config.train.seed + 7919 * (self.world.rank + 1))  # per-rank drop path
             return
-        state = ds.load_checkpoint(self.engine, folder, self.world)
+        state = ckpt.load_checkpoint(self.engine, folder, self.world, self.device)
         self.step = state["step"]
         self.train_loader.load_state_dict(state["loader"])
         self._resumed_mid_epoch = self.step % self.steps_per_epoch != 0
@@ -233,7 +243,7 @@ class Trainer:
         finally:
             progress.close()
         results = self.evaluate() if status == "completed" else {}
-        if self.last_checkpoint is None or not self.last_checkpoint.endswith(ds.CHECKPOINT_PREFIX + f"{self.step:08d}"):
+        if self.last_checkpoint is None or not self.last_checkpoint.endswith(ckpt.tag_of_step(self.step)):
             self.save()
         return TrainResult(status, self.step, self.last_checkpoint, results)
 
@@ -372,8 +382,9 @@ class Trainer:
             "rng": capture_rng(),
             "ema": self.ema.state_dict() if self.ema is not None else None,
         }
-        self.last_checkpoint = ds.save_checkpoint(self.engine, self.checkpoint_root, self.step, rank_state,
-                                                  self.world, self.config.checkpoint.keep)
+        self.last_checkpoint = ckpt.save_checkpoint(
+            self.engine, self.checkpoint_root, self.step, rank_state, self.world, keep=self.config.checkpoint.keep,
+            zero_stage=self.config.train.zero_stage, config=config_to_dict(self.config))
         _logger.info("saved %s", self.last_checkpoint)
         return self.last_checkpoint
 

@@ -146,7 +146,7 @@ def kill_after_checkpoint_then_resume(args: list[str], run_dir: Path, final_step
 
 @pytest.mark.parametrize("stage", [2, 3])
 def test_sigkill_then_resume_reaches_the_same_weights_as_an_uninterrupted_run(stage, pretrain_shards, tmp_path):
-    from pretrain.engine import consolidated_state_dict, read_rank_states
+    from pretrain.checkpoint import consolidated_state_dict, read_rank_states
     from pretrain.ema import consolidate_ema
 
     final_step = 24
@@ -179,7 +179,7 @@ BN_SYNC_WORKER = textwrap.dedent('''
     import torch.distributed as dist
     import torch.nn as nn
     from pretrain.config import load_config
-    from pretrain.engine import consolidated_state_dict
+    from pretrain.checkpoint import consolidated_state_dict
     from pretrain.trainer import Trainer
 
     def batchnorm_buffers(model):

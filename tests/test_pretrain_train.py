@@ -339,20 +339,62 @@ def test_a_finetune_run_starts_from_an_exported_pretraining_checkpoint(short_run
     assert model.head.weight.abs().max() < 0.01  # a fresh classifier, scaled by head_init_scale
 
 
-def test_a_leftover_folder_from_an_interrupted_save_never_pushes_out_complete_checkpoints(pretrain_shards, tmp_path):
+def test_saves_never_mix_with_files_left_by_an_interrupted_save(pretrain_shards, tmp_path):
+    """A step folder holding a stale file of another rank (an older interrupted save) and an
+    unfinished staging folder: every save writes a fresh folder and renames it into place whole."""
+    from pretrain.checkpoint import consolidated_state_dict, read_manifest
     from pretrain.config import load_config
     from pretrain.trainer import Trainer
 
     checkpoints = tmp_path / "run" / "checkpoints"
-    leftover = checkpoints / "step_00000099"  # e.g. killed while writing, after `latest` was replaced
-    leftover.mkdir(parents=True)
+    stale = checkpoints / "step_00000004"
+    stale.mkdir(parents=True)
+    (stale / "trainer_rank00001.pt").write_bytes(b"stale rank file of a 2-rank run")
+    unfinished = checkpoints / ".incomplete-step_00000099"
+    unfinished.mkdir()
+    (unfinished / "mp_rank_00_model_states.pt").write_bytes(b"half")
     config = load_config("demo", tiny_overrides(pretrain_shards, tmp_path / "run", **{
-        "train.max_steps": 6, "checkpoint.every": 2, "checkpoint.keep": 2}))
+        "train.max_steps": 6, "checkpoint.every": 2, "checkpoint.keep": 3, "checkpoint.resume": "none"}))
     trainer = Trainer(config)
     try:
         trainer.train()
+        live = {k: v.detach().clone() for k, v in trainer.engine.module.state_dict().items()}
     finally:
         trainer.close()
     assert (checkpoints / "latest").read_text() == "step_00000006"
+    assert sorted(p.name for p in checkpoints.iterdir() if "step_" in p.name) == [
+        "step_00000002", "step_00000004", "step_00000006"]
+    assert not (stale / "trainer_rank00001.pt").exists()
+    for step in (2, 4, 6):
+        manifest = read_manifest(str(checkpoints / f"step_{step:08d}"))
+        assert manifest.world_size == 1 and manifest.step == step
+        assert sorted(n for n in manifest.files if n.startswith("trainer_rank")) == ["trainer_rank00000.pt"]
+    final = consolidated_state_dict(str(checkpoints / "step_00000006"))
+    assert all(torch.equal(final[k], v) for k, v in live.items())
+
+
+def test_a_checkpoint_folder_past_the_current_step_never_pushes_out_complete_checkpoints(pretrain_shards, tmp_path):
+    """Resumed from an earlier checkpoint, the run's new saves keep the newest K up to the current step,
+    ignoring a complete folder of the abandoned timeline further ahead."""
+    import shutil
+
+    from pretrain.config import load_config
+    from pretrain.trainer import Trainer
+
+    checkpoints = tmp_path / "run" / "checkpoints"
+
+    def run(**changes):
+        config = load_config("demo", tiny_overrides(pretrain_shards, tmp_path / "run", **{
+            "checkpoint.every": 2, "checkpoint.keep": 2, **changes}))
+        trainer = Trainer(config)
+        try:
+            trainer.train()
+        finally:
+            trainer.close()
+
+    run(**{"train.max_steps": 4})
+    shutil.copytree(checkpoints / "step_00000004", checkpoints / "step_00000099")  # an abandoned timeline
+    run(**{"train.max_steps": 8, "checkpoint.resume": str(checkpoints / "step_00000002")})
+    assert (checkpoints / "latest").read_text() == "step_00000008"
     assert sorted(p.name for p in checkpoints.iterdir() if p.name.startswith("step_")) == [
-        "step_00000004", "step_00000006", "step_00000099"]
+        "step_00000006", "step_00000008", "step_00000099"]
