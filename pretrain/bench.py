@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import tempfile
-import time
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -98,19 +97,17 @@ def bench(config: Config, steps: int, warmup: int) -> dict[str, float]:
 
 
 def _time_steps(trainer: Trainer, config: Config, steps: int, warmup: int) -> dict[str, float]:
-    from .trainer import PreemptionSignals
-
     batches = trainer._micro_batches()
     throughput = Throughput()
-    with PreemptionSignals() as signals:
+    with trainer.stop_requests:
         for _ in range(warmup):
-            trainer._train_step(batches, throughput, signals)
+            trainer._train_step(batches, throughput)
         if trainer.device.type == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
         throughput.reset()
         for _ in range(steps):
-            trainer._train_step(batches, throughput, signals)
+            trainer._train_step(batches, throughput)
         if trainer.device.type == "cuda":
             torch.cuda.synchronize()
     summary = throughput.summary()

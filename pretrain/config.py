@@ -278,16 +278,42 @@ class LaunchConfig:
     launcher: Literal["local", "torchrun", "ray"] = "local"
     """``local``: this process; ``torchrun``: a child torchrun on this node; ``ray``: Ray Train TorchTrainer."""
     num_workers: int = 1
-    """Workers (ranks) for ``torchrun`` and ``ray``."""
+    """Workers (ranks) in all, for ``torchrun`` (over ``launch.nodes`` nodes) and ``ray``."""
+    nodes: int = 1
+    """torchrun: nodes taking part; start the same command on each (``num_workers / nodes`` ranks per node)."""
+    rdzv_endpoint: str = ""
+    """torchrun with ``nodes > 1``: ``host:port`` of the c10d rendezvous (a port on the first node)."""
+    rdzv_id: str = ""
+    """torchrun with ``nodes > 1``: the job's rendezvous id (default: ``SLURM_JOB_ID``, else the run directory)."""
     device: Literal["auto", "cuda", "cpu"] = "auto"
-    """``auto``: CUDA when available."""
+    """``auto``: CUDA when available (Ray: when the cluster has GPUs; a cluster without any is refused)."""
     ray_address: str = ""
-    """Ray cluster to join (empty: start a local one)."""
+    """Ray cluster to join (empty: the one this process is connected to, or a new local one)."""
+    max_failures: int = 3
+    """Ray Train: restarts of the worker group after a worker or node dies (each resumes from ``latest``)."""
+    cpus_per_worker: int | None = None
+    """Ray Train: CPUs reserved per worker (default: 1 + ``data.num_workers``, the loader processes)."""
 
     def validate(self) -> None:
         _positive("num_workers", self.num_workers)
+        _positive("nodes", self.nodes)
         if self.launcher == "local" and self.num_workers != 1:
             raise ConfigError("num_workers", "expected 1 with launch.launcher=local (use torchrun or ray)")
+        if self.nodes > 1:
+            if self.launcher != "torchrun":
+                raise ConfigError("nodes", f"expected 1 with launch.launcher={self.launcher} (multi-node runs use "
+                                  "torchrun; Ray places its workers itself)")
+            if self.num_workers % self.nodes:
+                raise ConfigError("num_workers", f"expected a multiple of launch.nodes ({self.nodes}), got "
+                                  f"{self.num_workers}")
+            host, _, port = self.rdzv_endpoint.rpartition(":")
+            if not host or not port.isdigit():
+                raise ConfigError("rdzv_endpoint", f"expected host:port of the rendezvous with launch.nodes > 1, "
+                                  f"got {self.rdzv_endpoint!r}")
+        if self.max_failures < 0:
+            raise ConfigError("max_failures", f"expected >= 0, got {self.max_failures}")
+        if self.cpus_per_worker is not None:
+            _positive("cpus_per_worker", self.cpus_per_worker)
 
 
 @dataclass(kw_only=True, slots=True)

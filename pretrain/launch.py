@@ -1,8 +1,14 @@
-"""Start the training loop: in this process, under a child torchrun, or as Ray Train workers.
+"""Start the training loop: in this process, under a child torchrun (one node or several), or as Ray
+Train workers.
 
-All three run :func:`pretrain.train.run_worker` on every worker; only who starts the workers
-differs. Exit status of ``python -m pretrain``: 0 done, :data:`REQUEUE_EXIT_CODE` (75) preempted
-after saving (rerun the same command to resume), anything else a failure.
+Every launcher runs one :class:`WorkerEntry` on every worker (by default this package's
+:func:`pretrain.train.run_worker`; the fine-tune stages pass their own); only who starts the
+workers differs. Exit status of ``python -m pretrain``: 0 done, :data:`REQUEUE_EXIT_CODE` (75)
+preempted after saving (rerun the same command to resume), anything else a failure.
+
+Preemption reaches every worker however it was launched: a signal to this process is forwarded
+(torchrun) or turned into ``RUN_DIR/STOP`` (Ray Train, whose workers run the loop off the main
+thread), which every rank checks each step.
 """
 from __future__ import annotations
 
@@ -12,30 +18,46 @@ import os
 import signal
 import subprocess
 import sys
+import uuid
+from dataclasses import dataclass
+from typing import Callable
 
 from .config import Config, ConfigError, config_from_dict, config_to_dict, save_config, validate
 from .distributed import inside_launched_worker, world_info_from_env
 from .train import REQUEUE_EXIT_CODE, REQUEUE_MARKER, run_worker
+from .trainer import STOP_FILE, TrainResult
 
-__all__ = ["check_batch_split", "launch", "launch_ray", "launch_torchrun", "launch_world_size", "preflight", "run_local"]
+__all__ = ["WorkerEntry", "check_batch_split", "launch", "launch_ray", "launch_torchrun", "launch_world_size",
+           "preflight", "run_local"]
 
 _logger = logging.getLogger(__name__)
 
 _FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerEntry:
+    """What a launched worker runs: ``python MODULE_ARGS --config CONFIG.json`` under torchrun, and
+    ``function(config)`` in a Ray Train worker (a module-level function, so Ray can ship it)."""
+
+    module_args: tuple[str, ...] = ("-m", "pretrain", "train")
+    function: Callable[[Config], TrainResult] = run_worker
 
 
 def _absolute(config: Config) -> Config:
-    """Workers may start in another directory (Ray): make local paths absolute."""
+    """Workers may start in another directory (Ray, other nodes): make local paths absolute."""
+    def absolute(path: str) -> str:
+        return path if not path or "://" in path or path.startswith("/") else os.path.abspath(path)
+
     config = dataclasses.replace(config, run_dir=os.path.abspath(config.run_dir))
     data = config.data
-    updates = {"demo_dir": os.path.abspath(data.demo_dir)}
-    for key in ("train_urls", "val_urls"):
-        value = getattr(data, key)
-        if value and "://" not in value and not value.startswith("/"):
-            updates[key] = os.path.abspath(value)
-    if config.model.init_from and "://" not in config.model.init_from:
-        config.model = dataclasses.replace(config.model, init_from=os.path.abspath(config.model.init_from))
-    config.data = dataclasses.replace(data, **updates)
+    config.data = dataclasses.replace(data, demo_dir=absolute(data.demo_dir), train_urls=absolute(data.train_urls),
+                                      val_urls=absolute(data.val_urls))
+    config.model = dataclasses.replace(config.model, init_from=absolute(config.model.init_from))
+    resume = config.checkpoint.resume
+    if resume not in ("latest", "none"):
+        config.checkpoint = dataclasses.replace(config.checkpoint, resume=absolute(resume))
     return config
 
 
@@ -43,24 +65,35 @@ def _requeue_requested(config: Config) -> bool:
     return os.path.exists(os.path.join(config.run_dir, REQUEUE_MARKER))
 
 
-def run_local(config: Config) -> int:
+def run_local(config: Config, entry: WorkerEntry = WorkerEntry()) -> int:
     """This process is a worker (alone, or one rank under torchrun/srun): train and return the exit status."""
-    result = run_worker(config)
+    result = entry.function(config)
     if result.status == "preempted" and not inside_launched_worker():
         return REQUEUE_EXIT_CODE
     return 0
 
 
-def launch_torchrun(config: Config) -> int:
-    """Run ``launch.num_workers`` ranks on this node under torchrun; forward preemption signals to them."""
+def torchrun_command(config: Config, config_path: str, entry: WorkerEntry = WorkerEntry()) -> list[str]:
+    """The torchrun command line for this node: ``--standalone`` on one node, a c10d rendezvous on several."""
+    launch = config.launch
+    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={launch.num_workers // launch.nodes}"]
+    if launch.nodes == 1:
+        command.append("--standalone")
+    else:
+        rdzv_id = launch.rdzv_id or os.environ.get("SLURM_JOB_ID") or uuid.uuid5(uuid.NAMESPACE_URL, config.run_dir).hex
+        command += [f"--nnodes={launch.nodes}", "--rdzv-backend=c10d", f"--rdzv-endpoint={launch.rdzv_endpoint}",
+                    f"--rdzv-id={rdzv_id}"]
+    return command + ["--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1", "--shutdown-timeout=900",
+                      *entry.module_args, "--config", config_path]
+
+
+def launch_torchrun(config: Config, entry: WorkerEntry = WorkerEntry()) -> int:
+    """Run this node's ranks under torchrun (``launch.nodes`` nodes, each started with the same command);
+    forward preemption signals to it."""
     config = _absolute(config)
     config_path = os.path.join(config.run_dir, "launch_config.json")
     save_config(config, config_path)
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={config.launch.num_workers}",
-        "--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1", "--shutdown-timeout=900",
-        "-m", "pretrain", "train", "--config", config_path,
-    ]
+    command = torchrun_command(config, config_path, entry)
     _logger.info("starting: %s", " ".join(command))
     child = subprocess.Popen(command)
     previous = {sig: signal.signal(sig, lambda signum, frame: child.send_signal(signum)) for sig in _FORWARDED_SIGNALS}
@@ -74,38 +107,93 @@ def launch_torchrun(config: Config) -> int:
     return status
 
 
-def _ray_train_loop(config_dict: dict) -> None:
-    """The function every Ray Train worker runs (Ray has created the process group already)."""
+def _ray_train_loop(loop_config: dict) -> None:
+    """What every Ray Train worker runs (Ray has created the process group already).
+
+    A worker group restarted after a failure must continue from the newest checkpoint, not from a
+    ``checkpoint.resume`` folder given for the first attempt: rank 0 (whose choice every rank takes,
+    see :func:`pretrain.checkpoint.choose_checkpoint`) switches to ``latest`` when this fit's attempt
+    marker already exists.
+    """
     import ray.train
 
-    result = run_worker(validate(config_from_dict(config_dict)))
-    ray.train.report({"step": result.step,
-                      "preempted": result.status == "preempted", **result.eval})
+    config = validate(config_from_dict(loop_config["config"]))
+    marker = loop_config["attempt_marker"]
+    if ray.train.get_context().get_world_rank() == 0:
+        if os.path.exists(marker):
+            _logger.warning("Ray Train restarted the workers: resuming from the newest checkpoint")
+            config.checkpoint = dataclasses.replace(config.checkpoint, resume="latest")
+        else:
+            os.makedirs(os.path.dirname(marker), exist_ok=True)
+            with open(marker, "w") as f:
+                f.write("started\n")
+    result = loop_config["function"](config)
+    ray.train.report({"step": result.step, "preempted": result.status == "preempted", **result.eval})
 
 
-def launch_ray(config: Config):
-    """Run ``launch.num_workers`` Ray Train workers (GPUs when ``launch.device`` allows) on a Ray cluster:
-    ``launch.ray_address``, the one this process is already connected to, or a new local one."""
+def _ray_use_gpu(config: Config, cluster_gpus: float) -> bool:
+    device = config.launch.device
+    if device == "cuda":
+        return True
+    if device == "cpu":
+        return False
+    if cluster_gpus > 0:
+        return True
+    raise ConfigError("launch.device", "auto found no GPU in the Ray cluster: pass launch.device=cuda to wait "
+                      "for GPU workers (an autoscaling cluster adds them) or launch.device=cpu to train on CPUs")
+
+
+def launch_ray(config: Config, entry: WorkerEntry = WorkerEntry()):
+    """Run ``launch.num_workers`` Ray Train workers on a Ray cluster: ``launch.ray_address``, the one this
+    process is connected to, or a new local one. Each worker reserves ``1 + data.num_workers`` CPUs (its
+    loader processes) and a GPU unless ``launch.device=cpu``; a dead worker or node restarts the group,
+    which resumes from ``latest``, up to ``launch.max_failures`` times. SIGTERM / SIGUSR1 to this process
+    write ``RUN_DIR/STOP``: the workers checkpoint and the launch returns for requeue."""
     import ray
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     config = _absolute(config)
+    launch = config.launch
+    cpus = launch.cpus_per_worker or 1 + config.data.num_workers
     if not ray.is_initialized():
-        ray.init(address=config.launch.ray_address or None)
-    use_gpu = config.launch.device == "cuda" or (
-        config.launch.device == "auto" and ray.cluster_resources().get("GPU", 0) >= config.launch.num_workers)
-    if not use_gpu:
-        config.launch = dataclasses.replace(config.launch, device="cpu")
+        address = launch.ray_address or os.environ.get("RAY_ADDRESS")
+        if address:
+            ray.init(address=address)
+        else:  # a local cluster for this launch: enough logical CPUs for every worker's reservation
+            ray.init(num_cpus=max(os.cpu_count() or 1, cpus * launch.num_workers))
+    resources = ray.cluster_resources()
+    use_gpu = _ray_use_gpu(config, resources.get("GPU", 0))
+    config.launch = dataclasses.replace(launch, device="cuda" if use_gpu else "cpu")
+    per_worker = {"CPU": cpus, **({"GPU": 1} if use_gpu else {})}
+    for name, amount in per_worker.items():
+        if resources.get(name, 0) < amount * launch.num_workers:
+            _logger.warning("the Ray cluster has %g %s now; %d workers need %g: waiting for the cluster to grow",
+                            resources.get(name, 0), name, launch.num_workers, amount * launch.num_workers)
+    fit_id = uuid.uuid4().hex
     trainer = TorchTrainer(
         _ray_train_loop,
-        train_loop_config=config_to_dict(config),
+        train_loop_config={"config": config_to_dict(config), "function": entry.function,
+                           "attempt_marker": os.path.join(config.run_dir, "ray", f"attempt-{fit_id}")},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        scaling_config=ScalingConfig(num_workers=config.launch.num_workers, use_gpu=use_gpu),
-        run_config=RunConfig(name="ray_train", storage_path=os.path.join(config.run_dir, "ray"),
-                             failure_config=FailureConfig(max_failures=0)),
+        scaling_config=ScalingConfig(num_workers=launch.num_workers, use_gpu=use_gpu, resources_per_worker=per_worker),
+        run_config=RunConfig(name=f"ray_train-{fit_id[:8]}", storage_path=os.path.join(config.run_dir, "ray"),
+                             failure_config=FailureConfig(max_failures=launch.max_failures)),
     )
-    return trainer.fit()
+    stop_file = os.path.join(config.run_dir, STOP_FILE)
+
+    def request_stop(signum, frame) -> None:
+        _logger.warning("%s received: asking the Ray Train workers to checkpoint and stop (%s)",
+                        signal.Signals(signum).name, stop_file)
+        with open(stop_file, "a") as f:
+            f.write(f"{signal.Signals(signum).name}\n")
+
+    previous = {sig: signal.signal(sig, request_stop) for sig in _STOP_SIGNALS}
+    try:
+        return trainer.fit()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def launch_world_size(config: Config) -> int:
@@ -150,12 +238,12 @@ def preflight(config: Config) -> None:
         raise ConfigError("model.init_from", f"no such file: {init_from}")
 
 
-def launch(config: Config) -> int:
+def launch(config: Config, entry: WorkerEntry = WorkerEntry()) -> int:
     """Dispatch on ``launch.launcher``; a process started by torchrun always runs as a worker."""
     preflight(config)
     if inside_launched_worker() or config.launch.launcher == "local":
-        return run_local(config)
+        return run_local(config, entry)
     if config.launch.launcher == "torchrun":
-        return launch_torchrun(config)
-    launch_ray(config)
+        return launch_torchrun(config, entry)
+    launch_ray(config, entry)
     return REQUEUE_EXIT_CODE if _requeue_requested(_absolute(config)) else 0

@@ -24,7 +24,8 @@ from .metrics import Progress, TensorBoard, Throughput, init_logging, memory_sta
 from .optim import build_optimizer, build_param_groups, build_scheduler
 from .task import ImageClassification, Task
 
-__all__ = ["NonFiniteLossError", "TrainResult", "Trainer", "capture_rng", "restore_rng", "seed_everything"]
+__all__ = ["NonFiniteLossError", "STOP_FILE", "StopRequests", "TrainResult", "Trainer", "capture_rng", "restore_rng",
+           "seed_everything"]
 
 _logger = logging.getLogger(__name__)
 
@@ -87,30 +88,59 @@ def _rng_untouched() -> Iterator[None]:
         restore_rng(state)
 
 
-class PreemptionSignals:
-    """Records SIGTERM / SIGUSR1 (what Slurm and Kubernetes send before preemption) instead of dying."""
+STOP_FILE = "STOP"
+"""A file in the run directory that asks a running job to checkpoint and exit for requeue, however it
+was launched (Ray Train workers run the loop off the main thread, where no signal handler can be set)."""
+
+
+class StopRequests:
+    """Preemption requests: SIGTERM / SIGUSR1 (what Slurm and Kubernetes send; recorded instead of dying,
+    however many arrive) and ``RUN_DIR/STOP``. Handlers stay installed until the run's last save is done,
+    and once a signal came those signals stay ignored (the process is then exiting for requeue)."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
-    def __init__(self):
-        self.received: int | None = None
+    def __init__(self, stop_file: str | None = None):
+        self.stop_file = stop_file
+        self.signal: int | None = None
         self._previous: dict[int, object] = {}
 
     def _handle(self, signum, frame) -> None:
-        self.received = signum
+        self.signal = signum
 
-    def __enter__(self) -> "PreemptionSignals":
+    def __enter__(self) -> "StopRequests":
         if threading.current_thread() is threading.main_thread():
             for sig in self.SIGNALS:
                 self._previous[sig] = signal.signal(sig, self._handle)
-        else:
-            _logger.warning("not on the main thread: preemption signals are left to the launcher")
+        elif self.stop_file:
+            _logger.info("not on the main thread: preemption reaches this worker through %s", self.stop_file)
         return self
 
     def __exit__(self, *exc) -> None:
+        if self.signal is not None:
+            # Preempted: the process is on its way out. Further signals of the same volley (Slurm and
+            # torchrun signal every process, some twice) must not turn the requeue exit into a kill,
+            # also during interpreter shutdown, which resets Python handlers but keeps SIG_IGN.
+            for sig in self._previous:
+                signal.signal(sig, signal.SIG_IGN)
+            self._previous.clear()
+            return
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous.clear()
+
+    def reason(self) -> str | None:
+        """Why this process was asked to stop (None: it was not); the stop file is looked at each call."""
+        if self.signal is not None:
+            return signal.Signals(self.signal).name
+        if self.stop_file and os.path.exists(self.stop_file):
+            return self.stop_file
+        return None
+
+    def served(self) -> None:
+        """The request was acted on (checkpoint written): remove the stop file so the rerun trains."""
+        if self.stop_file and os.path.exists(self.stop_file):
+            os.remove(self.stop_file)
 
 
 def pick_device(choice: str, world: WorldInfo) -> torch.device:
@@ -179,6 +209,9 @@ class Trainer:
             if config.train.ema_decay else None
 
         self.step = 0
+        self.stop_requests = StopRequests(os.path.join(config.run_dir, STOP_FILE))
+        self.stopping: str | None = None
+        """Why the run is stopping (a signal name, the stop file, another rank), once any rank was asked."""
         self.last_checkpoint: str | None = None
         self._resumed_mid_epoch = False
         self._loss_sum, self._loss_steps = 0.0, 0
@@ -219,37 +252,46 @@ class Trainer:
     # ------------------------------------------------------------------ the loop
 
     def train(self) -> TrainResult:
-        """Step, log, evaluate, checkpoint; until the schedule ends, a preemption signal, or a non-finite loss."""
+        """Step, log, evaluate, checkpoint; until the schedule ends, a stop request, or a non-finite loss.
+
+        A stop request (signal or stop file, on any rank) ends the step in progress, skips evaluation
+        and saves. The last checkpoint is written before the final evaluation, with the handlers still
+        installed, so a signal during that evaluation (or a second one) never costs the checkpoint.
+        """
         cfg = self.config
         batches = self._micro_batches()
         throughput = Throughput()
         progress = Progress(self.stop_step, self.step, self.world.is_main)
-        status: Literal["completed", "preempted"] = "completed"
-        try:
-            with PreemptionSignals() as signals:
+        with self.stop_requests:
+            try:
                 while self.step < self.stop_step:
-                    stop = self._train_step(batches, throughput, signals)
+                    self._train_step(batches, throughput)
                     self.step += 1
-                    log_now = self.step % cfg.train.log_every == 0 or self.step == self.stop_step or stop
+                    log_now = self.step % cfg.train.log_every == 0 or self.step == self.stop_step or self.stopping
                     progress.update(self.step, self._log(throughput) if log_now else {}, log_now)
+                    if self.stopping:
+                        break
                     if cfg.train.eval_every and self.step % cfg.train.eval_every == 0 and self.step < self.stop_step:
                         self.evaluate()
-                    if stop:
-                        status = "preempted"
-                        _logger.warning("preemption signal received: saving at step %d and exiting", self.step)
-                        break
-                    if self.step % cfg.checkpoint.every == 0 and self.step < self.stop_step:
+                    if not self.stopping and self.step % cfg.checkpoint.every == 0 and self.step < self.stop_step:
                         self.save()
-        finally:
-            progress.close()
-        results = self.evaluate() if status == "completed" else {}
-        if self.last_checkpoint is None or not self.last_checkpoint.endswith(ckpt.tag_of_step(self.step)):
-            self.save()
+                    if self.stopping:
+                        break
+            finally:
+                progress.close()
+            if self.last_checkpoint is None or not self.last_checkpoint.endswith(ckpt.tag_of_step(self.step)):
+                self.save()
+            results = {} if self.stopping else self.evaluate()
+            if self.stopping:
+                _logger.warning("stop requested (%s): checkpoint %s written at step %d; exiting for requeue",
+                                self.stopping, self.last_checkpoint, self.step)
+                if self.world.is_main:
+                    self.stop_requests.served()
+        status: Literal["completed", "preempted"] = "preempted" if self.stopping else "completed"
         return TrainResult(status, self.step, self.last_checkpoint, results)
 
-    def _train_step(self, batches: Iterator, throughput: Throughput, signals: PreemptionSignals) -> bool:
-        """One optimizer step over ``grad_accum`` micro-batches; True when some rank got a preemption signal."""
-        stop = False
+    def _train_step(self, batches: Iterator, throughput: Throughput) -> None:
+        """One optimizer step over ``grad_accum`` micro-batches; sets :attr:`stopping` when some rank was asked to stop."""
         for _ in range(self.grad_accum):
             wait_start = time.perf_counter()
             inputs, targets = self.task.prepare_batch(next(batches), self.device)
@@ -259,27 +301,38 @@ class Trainer:
                 self._preview_pending = False
             with self._autocast():
                 loss = self.task.loss(self.engine(inputs), targets)
-            mean_loss, finite, stop_now = self._agree(loss.detach(), signals.received is not None)
+            mean_loss, finite = self._agree(loss.detach())
             if not finite:
                 raise NonFiniteLossError(self.step + 1, self.last_checkpoint)
             self.engine.backward(loss)
             self.engine.step()
             self._loss_sum += mean_loss / self.grad_accum
             throughput.images += inputs.shape[0]
-            stop = stop or stop_now
         self._loss_steps += 1
         throughput.steps += 1
         if self.ema is not None:
             self.ema.update()
-        return stop
 
-    def _agree(self, loss: torch.Tensor, signalled: bool) -> tuple[float, bool, bool]:
-        """One small all-reduce per micro-batch: mean loss, whether every rank's loss is finite, any signal."""
+    def _stop_reason_here(self) -> str | None:
+        """This rank's stop request; the stop file is looked at by one rank per node."""
+        reason = self.stop_requests.reason()
+        if reason == self.stop_requests.stop_file and self.world.local_rank != 0:
+            return None
+        return reason
+
+    def _note_stop(self, any_rank_asked: bool) -> None:
+        if any_rank_asked and not self.stopping:
+            self.stopping = self._stop_reason_here() or "a stop request on another rank"
+
+    def _agree(self, loss: torch.Tensor) -> tuple[float, bool]:
+        """One small all-reduce per micro-batch: mean loss, whether every rank's loss is finite; and
+        whether any rank was asked to stop (recorded in :attr:`stopping`)."""
         finite = bool(torch.isfinite(loss))
-        flags = torch.tensor([loss.item() if finite else 0.0, 0.0 if finite else 1.0, float(signalled)],
-                             dtype=torch.float64, device=self.device)
+        flags = torch.tensor([loss.item() if finite else 0.0, 0.0 if finite else 1.0,
+                              float(self._stop_reason_here() is not None)], dtype=torch.float64, device=self.device)
         all_reduce_sum(flags)
-        return flags[0].item() / self.world.world_size, flags[1].item() == 0, flags[2].item() > 0
+        self._note_stop(flags[2].item() > 0)
+        return flags[0].item() / self.world.world_size, flags[1].item() == 0
 
     def _micro_batches(self) -> Iterator:
         """Micro-batches forever, epoch after epoch, continuing mid-epoch after a resume.
@@ -334,21 +387,29 @@ class Trainer:
                 "img/s": values["perf/images_per_s_global"], "data_wait": perf["data_wait_fraction"]}
 
     def evaluate(self) -> dict[str, float]:
-        """Top-1/top-5 on the validation shards (and with the EMA weights when enabled), all ranks together."""
+        """Top-1/top-5 on the validation shards (and with the EMA weights when enabled), all ranks together.
+        A stop request cuts it short (nothing is logged) so the checkpoint fits the grace period."""
         if self.eval_loader is None:
             return {}
         all_reduce_batchnorm_buffers(self.engine.module)
-        results = {f"eval/{k}": v for k, v in self._evaluate_weights().items()}
+        live = self._evaluate_weights()
+        if live is None:
+            return {}
+        results = {f"eval/{k}": v for k, v in live.items()}
         if self.ema is not None:
             with self.ema.swapped_in():
-                results.update({f"eval_ema/{k}": v for k, v in self._evaluate_weights().items()})
+                ema = self._evaluate_weights()
+            if ema is None:
+                return {}
+            results.update({f"eval_ema/{k}": v for k, v in ema.items()})
         self.tensorboard.scalars(results, self.step)
         self.tensorboard.flush()
         _logger.info("eval at step %d: %s", self.step, ", ".join(f"{k} {v:.4g}" for k, v in results.items()))
         return results
 
     @torch.no_grad()
-    def _evaluate_weights(self) -> dict[str, float]:
+    def _evaluate_weights(self) -> dict[str, float] | None:
+        """The task's metrics over the whole eval set; None when a stop request cut the pass short."""
         names = self.task.eval_sum_names
         sums = torch.zeros(len(names), dtype=torch.float64, device=self.device)
         self.engine.eval()
@@ -357,8 +418,14 @@ class Trainer:
                 iterator = iter(self.eval_loader)
                 while True:
                     batch = next(iterator, None)
-                    others = all_reduce_sum(torch.tensor([float(batch is not None)], device=self.device))
-                    if others.item() == 0:
+                    flags = all_reduce_sum(torch.tensor([float(batch is not None),
+                                                         float(self._stop_reason_here() is not None)],
+                                                        device=self.device))
+                    self._note_stop(flags[1].item() > 0)
+                    if self.stopping:
+                        _logger.warning("stop requested (%s) during evaluation: evaluation skipped", self.stopping)
+                        return None
+                    if flags[0].item() == 0:
                         break
                     if batch is None:  # keep ZeRO-3's collective forward passes in step with the other ranks
                         self.engine(self.task.dummy_input(self.device))

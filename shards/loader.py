@@ -36,6 +36,7 @@ from __future__ import annotations
 import logging
 import math
 import random
+import signal
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -136,6 +137,21 @@ def _seeded_global_rngs(seed: int) -> Iterator[None]:
         random.setstate(python_state)
         np.random.set_state(numpy_state)
         torch.random.set_rng_state(torch_state)
+
+
+PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+def leave_preemption_to_the_parent(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: loader workers ignore SIGTERM and SIGUSR1.
+
+    Slurm (and torchrun's ``os.killpg``) signal the whole process group, loader workers included.
+    torch's worker handler dies on a SIGTERM not sent by its parent, and the rank then fails
+    ("DataLoader worker ... killed by signal") before it can checkpoint. Ignored here, the signal
+    is the training process's to handle; it shuts its workers down itself.
+    """
+    for sig in PREEMPTION_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
 
 
 class _Counters:
@@ -463,6 +479,7 @@ class TrainLoader:
             num_workers=self._num_workers,
             pin_memory=self._pin_memory,
             persistent_workers=False,
+            worker_init_fn=leave_preemption_to_the_parent,
         )
         for images, targets, meta in loader:
             index = self._batches_done
@@ -694,7 +711,8 @@ class EvalLoader:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
         self._bad = {}
-        loader = DataLoader(self._stream, batch_size=None, num_workers=self._num_workers, pin_memory=self._pin_memory)
+        loader = DataLoader(self._stream, batch_size=None, num_workers=self._num_workers, pin_memory=self._pin_memory,
+                            worker_init_fn=leave_preemption_to_the_parent)
         for images, targets, meta in loader:
             self._bad[meta["worker"]] = meta["bad"]
             yield (images, targets, meta["keys"]) if self._return_keys else (images, targets)
