@@ -24,6 +24,7 @@ from typing import Callable
 
 from .config import Config, ConfigError, config_from_dict, config_to_dict, save_config, validate
 from .distributed import inside_launched_worker, world_info_from_env
+from .metrics import init_logging
 from .train import REQUEUE_EXIT_CODE, REQUEUE_MARKER, run_worker
 from .trainer import STOP_FILE, TrainResult
 
@@ -119,7 +120,9 @@ def _ray_train_loop(loop_config: dict) -> None:
 
     config = validate(config_from_dict(loop_config["config"]))
     marker = loop_config["attempt_marker"]
-    if ray.train.get_context().get_world_rank() == 0:
+    rank = ray.train.get_context().get_world_rank()
+    init_logging(rank, os.path.join(config.run_dir, "train.log"))
+    if rank == 0:
         if os.path.exists(marker):
             _logger.warning("Ray Train restarted the workers: resuming from the newest checkpoint")
             config.checkpoint = dataclasses.replace(config.checkpoint, resume="latest")
