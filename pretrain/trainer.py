@@ -15,6 +15,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from unireplknet import kernels
+
 from . import checkpoint as ckpt
 from . import engine as ds
 from .config import Config, config_to_dict, save_config
@@ -183,6 +185,7 @@ class Trainer:
             config.train.precision == "auto" and self.device.type == "cuda") else "fp32"
         if self.precision == "bf16" and self.device.type != "cuda":
             raise ValueError("train.precision=bf16 needs a CUDA device; use fp32 or auto on CPU")
+        kernels.BACKEND_CHOICES.deterministic = config.train.deterministic
         torch.backends.cudnn.benchmark = not config.train.deterministic
         if config.train.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
@@ -245,6 +248,7 @@ class Trainer:
         self._resumed_mid_epoch = self.step % self.steps_per_epoch != 0
         if self.ema is not None:
             self.ema.load_state_dict(state["ema"])
+        kernels.BACKEND_CHOICES.load_state_dict(state.get("kernel_choices", {}))
         restore_rng(state["rng"])
         self.last_checkpoint = folder
         _logger.info("resumed from %s at step %d", folder, self.step)
@@ -293,25 +297,30 @@ class Trainer:
     def _train_step(self, batches: Iterator, throughput: Throughput) -> None:
         """One optimizer step over ``grad_accum`` micro-batches; sets :attr:`stopping` when some rank was asked to stop."""
         for _ in range(self.grad_accum):
-            wait_start = time.perf_counter()
-            inputs, targets = self.task.prepare_batch(next(batches), self.device)
-            throughput.data_wait += time.perf_counter() - wait_start
-            if self._preview_pending:
-                self.tensorboard.image_grid("train/augmented_inputs", self.task.preview(inputs[:32]), self.step)
-                self._preview_pending = False
-            with self._autocast():
-                loss = self.task.loss(self.engine(inputs), targets)
-            mean_loss, finite = self._agree(loss.detach())
-            if not finite:
-                raise NonFiniteLossError(self.step + 1, self.last_checkpoint)
-            self.engine.backward(loss)
-            self.engine.step()
-            self._loss_sum += mean_loss / self.grad_accum
-            throughput.images += inputs.shape[0]
+            with kernels.BACKEND_CHOICES.collective():  # same shapes on every rank: kernel choices agreed
+                self._micro_step(batches, throughput)
         self._loss_steps += 1
         throughput.steps += 1
         if self.ema is not None:
             self.ema.update()
+
+    def _micro_step(self, batches: Iterator, throughput: Throughput) -> None:
+        """Forward and backward of one micro-batch (DeepSpeed steps the optimizer at the accumulation boundary)."""
+        wait_start = time.perf_counter()
+        inputs, targets = self.task.prepare_batch(next(batches), self.device)
+        throughput.data_wait += time.perf_counter() - wait_start
+        if self._preview_pending:
+            self.tensorboard.image_grid("train/augmented_inputs", self.task.preview(inputs[:32]), self.step)
+            self._preview_pending = False
+        with self._autocast():
+            loss = self.task.loss(self.engine(inputs), targets)
+        mean_loss, finite = self._agree(loss.detach())
+        if not finite:
+            raise NonFiniteLossError(self.step + 1, self.last_checkpoint)
+        self.engine.backward(loss)
+        self.engine.step()
+        self._loss_sum += mean_loss / self.grad_accum
+        throughput.images += inputs.shape[0]
 
     def _stop_reason_here(self) -> str | None:
         """This rank's stop request; the stop file is looked at by one rank per node."""
@@ -448,6 +457,7 @@ class Trainer:
             "loader": self.train_loader.state_dict(),
             "rng": capture_rng(),
             "ema": self.ema.state_dict() if self.ema is not None else None,
+            "kernel_choices": kernels.BACKEND_CHOICES.sync(),  # rank 0's, so a resumed run keeps its kernels
         }
         self.last_checkpoint = ckpt.save_checkpoint(
             self.engine, self.checkpoint_root, self.step, rank_state, self.world, keep=self.config.checkpoint.keep,

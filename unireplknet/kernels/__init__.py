@@ -15,9 +15,12 @@ What falls back to ``F.conv2d``:
 Choosing the backend (``impl=`` argument of ``depthwise_conv2d``, else ``UNIREPLKNET_DWCONV``):
     ``auto`` (default): CUDA tensors go through the ``unireplknet::dwconv2d`` custom op, whose
         forward, input-gradient and weight-gradient passes each time Triton against torch once
-        per (shape, K, dilation, dtype, layout, device) on first use (2 warm-up + 5 timed runs,
-        median) and keep the faster; ``autotune_choices()`` lists the decisions. Nothing is timed
-        during CUDA-graph capture (torch is used). CPU tensors use ``F.conv2d``.
+        per (channels, K, dilation, dtype, layout, size bucket = next power of two of N*H*W) on
+        first use (2 warm-up + 5 timed runs, median) and keep the faster (``BACKEND_CHOICES``;
+        ``autotune_choices()`` lists the decisions). The trainer makes new decisions collectively
+        in training steps (rank 0's timing wins), syncs the table before every checkpoint and
+        restores it on resume; ``train.deterministic`` skips timing and uses torch. Nothing is
+        timed during CUDA-graph capture (a known decision, else torch). CPU tensors use ``F.conv2d``.
     ``triton``: always the Triton kernels when eligible; on CPU this needs ``TRITON_INTERPRET=1``
         in the environment before ``triton`` is first imported (``import timm`` imports it), e.g.
         ``TRITON_INTERPRET=1 UNIREPLKNET_DWCONV=triton python ...``; otherwise torch, with a warning.
@@ -38,7 +41,9 @@ Reparam Block as one grouped conv of zero-stuffed KxK kernels and one batch norm
 ``UniRepLKNet(fused_branches=True)`` or ``model.set_fused_branches(True)`` switches it on.
 """
 from .depthwise import (
+    BACKEND_CHOICES,
     MODE_ENV,
+    BackendChoices,
     DepthwiseConv2d,
     autotune_choices,
     depthwise_conv2d,
@@ -49,6 +54,8 @@ from .depthwise import (
 from .fused_drb import fused_dilated_reparam_forward, stacked_branch_kernels
 
 __all__ = [
+    "BACKEND_CHOICES",
+    "BackendChoices",
     "MODE_ENV",
     "DepthwiseConv2d",
     "autotune_choices",

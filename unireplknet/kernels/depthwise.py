@@ -3,22 +3,26 @@
 ``depthwise_conv2d`` routes eligible calls through the ``unireplknet::dwconv2d`` custom op (with
 ``register_fake`` and ``register_autograd``, so ``torch.compile`` treats it as one opaque node);
 everything else goes to ``F.conv2d``. Inside the op, forward, input-gradient and weight-gradient
-each pick Triton or torch: forced by the mode, or in ``"auto"`` by a one-time timing per shape.
+each pick Triton or torch: forced by the mode, or in ``"auto"`` by a one-time timing per key
+(:class:`BackendChoices`: shape bucketed, agreed across ranks in training, kept in checkpoints).
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import logging
 import os
 from types import ModuleType
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 __all__ = [
+    "BACKEND_CHOICES",
+    "BackendChoices",
     "MODE_ENV",
     "DepthwiseConv2d",
     "depthwise_conv2d",
@@ -36,13 +40,105 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _MIN_KERNEL, _MAX_KERNEL = 3, 31
 _TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
 
-# "auto" decisions, (pass, shape, kernel, dilation, dtype, layout, device) -> "triton" | "torch".
-_choices: dict[tuple, str] = {}
+class BackendChoices:
+    """The Triton-or-torch decisions of ``"auto"``, one per (pass, channels, kernel, dilation, dtype,
+    layout, device type, size bucket): the bucket is the power of two at or above N*H*W, so
+    multi-scale inputs and sliding windows reuse a decision instead of timing every new shape.
+
+    A decision is timed once per key. Inside :meth:`collective` (every rank running the same
+    shapes, as in a training step) rank 0's result is broadcast, so all ranks take the same kernel.
+    :meth:`state_dict` / :meth:`load_state_dict` carry the table in checkpoints (a resumed run
+    keeps its kernels); :meth:`sync` adopts rank 0's table everywhere. ``deterministic``: no
+    timing, always torch (which honours ``torch.use_deterministic_algorithms``).
+    """
+
+    def __init__(self):
+        self._table: dict[str, str] = {}
+        self._collective = 0
+        self.deterministic = False
+
+    @staticmethod
+    def key(name: str, x: torch.Tensor, weight: torch.Tensor, dilation: int) -> str:
+        n, c, h, w = x.shape
+        bucket = max(0, (n * h * w - 1).bit_length())
+        layout = "nhwc" if _is_channels_last(x) else "nchw"
+        return (f"{name}|C={c}|K={weight.shape[-1]}|d={dilation}|{str(x.dtype).removeprefix('torch.')}|{layout}|"
+                f"{x.device.type}|px<=2^{bucket}")
+
+    @contextlib.contextmanager
+    def collective(self) -> Iterator[None]:
+        """New decisions made inside are agreed across ranks (rank 0's timing wins): every rank must
+        run the same sequence of convolutions inside, as data-parallel training steps do."""
+        self._collective += 1
+        try:
+            yield
+        finally:
+            self._collective -= 1
+
+    def get(self, key: str) -> str | None:
+        return self._table.get(key)
+
+    def decide(self, key: str, device: torch.device, time_triton: Callable[[], float],
+               time_torch: Callable[[], float]) -> str:
+        choice = self._table.get(key)
+        if choice is not None:
+            return choice
+        if self.deterministic:
+            choice = "torch"
+        else:
+            try:
+                triton_ms = time_triton()
+            except Exception as e:  # e.g. no Triton backend for this GPU: stay on torch for this key
+                _logger.warning("Triton depthwise conv failed for %s (%s); using torch.", key, e)
+                triton_ms = float("inf")
+            torch_ms = time_torch()
+            choice = "triton" if triton_ms < torch_ms else "torch"
+            _logger.info("depthwise conv %s: triton %.3f ms, torch %.3f ms -> %s", key, triton_ms, torch_ms, choice)
+        if self._collective and _distributed():
+            import torch.distributed as dist
+
+            flag = torch.tensor([1.0 if choice == "triton" else 0.0], device=device)
+            dist.broadcast(flag, src=0)
+            choice = "triton" if flag.item() == 1.0 else "torch"
+        self._table[key] = choice
+        return choice
+
+    def state_dict(self) -> dict[str, str]:
+        return dict(self._table)
+
+    def load_state_dict(self, state: dict[str, str]) -> None:
+        bad = {k: v for k, v in state.items() if v not in ("triton", "torch")}
+        if bad:
+            raise ValueError(f"depthwise conv choices must be 'triton' or 'torch', got {bad}")
+        self._table.update(state)
+
+    def sync(self) -> dict[str, str]:
+        """Every rank: adopt rank 0's decisions (collective); returns the table."""
+        if _distributed():
+            import torch.distributed as dist
+
+            holder = [self._table]
+            dist.broadcast_object_list(holder, src=0)
+            self._table.update(holder[0])
+        return dict(self._table)
+
+    def clear(self) -> None:
+        self._table.clear()
 
 
-def autotune_choices() -> dict[tuple, str]:
-    """The backend picked per shape so far by ``"auto"`` (a copy, for logging and debugging)."""
-    return dict(_choices)
+def _distributed() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+BACKEND_CHOICES = BackendChoices()
+"""The process-wide decisions of ``"auto"`` (the trainer syncs, saves and restores them)."""
+
+
+def autotune_choices() -> dict[str, str]:
+    """The backend picked per key so far by ``"auto"`` (a copy, for logging and debugging)."""
+    return BACKEND_CHOICES.state_dict()
 
 
 def _resolve_mode(impl: str | None) -> str:
@@ -129,22 +225,12 @@ def _pick(name: str, x: torch.Tensor, weight: torch.Tensor, dilation: int, mode:
         return "torch"
     if mode == "triton":
         return "triton"
-    if not x.is_cuda or torch.cuda.is_current_stream_capturing():
+    if not x.is_cuda:
         return "torch"
-    key = (name, tuple(x.shape), weight.shape[-1], dilation, x.dtype, _is_channels_last(x), str(x.device))
-    choice = _choices.get(key)
-    if choice is not None:
-        return choice
-    try:
-        triton_ms = _timed_ms(run_triton)
-    except Exception as e:  # e.g. no Triton backend for this GPU: stay on torch for this shape
-        _logger.warning("Triton depthwise conv failed for %s (%s); using torch.", key, e)
-        triton_ms = float("inf")
-    torch_ms = _timed_ms(run_torch)
-    choice = "triton" if triton_ms < torch_ms else "torch"
-    _choices[key] = choice
-    _logger.info("depthwise conv %s: triton %.3f ms, torch %.3f ms -> %s", key, triton_ms, torch_ms, choice)
-    return choice
+    key = BackendChoices.key(name, x, weight, dilation)
+    if torch.cuda.is_current_stream_capturing():
+        return BACKEND_CHOICES.get(key) or "torch"
+    return BACKEND_CHOICES.decide(key, x.device, lambda: _timed_ms(run_triton), lambda: _timed_ms(run_torch))
 
 
 def _padding(weight: torch.Tensor, dilation: int) -> int:
