@@ -19,13 +19,16 @@ class ModelEMA:
 
     ``targets()`` returns ``(tensors, full_shapes)``: the live tensors by name (parameters or their
     local partitions, and float buffers) and the unpartitioned shapes, used for consolidation. It
-    is called at every use, so storage that the engine rebinds is always followed.
+    is called at every use, so storage that the engine rebinds is always followed. ``after_write``
+    runs (on every rank) after values were written into the targets, for engines that keep other
+    copies of them (ZeRO-3 keeps small parameters gathered on every rank).
     """
 
     def __init__(self, targets: Callable[[], tuple[dict[str, torch.Tensor], dict[str, tuple[int, ...]]]],
-                 decay: float):
+                 decay: float, after_write: Callable[[], None] | None = None):
         self.decay = decay
         self._targets = targets
+        self._after_write = after_write or (lambda: None)
         tensors, full_shapes = targets()
         self.names = list(tensors)
         self.full_shapes = {n: tuple(full_shapes[n]) for n in self.names}
@@ -49,12 +52,14 @@ class ModelEMA:
             backup = [t.detach().clone() for t in targets]
             for target, shadow in zip(targets, self.shadow):
                 target.copy_(shadow)
+        self._after_write()
         try:
             yield
         finally:
             with torch.no_grad():
                 for target, saved in zip(targets, backup):
                     target.copy_(saved)
+            self._after_write()
 
     def state_dict(self) -> dict:
         return {

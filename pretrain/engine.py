@@ -21,6 +21,7 @@ __all__ = [
     "global_grad_norm",
     "initialize",
     "init_distributed",
+    "refresh_gathered_parameters",
     "shutdown_distributed",
 ]
 
@@ -140,3 +141,18 @@ def ema_targets(engine) -> tuple[dict[str, torch.Tensor], dict[str, tuple[int, .
         if buffer.is_floating_point():
             targets[name], shapes[name] = buffer, tuple(buffer.shape)
     return targets, shapes
+
+
+def refresh_gathered_parameters(engine) -> None:
+    """ZeRO-3: after values were written into the parameter partitions (``ds_tensor``, as EMA
+    evaluation does), make the gathered copies follow, the way DeepSpeed does after an optimizer
+    step: release every gathered parameter, then re-gather those kept whole on every rank (below
+    ``stage3_param_persistence_threshold``), which forward passes would otherwise use stale.
+    Collective; a no-op below stage 3."""
+    optimizer = engine.optimizer
+    if not hasattr(optimizer, "persistent_parameters"):
+        return
+    optimizer._partition_all_parameters()
+    persistent = optimizer.persistent_parameters
+    if persistent:
+        persistent[0].all_gather(persistent)

@@ -208,7 +208,8 @@ class Trainer:
         self.optimizer = build_optimizer(param_groups, config.optim, self.device)
         scheduler = build_scheduler(self.optimizer, config.optim, self.total_steps, self.steps_per_epoch)
         self.engine = ds.initialize(model, self.optimizer, scheduler, ds_config)
-        self.ema = ModelEMA(lambda: ds.ema_targets(self.engine), config.train.ema_decay) \
+        self.ema = ModelEMA(lambda: ds.ema_targets(self.engine), config.train.ema_decay,
+                            after_write=lambda: ds.refresh_gathered_parameters(self.engine)) \
             if config.train.ema_decay else None
 
         self.step = 0

@@ -374,3 +374,37 @@ def test_torchrun_on_two_nodes_through_a_c10d_rendezvous(pretrain_shards, refere
         assert node.returncode == 0, stderr[-4000:]
     losses = [v for _, v in read_scalars(run_dir)["train/loss"]]
     assert losses == pytest.approx(reference, rel=2e-5), (losses, reference)
+
+
+def test_zero3_ema_evaluation_equals_a_single_process_evaluation_of_the_exported_ema(pretrain_shards, tmp_path):
+    """ZeRO-3 keeps parameters under its persistence threshold (all of this tiny net's) whole on every
+    rank: the EMA written into the partitions must reach them, or ``eval_ema`` scores the live weights."""
+    from pretrain.config import load_config
+    from pretrain.distributed import WorldInfo
+    from pretrain.export import export_checkpoint
+    from pretrain.task import ImageClassification, build_model
+
+    run_dir = tmp_path / "run"
+    overrides = distributed_overrides(pretrain_shards, run_dir, **{"train.zero_stage": 3, "train.ema_decay": 0.5})
+    run_torchrun(["-m", "pretrain", "--config", "demo", "--set", *overrides])
+    scalars = read_scalars(run_dir)
+    ema_top1, ema_loss = scalars["eval_ema/top1"][-1][1], scalars["eval_ema/loss"][-1][1]
+    assert abs(scalars["eval/loss"][-1][1] - ema_loss) > 1e-3, "EMA and live weights score alike: no test"
+
+    exported = tmp_path / "ema.pth"
+    export_checkpoint(str(run_dir), str(exported), ema=True)
+    config = load_config("demo", overrides)
+    task = ImageClassification(config)
+    model = build_model(config)
+    model.load_state_dict(torch.load(exported, weights_only=True), strict=True)
+    model.eval()
+    sums = dict.fromkeys(task.eval_sum_names, 0.0)
+    with torch.no_grad():
+        for batch in task.build_eval_loader(WorldInfo()):
+            inputs, targets = task.prepare_batch(batch, torch.device("cpu"))
+            for name, value in task.eval_sums(model(inputs), targets).items():
+                sums[name] += float(value)
+    single = task.eval_results(sums)
+    assert single["samples"] == 128
+    assert single["loss"] == pytest.approx(ema_loss, rel=1e-5)
+    assert single["top1"] == pytest.approx(ema_top1, abs=1e-9)
