@@ -115,6 +115,13 @@ class DataConfig:
     """With ``source=demo``: validation images to generate."""
     img_size: int = 224
     """Training and evaluation resolution."""
+    eval_crop_pct: float | None = None
+    """Evaluation: resize to ``img_size / eval_crop_pct``, then crop ``img_size``. None: the authors'
+    protocol (their ``datasets.py``): at ``img_size >= 384`` warp the image to img_size x img_size
+    (crop 1.0, squash), below that resize the shorter side to img_size / 0.875 and center-crop."""
+    eval_crop_mode: Literal["center", "squash"] | None = None
+    """Evaluation resize: ``center`` keeps the aspect ratio (shorter side), ``squash`` warps to a square.
+    None: follows ``eval_crop_pct`` / the authors' protocol (squash at >= 384)."""
     num_workers: int = 8
     """Loader worker processes per rank."""
     samples_per_epoch: int | None = None
@@ -148,6 +155,8 @@ class DataConfig:
             raise ConfigError("img_size", f"expected a multiple of 32 (the network's stride), got {self.img_size}")
         if self.num_workers < 0:
             raise ConfigError("num_workers", f"expected >= 0, got {self.num_workers}")
+        if self.eval_crop_pct is not None:
+            _in_range("eval_crop_pct", self.eval_crop_pct, 0.0, 1.0, lower_open=True)
         if self.samples_per_epoch is not None:
             _positive("samples_per_epoch", self.samples_per_epoch)
         _in_range("random_erasing", self.random_erasing, 0.0, 1.0)
@@ -158,6 +167,14 @@ class DataConfig:
         for key in ("mixup_alpha", "cutmix_alpha"):
             if getattr(self, key) < 0:
                 raise ConfigError(key, f"expected >= 0, got {getattr(self, key)}")
+
+    @property
+    def eval_crop(self) -> tuple[float, str]:
+        """``(crop_pct, crop_mode)`` of the evaluation transform (see ``eval_crop_pct``)."""
+        warp = self.img_size >= 384
+        crop_pct = self.eval_crop_pct if self.eval_crop_pct is not None else (1.0 if warp else 0.875)
+        crop_mode = self.eval_crop_mode or ("squash" if warp and self.eval_crop_pct is None else "center")
+        return crop_pct, crop_mode
 
     @property
     def uses_mixup(self) -> bool:

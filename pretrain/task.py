@@ -135,9 +135,11 @@ class ImageClassification:
 
         if not self._val_urls:
             return None
+        crop_pct, crop_mode = self.config.data.eval_crop
         return shards.build_eval_loader(
             self._val_urls, batch_size=self.config.train.micro_batch_size, img_size=self.config.data.img_size,
-            rank=world.rank, world_size=world.world_size, num_workers=self.config.data.num_workers)
+            rank=world.rank, world_size=world.world_size, num_workers=self.config.data.num_workers,
+            crop_pct=crop_pct, crop_mode=crop_mode)
 
     def prepare_batch(self, batch, device: torch.device):
         images, targets = batch

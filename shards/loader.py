@@ -727,12 +727,16 @@ def build_eval_loader(
     world_size: int = 1,
     num_workers: int = 2,
     crop_pct: float = 0.875,
+    crop_mode: str = "center",
     interpolation: str = "bicubic",
     num_classes: int | None = None,
     pin_memory: bool = False,
     return_keys: bool = False,
 ) -> EvalLoader:
     """Build this rank's eval loader: resize + center crop, each sample exactly once across ranks.
+
+    ``crop_mode="center"`` resizes the shorter side to ``img_size / crop_pct``; ``"squash"`` warps
+    the image to a square of that side (with ``crop_pct=1``: the authors' evaluation at >= 384).
 
     Ranks get contiguous ranges of ``total // world_size`` or one more samples (in shard order,
     counts from ``info.json``), so batch counts may differ by one between ranks: sum correct
@@ -742,7 +746,8 @@ def build_eval_loader(
         raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
     source = resolve_shard_set(urls, require_counts=True)
     transform = create_transform(
-        img_size, is_training=False, crop_pct=crop_pct, interpolation=interpolation, mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD
+        img_size, is_training=False, crop_pct=crop_pct, crop_mode=crop_mode, interpolation=interpolation,
+        mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD
     )
     stream = _EvalStream(
         source,

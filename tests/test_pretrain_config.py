@@ -245,3 +245,46 @@ def test_training_flops_of_the_demo_net_whose_last_stage_is_1x1():
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         model(torch.randn(1, 3, 32, 32))
     assert training_flops_per_image(load_config("demo")) == pytest.approx(3 * counter.get_total_flops())
+
+
+@pytest.mark.parametrize("img_size", [224, 384])
+def test_evaluation_follows_the_authors_protocol(img_size, tmp_path):
+    """The authors' datasets.py: at >= 384 warp to img_size x img_size (no crop), below resize the shorter
+    side to int(img_size / 0.875) and center-crop; both bicubic, ImageNet mean/std."""
+
+    import numpy as np
+    from PIL import Image
+    from torchvision import transforms
+
+    from pretrain.distributed import WorldInfo
+    from pretrain.task import ImageClassification
+    from shards import write_dataset
+
+    rng = np.random.default_rng(0)
+    for index, (width, height) in enumerate([(500, 330), (330, 480)]):
+        folder = tmp_path / "tree" / f"class{index}"
+        folder.mkdir(parents=True)
+        pixels = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / "image.jpg", quality=95)
+    write_dataset(str(tmp_path / "tree"), str(tmp_path / "val"), progress=False)
+    config = load_config("demo", [f"data.img_size={img_size}", f"data.val_urls={tmp_path / 'val'}",
+                                  "data.num_workers=0", "model.num_classes=2"])
+    loader = ImageClassification(config).build_eval_loader(WorldInfo())
+    images, labels = next(iter(loader))
+
+    if img_size >= 384:
+        resize = [transforms.Resize((img_size, img_size), interpolation=transforms.InterpolationMode.BICUBIC)]
+    else:
+        resize = [transforms.Resize(int(img_size / (224 / 256)), interpolation=transforms.InterpolationMode.BICUBIC),
+                  transforms.CenterCrop(img_size)]
+    authors = transforms.Compose([*resize, transforms.ToTensor(),
+                                  transforms.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
+    for image, label in zip(images, labels):
+        original = Image.open(tmp_path / "tree" / f"class{int(label)}" / "image.jpg").convert("RGB")
+        assert torch.allclose(image, authors(original), atol=1e-5)
+
+    import timm
+
+    cfg = timm.data.resolve_data_config({}, model=timm.create_model("unireplknet_s.in22k_ft_in1k_384",
+                                                                    pretrained=False))
+    assert (cfg["crop_pct"], cfg["crop_mode"]) == (1.0, "squash")

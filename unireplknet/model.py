@@ -600,7 +600,8 @@ def _cfg(filename: str = "", **kwargs) -> dict:
 
 
 _IN22K = dict(num_classes=21841)
-_AT_384 = dict(input_size=(3, 384, 384), pool_size=(12, 12), crop_pct=1.0)
+_AT_384 = dict(input_size=(3, 384, 384), pool_size=(12, 12), crop_pct=1.0, crop_mode="squash")
+"""At 384 the authors evaluate by warping the whole image to 384 x 384 (their ``datasets.py``)."""
 
 default_cfgs = generate_default_cfgs({
     "unireplknet_a.in1k": _cfg("unireplknet_a_in1k_224_acc77.03.pth"),
