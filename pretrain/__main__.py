@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from .checkpoint import CheckpointError
     from .launch import launch
-    from .trainer import NonFiniteLossError
+    from .trainer import EvaluationIncompleteError, NonFiniteLossError
 
     try:
         return launch(config)
@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     except CheckpointError as error:
         print(f"checkpoint error: {error}", file=sys.stderr)
         return 2
-    except NonFiniteLossError as error:
+    except (NonFiniteLossError, EvaluationIncompleteError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
 

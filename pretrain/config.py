@@ -119,6 +119,9 @@ class DataConfig:
     """Evaluation: resize to ``img_size / eval_crop_pct``, then crop ``img_size``. None: the authors'
     protocol (their ``datasets.py``): at ``img_size >= 384`` warp the image to img_size x img_size
     (crop 1.0, squash), below that resize the shorter side to img_size / 0.875 and center-crop."""
+    eval_incomplete: Literal["error", "warn"] = "error"
+    """When an evaluation scored fewer samples than ``data.val_urls`` holds (damaged shards or images):
+    ``error`` stops the run naming the shortfall, ``warn`` logs it loudly and goes on."""
     eval_crop_mode: Literal["center", "squash"] | None = None
     """Evaluation resize: ``center`` keeps the aspect ratio (shorter side), ``squash`` warps to a square.
     None: follows ``eval_crop_pct`` / the authors' protocol (squash at >= 384)."""

@@ -26,7 +26,7 @@ from .metrics import Progress, TensorBoard, Throughput, init_logging, memory_sta
 from .optim import build_optimizer, build_param_groups, build_scheduler
 from .task import ImageClassification, Task
 
-__all__ = ["NonFiniteLossError", "STOP_FILE", "StopRequests", "TrainResult", "Trainer", "capture_rng", "restore_rng",
+__all__ = ["EvaluationIncompleteError", "NonFiniteLossError", "STOP_FILE", "StopRequests", "TrainResult", "Trainer", "capture_rng", "restore_rng",
            "seed_everything"]
 
 _logger = logging.getLogger(__name__)
@@ -39,6 +39,10 @@ class NonFiniteLossError(RuntimeError):
         where = f"the last good checkpoint is {last_checkpoint}" if last_checkpoint else "no checkpoint was written yet"
         super().__init__(f"non-finite loss at step {step}; stopped before applying it; {where}")
         self.step, self.last_checkpoint = step, last_checkpoint
+
+
+class EvaluationIncompleteError(RuntimeError):
+    """An evaluation scored fewer samples than the eval set holds (``data.eval_incomplete=error``)."""
 
 
 @dataclass
@@ -405,6 +409,7 @@ class Trainer:
         live = self._evaluate_weights()
         if live is None:
             return {}
+        self._check_complete(live)
         results = {f"eval/{k}": v for k, v in live.items()}
         if self.ema is not None:
             with self.ema.swapped_in():
@@ -416,6 +421,22 @@ class Trainer:
         self.tensorboard.flush()
         _logger.info("eval at step %d: %s", self.step, ", ".join(f"{k} {v:.4g}" for k, v in results.items()))
         return results
+
+    def _check_complete(self, results: dict[str, float]) -> None:
+        """An evaluation must score every sample the eval set holds (``info.json``): fewer means damaged data."""
+        assigned = getattr(self.eval_loader, "num_samples", None)
+        if assigned is None or "samples" not in results:
+            return
+        total = all_reduce_sum(torch.tensor([float(assigned)], dtype=torch.float64, device=self.device)).item()
+        if results["samples"] >= total:
+            return
+        message = (f"evaluation at step {self.step} scored {results['samples']:.0f} of the {total:.0f} samples of "
+                   f"{self.config.data.val_urls or self.config.data.demo_dir}: {total - results['samples']:.0f} could "
+                   "not be read (damaged shards or images, named in the log; `python -m shards verify` checks a set)")
+        if self.config.data.eval_incomplete == "error":
+            raise EvaluationIncompleteError(message + "; data.eval_incomplete=warn evaluates what is readable")
+        _logger.warning("%s", message)
+        self.tensorboard.scalars({"eval/unreadable_samples": total - results["samples"]}, self.step)
 
     @torch.no_grad()
     def _evaluate_weights(self) -> dict[str, float] | None:

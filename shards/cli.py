@@ -27,25 +27,29 @@ def _fraction(value: str) -> float:
 def cmd_write(args: argparse.Namespace) -> int:
     """Write SOURCE as shards under OUT_URL, then print a summary."""
     from .sources import open_source
-    from .writer import write_dataset
+    from .writer import TargetLockedError, write_dataset
 
     demo = args.source == "demo" or args.source.startswith("demo:")
     if not demo and (args.num_samples is not None or args.image_size is not None):
         raise SystemExit("--num-samples and --image-size apply to the demo source only")
     source = open_source(args.source, num_samples=args.num_samples, seed=args.seed, image_size=args.image_size or 32) if demo else args.source
-    info = write_dataset(
-        source,
-        args.out_url,
-        samples_per_shard=args.samples_per_shard,
-        shard_bytes=args.shard_bytes,
-        max_side=args.max_side,
-        workers=args.workers,
-        seed=args.seed,
-        prefix=args.prefix,
-        classes=args.classes,
-        jpeg_quality=args.jpeg_quality,
-        command=shlex.join(["python", "-m", "shards", *args.argv]),
-    )
+    try:
+        info = write_dataset(
+            source,
+            args.out_url,
+            samples_per_shard=args.samples_per_shard,
+            shard_bytes=args.shard_bytes,
+            max_side=args.max_side,
+            workers=args.workers,
+            seed=args.seed,
+            prefix=args.prefix,
+            classes=args.classes,
+            jpeg_quality=args.jpeg_quality,
+            command=shlex.join(["python", "-m", "shards", *args.argv]),
+        )
+    except TargetLockedError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     print(f"wrote {info['total']} samples in {info['num_shards']} shards, {info['num_classes']} classes, to {args.out_url}")
     if info["skipped"]:
         print(f"skipped {len(info['skipped'])} source files that do not decode (listed in info.json):")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import posixpath
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -88,6 +89,9 @@ def _check_info(info: Any, url: str) -> None:
     for i, shard in enumerate(info["shards"]):
         if not (isinstance(shard, dict) and isinstance(shard.get("name"), str) and isinstance(shard.get("count"), int)):
             raise ValueError(f"{url}: shards[{i}] must be {{'name': str, 'count': int}}, got {shard!r:.120}")
+        checksum = shard.get("sha256")
+        if checksum is not None and not (isinstance(checksum, str) and re.fullmatch(r"[0-9a-f]{64}", checksum)):
+            raise ValueError(f"{url}: shards[{i}].sha256 must be 64 hex digits, got {checksum!r:.80}")
     counted = sum(shard["count"] for shard in info["shards"])
     if counted != info["total"]:
         raise ValueError(f"{url}: field 'total' is {info['total']} but the shard counts sum to {counted}")

@@ -182,18 +182,32 @@ def slot_shard_urls(urls: Sequence[str], *, seed: int, epoch: int, source_index:
         position += num_slots
 
 
-def shard_samples(urls: Iterator[str], counters: _Counters, num_shards: int) -> Iterator[Sample]:
-    """Samples of each shard in turn; a corrupt shard tail is counted and skipped, a missing shard raises."""
+def shard_samples(urls: Iterator[str], counters: _Counters, num_shards: int,
+                  expected: dict[str, int] | None = None) -> Iterator[Sample]:
+    """Samples of each shard in turn; a missing shard raises, a damaged one is counted and skipped.
+
+    ``expected`` (from ``info.json``) is each shard's sample count: a shard that yields fewer was
+    cut short, even where the tar stream looks complete (a cut on a header boundary reads as a
+    shorter, valid archive), and every missing sample counts as a bad one. Without counts, a
+    stream that breaks off counts one.
+    """
     empty: set[str] = set()
     for url in urls:
-        produced = 0
+        produced, broken = 0, None
         try:
             for sample in iter_shard_samples(url):
                 produced += 1
                 yield sample
         except CorruptShardError as exc:
+            broken = str(exc)
+        wanted = expected.get(url) if expected else None
+        if wanted is not None and produced < wanted:
+            counters.shard_errors += wanted - produced
+            counters.warn(f"shard {url} gave {produced} of its {wanted} samples (info.json)"
+                          + (f": {broken}" if broken else ": it ends early (truncated?)"))
+        elif broken is not None:
             counters.shard_errors += 1
-            counters.warn(str(exc))
+            counters.warn(broken)
         if produced:
             empty.clear()
             continue
@@ -345,6 +359,7 @@ class _TrainStream(IterableDataset):
                 slot_shard_urls(source.urls, seed=self.seed, epoch=self.epoch, source_index=i, slot=slot, num_slots=num_slots),
                 counters,
                 len(source.urls),
+                dict(zip(source.urls, source.counts)) if source.counts else None,
             )
             for i, source in enumerate(self.sources)
         ]
@@ -668,25 +683,38 @@ class _EvalStream(IterableDataset):
             partial(decoded, transform=self.transform, num_classes=self.num_classes, seed_of=None, counters=counters),
             partial(batched, batch_size=self.batch_size, partial_last=True),
         )
+        bad = 0
         for _, keys, images, labels in stream:
-            yield images, labels, {"keys": keys, "worker": worker, "bad": counters.shard_errors + counters.decode_errors}
+            bad = counters.shard_errors + counters.decode_errors
+            yield images, labels, {"keys": keys, "worker": worker, "bad": bad}
+        if counters.shard_errors + counters.decode_errors != bad:  # found after the last batch: report it
+            yield (torch.empty(0), torch.empty(0, dtype=torch.int64),
+                   {"keys": [], "worker": worker, "bad": counters.shard_errors + counters.decode_errors})
 
     def _samples_in(self, wanted: range, counters: _Counters) -> Iterator[tuple[int, Sample]]:
+        """The samples with global indices in ``wanted``; those a damaged shard does not deliver are
+        counted as bad (the ``info.json`` counts say how many there should be)."""
         shard_start = 0
         for url, count in zip(self.source.urls, self.source.counts):
             shard = range(shard_start, shard_start + count)
             shard_start += count
-            if shard.stop <= wanted.start or shard.start >= wanted.stop:
+            mine = range(max(shard.start, wanted.start), min(shard.stop, wanted.stop))
+            if not mine:
                 continue
+            delivered, broken = 0, None
             try:
                 for index, sample in enumerate(iter_shard_samples(url), start=shard.start):
-                    if index >= wanted.stop:
+                    if index >= mine.stop:
                         break
-                    if index >= wanted.start:
+                    if index >= mine.start:
+                        delivered += 1
                         yield index, sample
             except CorruptShardError as exc:
-                counters.shard_errors += 1
-                counters.warn(str(exc))
+                broken = str(exc)
+            if delivered < len(mine):
+                counters.shard_errors += len(mine) - delivered
+                counters.warn(f"shard {url} gave {delivered} of the {len(mine)} samples expected from it"
+                              + (f": {broken}" if broken else ": it ends early (truncated?)"))
 
 
 class EvalLoader:
@@ -706,7 +734,7 @@ class EvalLoader:
 
     @property
     def bad_samples(self) -> int:
-        """Bad samples skipped in the current or last pass."""
+        """Bad samples skipped in the current or last pass (undecodable, or missing from a damaged shard)."""
         return sum(self._bad.values())
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
@@ -715,6 +743,8 @@ class EvalLoader:
                             worker_init_fn=leave_preemption_to_the_parent)
         for images, targets, meta in loader:
             self._bad[meta["worker"]] = meta["bad"]
+            if not meta["keys"]:  # a worker's closing bad-sample count, no samples
+                continue
             yield (images, targets, meta["keys"]) if self._return_keys else (images, targets)
 
 

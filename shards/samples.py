@@ -12,6 +12,7 @@ import tarfile
 from collections.abc import Iterator
 
 import fsspec
+import numpy as np
 from PIL import Image
 
 from .info import ShardReadError
@@ -42,13 +43,33 @@ def open_shard(url: str):
         raise ShardReadError(f"cannot open shard {url}: {type(exc).__name__}: {exc}") from exc
 
 
-def iter_shard_samples(url: str) -> Iterator[Sample]:
+class _HashingReader:
+    """A read-only file wrapper feeding every byte read into ``digest``."""
+
+    def __init__(self, raw, digest):
+        self.raw, self.digest = raw, digest
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.raw.read(size)
+        self.digest.update(data)
+        return data
+
+    def drain(self) -> None:
+        """Read (and hash) whatever the tar reader left unread: end-of-archive blocks, padding."""
+        while self.read(1 << 20):
+            pass
+
+
+def iter_shard_samples(url: str, digest=None) -> Iterator[Sample]:
     """Yield the samples of one shard in order, each with ``__key__`` and ``__url__``.
 
     Raises ``ShardReadError`` if the shard cannot be opened and ``CorruptShardError`` where the
-    tar stream breaks off; the sample being read at that point is dropped.
+    tar stream breaks off; the sample being read at that point is dropped. A shard cut exactly
+    between members reads as a shorter valid archive: compare the count with ``info.json``.
+    ``digest`` (a ``hashlib`` object) is fed the whole file, to the last byte.
     """
-    with open_shard(url) as stream:
+    with open_shard(url) as raw:
+        stream = _HashingReader(raw, digest) if digest is not None else raw
         current: Sample | None = None
         try:
             archive = tarfile.open(fileobj=stream, mode="r|")
@@ -73,10 +94,36 @@ def iter_shard_samples(url: str) -> Iterator[Sample]:
             raise CorruptShardError(f"shard {url} breaks off after key {_last_key(current)}: {exc}") from exc
         if current is not None:
             yield current
+        if digest is not None:
+            stream.drain()
 
 
 def _last_key(sample: Sample | None) -> str:
     return repr(sample["__key__"]) if sample else "<start>"
+
+
+_HIGH_BIT_DEPTH = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """An 8-bit RGB copy: alpha composited on white, 16-bit and 32-bit greyscale scaled to 8 bits.
+
+    Pillow's own ``convert("RGB")`` clips 16-bit values (0..65535) at 255, which turns a 16-bit
+    greyscale PNG almost white; here 65535 maps to 255. Integer images whose values all fit in
+    8 bits are taken as 8-bit; float images as [0, 1] (or [0, 255] when any value exceeds 1).
+    """
+    if image.mode in _HIGH_BIT_DEPTH:
+        values = np.asarray(image).astype(np.float64)
+        top = values.max(initial=0.0)
+        if image.mode == "F":
+            scale = 255.0 if top <= 1.0 else 1.0
+        else:
+            scale = 1.0 if (image.mode == "I" and top <= 255) else 255.0 / 65535.0
+        image = Image.fromarray(np.clip(np.rint(values * scale), 0, 255).astype(np.uint8), mode="L")
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+    return image.convert("RGB")
 
 
 class BadSampleError(ValueError):
@@ -99,6 +146,6 @@ def decode_sample(sample: Sample, num_classes: int | None) -> tuple[Image.Image,
         raise BadSampleError(f"{where}: cls {label} outside [0, {num_classes})")
     try:
         with Image.open(io.BytesIO(sample[extension])) as image:
-            return image.convert("RGB"), label
+            return to_rgb(image), label
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         raise BadSampleError(f"{where}: {extension} does not decode: {type(exc).__name__}: {exc}") from exc

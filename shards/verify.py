@@ -1,6 +1,8 @@
-"""Verifying written shards against their ``info.json``: every shard opens, counts match, samples decode."""
+"""Verifying written shards against their ``info.json``: every shard opens, counts and checksums match,
+samples decode."""
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import multiprocessing
@@ -36,6 +38,7 @@ class VerifyReport:
 class _ShardCheck:
     url: str
     expected: int
+    sha256: str | None
     num_classes: int
     sample_fraction: float
     seed: int
@@ -54,8 +57,9 @@ def _check_shard(check: _ShardCheck) -> tuple[int, int, list[dict[str, Any]]]:
     def problem(key: str | None, text: str) -> None:
         problems.append({"shard": name, "key": key, "problem": text})
 
+    digest = hashlib.sha256()
     try:
-        for sample in iter_shard_samples(check.url):
+        for sample in iter_shard_samples(check.url, digest=digest):
             samples += 1
             key = str(sample["__key__"])
             if "json" in sample:
@@ -76,6 +80,9 @@ def _check_shard(check: _ShardCheck) -> tuple[int, int, list[dict[str, Any]]]:
         problem(None, str(exc))
     if samples != check.expected:
         problem(None, f"has {samples} samples, info.json says {check.expected}")
+    elif check.sha256 is not None and digest.hexdigest() != check.sha256:
+        problem(None, f"sha256 {digest.hexdigest()} differs from info.json's {check.sha256}: "
+                      "the file changed after it was written (rewrite it: rerun the same `shards write`)")
     return samples, decoded, problems
 
 
@@ -88,7 +95,8 @@ def verify_dataset(
     info = read_info(url)
     directory = url if not url.endswith(".json") else url.rsplit("/", 1)[0]
     checks = [
-        _ShardCheck(join_url(directory, shard["name"]), shard["count"], len(info["classes"]), sample_fraction, seed)
+        _ShardCheck(join_url(directory, shard["name"]), shard["count"], shard.get("sha256"), len(info["classes"]),
+                    sample_fraction, seed)
         for shard in info["shards"]
     ]
     report = VerifyReport(url, shards=len(checks))

@@ -11,15 +11,20 @@ because forked workers do not share a memory filesystem.
 """
 from __future__ import annotations
 
+import fcntl
+import functools
 import hashlib
 import io
+import os
 import json
 import logging
 import multiprocessing
 import posixpath
 import re
 import shlex
+import socket
 import tarfile
+import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -33,8 +38,8 @@ from PIL import Image
 
 from .classes import is_wnid, resolve_classes
 from .info import CLASSES_NAME, INFO_FORMAT, INFO_NAME, INFO_VERSION
+from .samples import to_rgb
 from .sources import DemoSource, ImageSource, SourceItem, in_this_process, open_source
-from .samples import split_member_name
 
 _logger = logging.getLogger(__name__)
 
@@ -65,7 +70,8 @@ def encode_image(data: bytes, options: EncodeOptions) -> tuple[bytes, tuple[int,
     """Fully decode ``data``; return shard JPEG bytes and the original ``(width, height)``.
 
     RGB or greyscale JPEGs that need no resize are kept byte for byte; everything else is
-    converted to RGB (alpha composited on white), resized if asked, and encoded as JPEG.
+    converted to 8-bit RGB (alpha composited on white, 16-bit greyscale scaled, see
+    :func:`shards.samples.to_rgb`), resized if asked, and encoded as JPEG.
     Undecodable data raises ``OSError``/``ValueError``/``SyntaxError``.
     """
     with Image.open(io.BytesIO(data)) as image:
@@ -74,11 +80,7 @@ def encode_image(data: bytes, options: EncodeOptions) -> tuple[bytes, tuple[int,
         resize = options.max_side is not None and max(size) > options.max_side
         if image.format == "JPEG" and image.mode in ("RGB", "L") and not resize:
             return data, size
-        if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-            rgba = image.convert("RGBA")
-            rgb = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
-        else:
-            rgb = image.convert("RGB")
+        rgb = to_rgb(image)
     if resize:
         scale = options.max_side / max(size)
         target = (max(1, round(size[0] * scale)), max(1, round(size[1] * scale)))
@@ -154,19 +156,23 @@ class _ShardWriter:
         contents = self.source.read_many(task.items)
         temporary = f"{final}.tmp-{uuid.uuid4().hex}"
         try:
-            count, skipped = self._write_tar(temporary, task, contents)
+            count, skipped, sha256 = self._write_tar(temporary, task, contents)
             self.fs.mv(temporary, final)
         except BaseException:
             if self.fs.exists(temporary):
                 self.fs.rm(temporary)
             raise
-        manifest = {"name": task.name, "count": count, "bytes": self.fs.size(final), "skipped": skipped, "fingerprint": task.fingerprint}
+        manifest = {"name": task.name, "count": count, "bytes": self.fs.size(final), "sha256": sha256,
+                    "skipped": skipped, "fingerprint": task.fingerprint}
         _write_atomic(self.fs, manifest_path, json.dumps(manifest).encode())
         return {**manifest, "reused": False}
 
-    def _write_tar(self, path: str, task: _ShardTask, contents: Sequence[bytes]) -> tuple[int, list[dict[str, str]]]:
+    def _write_tar(self, path: str, task: _ShardTask, contents: Sequence[bytes]) -> tuple[int, list[dict[str, str]], str]:
+        """Write the shard's tar; returns (samples written, skipped sources, sha256 of the file)."""
         skipped, count = [], 0
-        with self.fs.open(path, "wb") as stream, tarfile.open(fileobj=stream, mode="w|") as archive:
+        with self.fs.open(path, "wb") as raw:
+            stream = _HashingWriter(raw)
+            archive = tarfile.open(fileobj=stream, mode="w|")
             for item, key, label, data in zip(task.items, task.keys, task.labels, contents):
                 try:
                     jpeg, (width, height) = encode_image(data, self.options)
@@ -181,27 +187,38 @@ class _ShardWriter:
                     member.size, member.mtime, member.mode = len(payload), SAMPLE_MTIME, 0o444
                     archive.addfile(member, io.BytesIO(payload))
                 count += 1
-        return count, skipped
+            archive.close()
+        return count, skipped, stream.digest.hexdigest()
 
     def _completed(self, final: str, manifest_path: str, fingerprint: str) -> dict[str, Any] | None:
+        """The manifest of a shard an earlier run completed, if the file is still byte for byte what it wrote."""
         try:
             manifest = json.loads(self.fs.cat_file(manifest_path))
             if manifest.get("fingerprint") != fingerprint or self.fs.size(final) != manifest.get("bytes"):
                 return None
-            return manifest if count_tar_samples(self.fs, final) == manifest.get("count") else None
-        except (FileNotFoundError, json.JSONDecodeError, tarfile.TarError, EOFError):
+            return manifest if file_sha256(self.fs, final) == manifest.get("sha256") else None
+        except (FileNotFoundError, json.JSONDecodeError):
             return None
 
 
-def count_tar_samples(fs: AbstractFileSystem, path: str) -> int:
-    """Number of samples (runs of members sharing a key) in a tar, reading headers only."""
-    count, previous = 0, None
-    with fs.open(path, "rb") as stream, tarfile.open(fileobj=stream, mode="r:") as archive:
-        for member in archive:
-            parts = split_member_name(member.name) if member.isreg() else None
-            if parts is not None and parts[0] != previous:
-                count, previous = count + 1, parts[0]
-    return count
+class _HashingWriter:
+    """A write-only file wrapper feeding every byte written into a sha256."""
+
+    def __init__(self, raw):
+        self.raw, self.digest = raw, hashlib.sha256()
+
+    def write(self, data: bytes) -> int:
+        self.digest.update(data)
+        return self.raw.write(data)
+
+
+def file_sha256(fs: AbstractFileSystem, path: str) -> str:
+    """The sha256 of a file, read in 1 MiB pieces."""
+    digest = hashlib.sha256()
+    with fs.open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _write_atomic(fs: AbstractFileSystem, path: str, payload: bytes) -> None:
@@ -275,6 +292,61 @@ def _equivalent_command(source: str, out_url: str, **options: Any) -> str:
     return shlex.join(words)
 
 
+LOCK_NAME = ".write.lock"
+
+
+class TargetLockedError(RuntimeError):
+    """Another ``shards write`` is writing into the same target."""
+
+
+@contextmanager
+def _target_lock(fs: AbstractFileSystem, out_path: str, out_url: str) -> Iterator[None]:
+    """One writer per target, so a second run never deletes the first one's temporary shards.
+
+    On a local disk: an exclusive ``flock`` on ``.write.lock`` (released by the kernel if the writer
+    dies). In object storage: a ``.write.lock`` object, removed at the end; one left by a writer that
+    crashed must be deleted by hand (the error says so).
+    """
+    path = _join(out_path, LOCK_NAME)
+    holder = json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "started": time.strftime("%Y-%m-%d %H:%M:%S")})
+    if "file" in fs.protocol or "local" in fs.protocol:
+        with open(path, "a+") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                f.seek(0)
+                raise TargetLockedError(f"another `shards write` is writing into {out_url} ({f.read().strip() or 'lock held'}; "
+                                        f"lock {path}): wait for it, or write elsewhere") from None
+            f.seek(0)
+            f.truncate()
+            f.write(holder)
+            f.flush()
+            yield
+        return
+    if fs.exists(path):
+        raise TargetLockedError(f"another `shards write` is writing into {out_url} ({fs.cat_file(path).decode(errors='replace')}); "
+                                f"if no writer is running any more (it crashed), delete {path} and run again")
+    with fs.open(path, "wb") as f:
+        f.write(holder.encode())
+    try:
+        yield
+    finally:
+        fs.rm(path)
+
+
+def _holding_the_target_lock(write: Callable[..., dict[str, Any]]) -> Callable[..., dict[str, Any]]:
+    """Run ``write(source, out_url, ...)`` holding ``out_url``'s lock (:class:`TargetLockedError` if taken)."""
+    @functools.wraps(write)
+    def locked(source: str | ImageSource, out_url: str, **options: Any) -> dict[str, Any]:
+        fs, out_path = fsspec.core.url_to_fs(out_url)
+        fs.makedirs(out_path, exist_ok=True)
+        with _target_lock(fs, out_path, out_url):
+            return write(source, out_url, **options)
+
+    return locked
+
+
+@_holding_the_target_lock
 def write_dataset(
     source: str | ImageSource,
     out_url: str,
@@ -295,7 +367,9 @@ def write_dataset(
     Shards are ``{prefix}-000000.tar ...`` with ``jpg``/``cls``/``json`` per sample, cut at
     ``samples_per_shard`` samples or ``shard_bytes`` source bytes, whichever comes first; the
     sample order is shuffled with ``seed`` across all shards. Undecodable source files are skipped
-    and listed in ``info.json``. Re-running the same call keeps completed shards. Returns the info dict.
+    and listed in ``info.json``. Re-running the same call keeps completed shards (verified against
+    their sha256). One write at a time per target: a second one fails with :class:`TargetLockedError`.
+    Returns the info dict.
     """
     image_source = open_source(source) if isinstance(source, str) else source
     options = EncodeOptions(max_side=max_side, jpeg_quality=jpeg_quality)
@@ -343,7 +417,8 @@ def write_dataset(
     reused = sum(manifest["reused"] for manifest in manifests.values())
     if reused:
         _logger.info("kept %d complete shards from an earlier run, wrote %d", reused, len(tasks) - reused)
-    shards = [{"name": manifests[i]["name"], "count": manifests[i]["count"], "bytes": manifests[i]["bytes"]} for i in range(len(tasks))]
+    shards = [{"name": manifests[i]["name"], "count": manifests[i]["count"], "bytes": manifests[i]["bytes"],
+               "sha256": manifests[i]["sha256"]} for i in range(len(tasks))]
     skipped = [{**entry, "shard": None} for entry in image_source.unreadable]
     skipped += [entry for i in range(len(tasks)) for entry in manifests[i]["skipped"]]
     info = {

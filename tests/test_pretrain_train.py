@@ -398,3 +398,28 @@ def test_a_checkpoint_folder_past_the_current_step_never_pushes_out_complete_che
     assert (checkpoints / "latest").read_text() == "step_00000008"
     assert sorted(p.name for p in checkpoints.iterdir() if p.name.startswith("step_")) == [
         "step_00000006", "step_00000008", "step_00000099"]
+
+
+def test_an_evaluation_short_of_samples_fails_naming_the_shortfall_or_warns(pretrain_shards, tmp_path):
+    """A val shard cut short: the run stops (the checkpoint is already written) instead of scoring fewer
+    samples silently; with data.eval_incomplete=warn the rerun evaluates what is readable and says so."""
+    import shutil
+
+    val = tmp_path / "val"
+    shutil.copytree(pretrain_shards["val"], val)
+    shard = val / "shard-000001.tar"
+    shard.write_bytes(shard.read_bytes()[:4096 * 3])  # on a block boundary: reads as a valid, shorter tar
+    run_dir = tmp_path / "run"
+    args = ["--config", "demo", "--set", *tiny_overrides(pretrain_shards, run_dir, **{
+        "data.val_urls": str(val), "train.max_steps": 2})]
+    failed = run_cli(args, timeout=300)
+    assert failed.returncode == 1, failed.stderr[-3000:]
+    assert "evaluation at step 2 scored" in failed.stderr and "of the 128 samples of" in failed.stderr
+    assert (run_dir / "checkpoints" / "latest").read_text() == "step_00000002"
+
+    warned = run_cli([*args, "data.eval_incomplete=warn"], timeout=300)
+    assert warned.returncode == 0, warned.stderr[-3000:]
+    scalars = read_scalars(run_dir)
+    scored = scalars["eval/samples"][-1][1]
+    assert 64 <= scored < 128
+    assert scalars["eval/unreadable_samples"][-1][1] == 128 - scored

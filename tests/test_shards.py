@@ -466,7 +466,9 @@ def test_bad_data_is_skipped_and_counted(bad_dir):
     assert set(good["shard-000000.tar"]) <= set(keys) and set(good["shard-000002.tar"]) <= set(keys)
     truncated = sorted(key for key in keys if key.startswith("b"))
     assert 5 <= len(truncated) < 20 and truncated == good["shard-000001.tar"][: len(truncated)]
-    assert loader.bad_samples == 3  # corrupt JPEG, missing cls, truncated shard
+    # corrupt JPEG, missing cls, and every sample the truncated shard should hold (info.json) but lost
+    assert loader.bad_samples == 2 + (20 - len(truncated))
+    assert len(keys) + loader.bad_samples == 62
 
     train = build_train_loader(str(directory), batch_size=8, img_size=32, num_workers=2, augment=SIMPLE, shuffle_buffer=10, return_keys=True)
     batches = list(train)
