@@ -38,9 +38,27 @@ def test_reparam_command_rejects_wrong_architecture(tmp_path):
     source = tmp_path / "train.pth"
     torch.save(export_official(timm.create_model("unireplknet_a", num_classes=10)), source)
     result = run_cli("reparam", str(source), str(tmp_path / "out.pth"), "--model", "unireplknet_f")
-    assert result.returncode != 0
-    assert "shape mismatches" in result.stderr
+    assert result.returncode == 2
+    assert "does not fit unireplknet_f" in result.stderr and "shape mismatches" in result.stderr
+    assert "Traceback" not in result.stderr
     assert not (tmp_path / "out.pth").exists()
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"", "is not a PyTorch checkpoint"),
+    (b"not a checkpoint at all", "is not a PyTorch checkpoint"),
+    ("resnet", "is not a UniRepLKNet checkpoint: no stem convolution"),
+])
+def test_reparam_command_explains_files_that_are_not_unireplknet_checkpoints(content, message, tmp_path):
+    source = tmp_path / "input.pth"
+    if content == "resnet":
+        torch.save({"conv1.weight": torch.zeros(64, 3, 7, 7), "fc.weight": torch.zeros(10, 64)}, source)
+    else:
+        source.write_bytes(content)
+    result = run_cli("reparam", str(source), str(tmp_path / "out.pth"), "--model", "unireplknet_a")
+    assert result.returncode == 2
+    assert message in result.stderr and str(source) in result.stderr
+    assert "Traceback" not in result.stderr
 
 
 def test_info_command_reports_spec_parameter_counts():

@@ -10,7 +10,7 @@ import timm
 import torch
 
 from . import model as _model  # noqa: F401  (registers the timm models)
-from .checkpoint import export_official, load_official, read_state_dict
+from .checkpoint import CheckpointMismatchError, export_official, load_official, read_state_dict
 from .tools import atomic_save, measure_throughput, model_stats, randomize_statistics, verify_reparameterization
 
 MODEL_NAMES = [f"unireplknet_{v}" for v in _model.VARIANTS]
@@ -24,13 +24,26 @@ def _model_name(value: str) -> str:
 
 def cmd_reparam(args: argparse.Namespace) -> int:
     """Convert a training-structure checkpoint to the inference structure, verify, then write it."""
-    state_dict = read_state_dict(args.input)
+    try:
+        state_dict = read_state_dict(args.input)
+    except (FileNotFoundError, CheckpointMismatchError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    stem = state_dict.get("downsample_layers.0.0.weight")
+    if stem is None or stem.dim() != 4:
+        first = ", ".join(list(state_dict)[:4]) or "none"
+        print(f"error: {args.input} is not a UniRepLKNet checkpoint: no stem convolution "
+              f"'downsample_layers.0.0.weight' (its first keys: {first})", file=sys.stderr)
+        return 2
     head = state_dict.get("head.weight")
     num_classes = head.shape[0] if head is not None else 0
-    in_chans = state_dict["downsample_layers.0.0.weight"].shape[1]
-    model = timm.create_model(args.model, num_classes=num_classes, in_chans=in_chans)
-    load_official(model, state_dict)
-    print(f"loaded {args.input} into {args.model} (training structure, {num_classes} classes, {in_chans} input channels)")
+    model = timm.create_model(args.model, num_classes=num_classes, in_chans=stem.shape[1])
+    try:
+        load_official(model, state_dict)
+    except CheckpointMismatchError as error:
+        print(f"error: {args.input} does not fit {args.model}: {error}", file=sys.stderr)
+        return 2
+    print(f"loaded {args.input} into {args.model} (training structure, {num_classes} classes, {stem.shape[1]} input channels)")
     start = time.perf_counter()
     deployed, error = verify_reparameterization(model, args.img_size, args.batch_size, dtype=torch.float64)
     print(f"re-parameterized and checked on a random batch of {args.batch_size} at {args.img_size}px in float64: "

@@ -36,7 +36,12 @@ def read_state_dict(path_or_state_dict: str | os.PathLike | Mapping[str, Any]) -
         path = os.fspath(path_or_state_dict)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"checkpoint file not found: {path}")
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as error:  # EOFError, UnpicklingError, RuntimeError (zip reader), ...
+            raise CheckpointMismatchError(
+                f"{path} is not a PyTorch checkpoint that loads with weights_only=True "
+                f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else 'no message'})") from None
         source = path
     else:
         obj, source = path_or_state_dict, "<state dict>"
