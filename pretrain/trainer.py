@@ -273,19 +273,16 @@ class Trainer:
         progress = Progress(self.stop_step, self.step, self.world.is_main)
         with self.stop_requests:
             try:
-                while self.step < self.stop_step:
+                while self.step < self.stop_step and not self.stopping:
                     self._train_step(batches, throughput)
                     self.step += 1
                     log_now = self.step % cfg.train.log_every == 0 or self.step == self.stop_step or self.stopping
                     progress.update(self.step, self._log(throughput) if log_now else {}, log_now)
-                    if self.stopping:
-                        break
-                    if cfg.train.eval_every and self.step % cfg.train.eval_every == 0 and self.step < self.stop_step:
+                    before_the_end = self.step < self.stop_step and not self.stopping
+                    if before_the_end and cfg.train.eval_every and self.step % cfg.train.eval_every == 0:
                         self.evaluate()
-                    if not self.stopping and self.step % cfg.checkpoint.every == 0 and self.step < self.stop_step:
+                    if before_the_end and not self.stopping and self.step % cfg.checkpoint.every == 0:
                         self.save()
-                    if self.stopping:
-                        break
             finally:
                 progress.close()
             if self.last_checkpoint is None or not self.last_checkpoint.endswith(ckpt.tag_of_step(self.step)):

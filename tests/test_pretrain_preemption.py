@@ -43,6 +43,23 @@ def signal_group_twice(process: subprocess.Popen, sig=signal.SIGTERM) -> None:
         pass
 
 
+def group_sigterm_then_resume(args: list[str], run_dir: Path, after_log: str, more_steps: int) -> int:
+    """Start ARGS, SIGTERM its whole process group twice once ``after_log`` is logged, expect the requeue
+    exit with a checkpoint, rerun for ``more_steps`` and expect it to resume; returns the stop step."""
+    process = start(args)
+    wait_for_log(process, run_dir / "train.log", after_log)
+    signal_group_twice(process)
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == REQUEUE, stderr[-4000:]
+    assert "killed by signal" not in stderr
+    stopped_at = int((run_dir / "REQUEUE").read_text())
+    assert (run_dir / "checkpoints" / "latest").read_text() == f"step_{stopped_at:08d}"
+    rerun = run_cli([*args, f"train.max_steps={stopped_at + more_steps}"], timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-4000:]
+    assert f"at step {stopped_at}" in (run_dir / "train.log").read_text()
+    return stopped_at
+
+
 def final_weights(run_dir: Path, step: int) -> dict[str, torch.Tensor]:
     from pretrain.checkpoint import consolidated_state_dict
 
@@ -59,18 +76,7 @@ def test_group_sigterm_twice_with_loader_workers_saves_and_resumes_exactly(pretr
     run_dir = tmp_path / "run"
     changes = {"data.num_workers": 2, "train.epochs": 20}
     args = ["--config", "demo", "--set", *tiny_overrides(pretrain_shards, run_dir, **changes)]
-    process = start(args)
-    wait_for_log(process, run_dir / "train.log", "step 3/")
-    signal_group_twice(process)
-    _, stderr = process.communicate(timeout=300)
-    assert process.returncode == REQUEUE, stderr[-4000:]
-    assert "killed by signal" not in stderr
-    stopped_at = int((run_dir / "REQUEUE").read_text())
-    assert (run_dir / "checkpoints" / "latest").read_text() == f"step_{stopped_at:08d}"
-
-    rerun = run_cli([*args, f"train.max_steps={stopped_at + 3}"], timeout=300)
-    assert rerun.returncode == 0, rerun.stderr[-4000:]
-    assert f"at step {stopped_at}" in (run_dir / "train.log").read_text()
+    stopped_at = group_sigterm_then_resume(args, run_dir, "step 3/", more_steps=3)
 
     uninterrupted = tmp_path / "uninterrupted"
     result = run_cli(["--config", "demo", "--set", *tiny_overrides(pretrain_shards, uninterrupted, **changes),
@@ -127,17 +133,7 @@ def test_torchrun_launcher_survives_a_group_sigterm_with_loader_workers(pretrain
     args = ["--config", "demo", "--set", *tiny_overrides(pretrain_shards, run_dir, **{
         "data.num_workers": 1, "train.epochs": 40, "train.global_batch_size": 32, "train.micro_batch_size": 8,
         "launch.launcher": "torchrun", "launch.num_workers": 2})]
-    process = start(args)
-    wait_for_log(process, run_dir / "train.log", "step 2/")
-    signal_group_twice(process)
-    _, stderr = process.communicate(timeout=300)
-    assert process.returncode == REQUEUE, stderr[-4000:]
-    assert "killed by signal" not in stderr
-    stopped_at = int((run_dir / "REQUEUE").read_text())
-    assert (run_dir / "checkpoints" / "latest").read_text() == f"step_{stopped_at:08d}"
-    rerun = run_cli([*args, f"train.max_steps={stopped_at + 2}"], timeout=300)
-    assert rerun.returncode == 0, rerun.stderr[-4000:]
-    assert f"at step {stopped_at}" in (run_dir / "train.log").read_text()
+    group_sigterm_then_resume(args, run_dir, "step 2/", more_steps=2)
 
 
 @pytest.mark.slow
