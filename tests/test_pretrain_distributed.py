@@ -408,3 +408,43 @@ def test_zero3_ema_evaluation_equals_a_single_process_evaluation_of_the_exported
     assert single["samples"] == 128
     assert single["loss"] == pytest.approx(ema_loss, rel=1e-5)
     assert single["top1"] == pytest.approx(ema_top1, abs=1e-9)
+
+
+def test_ray_launch_with_device_auto_on_a_cluster_without_gpus_is_refused(ray_cluster, pretrain_shards, tmp_path):
+    from pretrain.config import ConfigError, load_config
+    from pretrain.launch import launch
+
+    config = load_config("demo", distributed_overrides(pretrain_shards, tmp_path / "run", **{
+        "launch.launcher": "ray", "launch.num_workers": 2, "launch.device": "auto"}))
+    with pytest.raises(ConfigError, match="launch.device: auto found no GPU in the Ray cluster"):
+        launch(config)
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+WORKER_ENTRY = textwrap.dedent('''
+    """A task's own worker entry: reads the launch config torchrun hands it, reports rank and world size."""
+    import json, os, sys
+    from pretrain.config import load_config
+
+    config = load_config(sys.argv[sys.argv.index("--config") + 1])
+    with open(os.path.join(config.run_dir, f"entry_rank{os.environ['RANK']}.json"), "w") as f:
+        json.dump({"world_size": int(os.environ["WORLD_SIZE"]), "run_dir": config.run_dir}, f)
+''')
+
+
+def test_the_torchrun_launcher_runs_any_worker_entry(pretrain_shards, tmp_path):
+    """Fine-tune stages pass their own entry; the launcher only starts it on every rank."""
+    from pretrain.config import load_config
+    from pretrain.launch import WorkerEntry, launch
+
+    script = tmp_path / "entry.py"
+    script.write_text(WORKER_ENTRY)
+    run_dir = tmp_path / "run"
+    config = load_config("demo", distributed_overrides(pretrain_shards, "run_relative", **{
+        "launch.launcher": "torchrun", "launch.num_workers": 2, "checkpoint.resume": "old/step_00000004"}))
+    config.run_dir = str(run_dir)
+    assert launch(config, WorkerEntry(module_args=(str(script),))) == 0
+    reports = [json.loads((run_dir / f"entry_rank{rank}.json").read_text()) for rank in (0, 1)]
+    assert all(r == {"world_size": 2, "run_dir": str(run_dir)} for r in reports)
+    handed = json.loads((run_dir / "launch_config.json").read_text())
+    assert handed["checkpoint"]["resume"] == os.path.join(os.getcwd(), "old", "step_00000004")  # made absolute

@@ -87,7 +87,7 @@ def test_short_run_checkpoints_and_keeps_the_last_k(short_run):
         "step_00000010", "step_00000012"]
     saved = json.loads((run_dir / "config.json").read_text())
     assert saved["train"]["max_steps"] == 12 and saved["train"]["ema_decay"] == 0.9
-    rank_state = torch.load(checkpoints / "step_00000012" / "trainer_rank00000.pt", weights_only=False)
+    rank_state = torch.load(checkpoints / "step_00000012" / "trainer_rank00000.pt", weights_only=True)
     assert rank_state["step"] == 12 and rank_state["loader"]["batches_done"] == 12
 
 
