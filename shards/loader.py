@@ -35,8 +35,10 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import random
 import signal
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -143,15 +145,37 @@ PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
 def leave_preemption_to_the_parent(worker_id: int) -> None:
-    """DataLoader ``worker_init_fn``: loader workers ignore SIGTERM and SIGUSR1.
+    """DataLoader ``worker_init_fn``: loader workers leave SIGTERM and SIGUSR1 to the training process.
 
     Slurm (and torchrun's ``os.killpg``) signal the whole process group, loader workers included.
     torch's worker handler dies on a SIGTERM not sent by its parent, and the rank then fails
-    ("DataLoader worker ... killed by signal") before it can checkpoint. Ignored here, the signal
-    is the training process's to handle; it shuts its workers down itself.
+    ("DataLoader worker ... killed by signal") before it can checkpoint. Here the signals stay
+    blocked in the worker (it was forked with them held, :func:`_preemption_signals_held`, so
+    none slips through before this runs) and one thread takes them: a SIGTERM from the parent
+    (which is how it shuts its workers down) ends the worker as torch's handler would; any other
+    is the training process's to handle, and it shuts its workers down itself.
     """
-    for sig in PREEMPTION_SIGNALS:
-        signal.signal(sig, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_BLOCK, PREEMPTION_SIGNALS)
+    threading.Thread(target=_take_preemption_signals, args=(os.getppid(),), name="preemption-signals",
+                     daemon=True).start()
+
+
+def _take_preemption_signals(parent: int) -> None:
+    while True:
+        info = signal.sigwaitinfo(PREEMPTION_SIGNALS)
+        if info.si_signo == signal.SIGTERM and info.si_pid == parent:
+            os._exit(0)
+
+
+@contextmanager
+def _preemption_signals_held() -> Iterator[None]:
+    """Hold SIGTERM / SIGUSR1 while DataLoader workers are forked (they inherit the held mask, which
+    :func:`leave_preemption_to_the_parent` keeps); signals held here reach this process afterwards."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, PREEMPTION_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 class _Counters:
@@ -496,7 +520,9 @@ class TrainLoader:
             persistent_workers=False,
             worker_init_fn=leave_preemption_to_the_parent,
         )
-        for images, targets, meta in loader:
+        with _preemption_signals_held():
+            batches = iter(loader)
+        for images, targets, meta in batches:
             index = self._batches_done
             if (meta["worker"], meta["batch"]) != (index % workers, index // workers):
                 raise RuntimeError(
@@ -741,7 +767,9 @@ class EvalLoader:
         self._bad = {}
         loader = DataLoader(self._stream, batch_size=None, num_workers=self._num_workers, pin_memory=self._pin_memory,
                             worker_init_fn=leave_preemption_to_the_parent)
-        for images, targets, meta in loader:
+        with _preemption_signals_held():
+            batches = iter(loader)
+        for images, targets, meta in batches:
             self._bad[meta["worker"]] = meta["bad"]
             if not meta["keys"]:  # a worker's closing bad-sample count, no samples
                 continue

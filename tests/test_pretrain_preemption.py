@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from test_pretrain_distributed import process_tree
 from test_pretrain_train import read_scalars, run_cli, tiny_overrides
 
 REPO = Path(__file__).resolve().parents[1]
@@ -34,13 +35,14 @@ def wait_for_log(process: subprocess.Popen, log: Path, text: str, timeout: float
         time.sleep(0.05)
 
 
-def signal_group_twice(process: subprocess.Popen, sig=signal.SIGTERM) -> None:
-    os.killpg(process.pid, sig)
-    time.sleep(0.3)
-    try:
-        os.killpg(process.pid, sig)
-    except ProcessLookupError:
-        pass
+def signal_group(process: subprocess.Popen, times: int = 2, interval: float = 0.3, sig=signal.SIGTERM) -> None:
+    """Signal the whole process group ``times`` times (Slurm and torchrun repeat themselves)."""
+    for attempt in range(times):
+        try:
+            os.killpg(process.pid, sig)
+        except ProcessLookupError:
+            return
+        time.sleep(interval)
 
 
 def group_sigterm_then_resume(args: list[str], run_dir: Path, after_log: str, more_steps: int) -> int:
@@ -48,7 +50,7 @@ def group_sigterm_then_resume(args: list[str], run_dir: Path, after_log: str, mo
     exit with a checkpoint, rerun for ``more_steps`` and expect it to resume; returns the stop step."""
     process = start(args)
     wait_for_log(process, run_dir / "train.log", after_log)
-    signal_group_twice(process)
+    signal_group(process)
     _, stderr = process.communicate(timeout=300)
     assert process.returncode == REQUEUE, stderr[-4000:]
     assert "killed by signal" not in stderr
@@ -97,9 +99,10 @@ def test_signals_during_the_final_evaluation_keep_the_final_checkpoint(pretrain_
         "data.num_workers": 2, "data.val_urls": str(val), "train.max_steps": 4})]
     process = start(args)
     wait_for_log(process, run_dir / "train.log", "saved " + str(run_dir / "checkpoints" / "step_00000004"))
-    signal_group_twice(process)
+    signal_group(process, times=8, interval=0.05)  # a volley over the start of the evaluation's loader workers
     _, stderr = process.communicate(timeout=300)
     assert process.returncode == REQUEUE, stderr[-4000:]
+    assert "killed by signal" not in stderr
     log = (run_dir / "train.log").read_text()
     assert "during evaluation: evaluation skipped" in log and "eval at step 4" not in log
     assert (run_dir / "checkpoints" / "latest").read_text() == "step_00000004"
@@ -172,3 +175,19 @@ def test_a_ray_train_run_asked_to_stop_checkpoints_exits_for_requeue_and_resumes
         cwd=REPO, capture_output=True, text=True, timeout=400)
     assert result.returncode == 0, result.stderr[-4000:]
     assert_same_weights(final_weights(run_dir, stopped_at + 2), final_weights(uninterrupted, stopped_at + 2))
+
+
+def test_a_loader_worker_killed_outright_fails_the_run_fast_instead_of_hanging(pretrain_shards, tmp_path):
+    """The OOM killer's SIGKILL is no preemption: the run must fail (not wait forever on its workers)."""
+    run_dir = tmp_path / "run"
+    process = start(["--config", "demo", "--set", *tiny_overrides(pretrain_shards, run_dir, **{
+        "data.num_workers": 2, "train.epochs": 20})])
+    wait_for_log(process, run_dir / "train.log", "step 2/")
+    with open(f"/proc/{process.pid}/cmdline", "rb") as f:
+        command = f.read()
+    workers = [pid for pid in process_tree(process.pid)[1:] if Path(f"/proc/{pid}/cmdline").read_bytes() == command]
+    assert len(workers) == 2, workers
+    os.kill(workers[0], signal.SIGKILL)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode not in (0, REQUEUE), stderr[-3000:]
+    assert "killed by signal" in stderr
