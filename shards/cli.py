@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import shlex
@@ -30,9 +31,13 @@ def cmd_write(args: argparse.Namespace) -> int:
     from .writer import TargetLockedError, write_dataset
 
     demo = args.source == "demo" or args.source.startswith("demo:")
-    if not demo and (args.num_samples is not None or args.image_size is not None):
-        raise SystemExit("--num-samples and --image-size apply to the demo source only")
-    source = open_source(args.source, num_samples=args.num_samples, seed=args.seed, image_size=args.image_size or 32) if demo else args.source
+    generated = demo or args.source == "photos"
+    if not generated and args.num_samples is not None:
+        raise SystemExit("--num-samples applies to the demo and photos sources only")
+    if not demo and args.image_size is not None:
+        raise SystemExit("--image-size applies to the demo source only")
+    source = open_source(args.source, num_samples=args.num_samples, seed=args.seed,
+                         image_size=args.image_size or 32) if generated else args.source
     try:
         info = write_dataset(
             source,
@@ -74,9 +79,19 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    """Print decode+augment throughput per worker and in total."""
-    from .bench import bench
+    """Print decode+augment throughput per worker and in total, or (--compare) beside other readers."""
+    from .bench import bench, compare, format_comparison
     from .loader import AugmentConfig
+
+    if args.compare:
+        readers = ("project", *[r.strip() for r in args.compare.split(",") if r.strip() and r.strip() != "project"])
+        report = compare(args.url, readers=readers, img_size=args.img_size, batch_size=args.batch_size,
+                         num_workers=args.workers, batches=args.batches, rounds=args.rounds)
+        print(format_comparison(report))
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(report, f, indent=1)
+        return 0
 
     augment = AugmentConfig(auto_augment=None, reprob=0.0, color_jitter=None) if args.no_augment else AugmentConfig()
     result = bench(
@@ -109,7 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
             "keeps complete shards and rewrites the rest."
         ),
     )
-    write.add_argument("source", metavar="SOURCE", help="local/fsspec directory, outer .tar, or demo / demo:val")
+    write.add_argument("source", metavar="SOURCE", help="local/fsspec directory, outer .tar, demo / demo:val (generated "
+                       "digits), or photos (crops of scikit-image's photographs, for benchmarks)")
     write.add_argument("out_url", metavar="OUT_URL", help="target directory: a path or fsspec URL (s3://, gs://, file://)")
     write.add_argument("--samples-per-shard", type=_positive_int, default=1000, metavar="N", help="samples per shard (default 1000)")
     write.add_argument("--shard-bytes", type=_positive_int, metavar="B", help="also cut a shard before it exceeds this many source bytes")
@@ -122,7 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"class map: {', '.join(CLASS_MAPS)} or a URL of a class list (default auto: ImageNet-22K ids for fall11 layouts, else folder names)",
     )
     write.add_argument("--jpeg-quality", type=_positive_int, default=95, metavar="Q", help="quality of re-encoded JPEGs (default 95)")
-    write.add_argument("--num-samples", type=_positive_int, metavar="N", help="demo only: number of generated samples (default 2000 train, 500 val)")
+    write.add_argument("--num-samples", type=_positive_int, metavar="N", help="demo and photos: number of generated "
+                       "samples (default 2000 demo train, 500 demo val, 1500 photos)")
     write.add_argument("--image-size", type=_positive_int, metavar="PX", help="demo only: image side in pixels (default 32)")
     write.set_defaults(run=cmd_write)
 
@@ -147,6 +164,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--batches", type=_positive_int, default=30, metavar="N", help="batches timed (default 30)")
     bench.add_argument("--no-augment", action="store_true", help="decode and random-resized-crop only (no RandAugment, no erasing)")
     bench.add_argument("--target", type=float, metavar="IMG_PER_S", help="images/s one rank consumes; prints the num_workers that feed it")
+    bench.add_argument("--compare", metavar="READERS", help="also time these readers on the same shards and "
+                       "augmentation, in images per CPU-second (fresh process per trial, rounds interleaved, "
+                       "medians): timm (timm's WebDataset reader), webdataset (a plain webdataset pipeline); "
+                       "--workers is then the worker count of every reader")
+    bench.add_argument("--rounds", type=_positive_int, default=3, metavar="N", help="--compare: rounds (default 3)")
+    bench.add_argument("--json", metavar="FILE", help="--compare: also write the report (with every trial) as JSON")
     bench.set_defaults(run=cmd_bench)
     return parser
 

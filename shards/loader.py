@@ -4,14 +4,20 @@ Train stream (one per rank and DataLoader worker, a "slot"), built as a chain of
 
 1. shard URLs: an endless walk over per-epoch permutations of the shard list, slot ``s`` of
    ``S`` taking every ``S``-th shard (split by node and worker; no slot ever runs dry);
-2. tar -> samples (a truncated shard counts one bad sample and the walk goes on; a missing
-   shard raises naming its URL);
+2. tar -> samples (every sample a damaged shard fails to deliver against its ``info.json``
+   count is a bad sample and the walk goes on; a missing shard raises naming its URL);
 3. weighted mix of several sources (optional);
 4. shuffle buffer seeded by (seed, epoch, slot);
 5. fast-forward past samples delivered before a checkpoint (no decode);
-6. decode + validate (bad samples are counted and dropped) + timm augmentation seeded by
-   (seed, epoch, slot, position);
-7. batches; a worker stops after its quota, so every rank yields exactly ``len(loader)`` batches.
+6. decode + validate (bad samples are counted and dropped);
+7. batches: timm's train augmentation, its random draws seeded by (seed, epoch, slot, position),
+   each image written straight into a float32 batch tensor in ``channels_last`` layout, in
+   shared memory when built in a worker (:class:`TrainAugment`: timm's exact values, without
+   per-image tensors, transposes or a stacked copy); a worker stops after its quota, so every
+   rank yields exactly ``len(loader)`` batches.
+
+Train batches are ``(N, 3, H, W)`` tensors with NHWC strides (``channels_last``), what
+channels-last training consumes as is; ``.contiguous()`` gives NCHW strides.
 
 Mixup/CutMix runs on whole batches in the main process, seeded by (seed, epoch, rank, batch).
 
@@ -39,6 +45,7 @@ import os
 import random
 import signal
 import threading
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -51,12 +58,17 @@ import torch
 from PIL import Image, ImageOps
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, Mixup, create_transform
 from timm.data.auto_augment import RandAugment
+from timm.data.random_erasing import RandomErasing
+from torchvision import transforms
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .info import ShardSet, resolve_shard_set
 from .samples import BadSampleError, CorruptShardError, Sample, decode_sample, iter_shard_samples
 
 _logger = logging.getLogger(__name__)
+# PIL hands NumPy its pixels read-only; TrainAugment only reads them.
+warnings.filterwarnings("ignore", message="The given NumPy array is not writable", category=UserWarning,
+                        module=__name__)
 
 STATE_VERSION = 1
 MAX_BAD_IN_A_ROW = 1000
@@ -126,19 +138,53 @@ def _derived_seed(purpose: int, *parts: int) -> int:
     return int(np.random.SeedSequence([purpose, *map(int, parts)]).generate_state(1)[0])
 
 
-@contextmanager
-def _seeded_global_rngs(seed: int) -> Iterator[None]:
-    """Seed Python, NumPy and torch CPU RNGs for timm's transforms, restoring them afterwards."""
-    python_state, numpy_state, torch_state = random.getstate(), np.random.get_state(), torch.random.get_rng_state()
+_MASK64 = (1 << 64) - 1
+
+
+def _sample_seed(base: int, position: int) -> int:
+    """The 32-bit seed of sample ``position`` of a stream seeded ``base``: splitmix64's mixer on the
+    pair (a few microseconds where ``SeedSequence`` takes a hundred; it runs once per image)."""
+    z = (base * 0x9E3779B97F4A7C15 + position * 0xBF58476D1CE4E5B9 + 0x94D049BB133111EB) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return (z ^ (z >> 31)) >> 32
+
+
+def _seed_transform_rngs(seed: int) -> None:
+    """Seed what timm's transforms draw from: Python's and NumPy's global RNGs and torch's CPU generator.
+
+    ``torch.default_generator.manual_seed``, not ``torch.manual_seed``: the latter also seeds every
+    accelerator backend and, for one not yet initialised, queues the seed with a captured stack
+    trace (a third of a millisecond per call).
+    """
     random.seed(seed)
     np.random.seed(seed)
-    torch.random.manual_seed(seed)
+    torch.default_generator.manual_seed(seed)
+
+
+@contextmanager
+def _seeded_global_rngs(seed: int) -> Iterator[None]:
+    """:func:`_seed_transform_rngs` inside, the previous RNG states restored afterwards (for the main
+    process, whose RNG streams belong to the training loop)."""
+    python_state, numpy_state, torch_state = random.getstate(), np.random.get_state(), torch.default_generator.get_state()
+    _seed_transform_rngs(seed)
     try:
         yield
     finally:
         random.setstate(python_state)
         np.random.set_state(numpy_state)
-        torch.random.set_rng_state(torch_state)
+        torch.default_generator.set_state(torch_state)
+
+
+def _new_batch(shape: tuple[int, ...], dtype: torch.dtype, channels_last: bool = False) -> torch.Tensor:
+    """An uninitialised batch tensor (NHWC strides with ``channels_last``); in a DataLoader worker, in
+    shared memory (as ``default_collate`` allocates), so handing it to the training process copies nothing."""
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    if get_worker_info() is None:
+        return torch.empty(shape, dtype=dtype, memory_format=memory_format)
+    strides = torch.empty(shape, dtype=dtype, device="meta", memory_format=memory_format).stride()
+    storage = torch.empty(0, dtype=dtype)._typed_storage()._new_shared(math.prod(shape), device="cpu")
+    return torch.empty(0, dtype=dtype).set_(storage, 0, shape, strides)
 
 
 PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
@@ -275,15 +321,13 @@ def numbered(samples: Iterator[Sample], start: int) -> Iterator[tuple[int, Sampl
 def decoded(
     samples: Iterator[tuple[int, Sample]],
     *,
-    transform: Callable[[Image.Image], torch.Tensor],
     num_classes: int | None,
-    seed_of: Callable[[int], int] | None,
     counters: _Counters,
-) -> Iterator[tuple[int, str, torch.Tensor, int]]:
-    """Decode, validate and transform (RNGs seeded by ``seed_of(position)`` for random transforms).
+) -> Iterator[tuple[int, str, Image.Image, int]]:
+    """Decode and validate; yields ``(position, key, RGB image, label)``.
 
     Bad samples are counted and dropped; ``MAX_BAD_IN_A_ROW`` of them in a row raise, so a
-    stream of unusable data fails instead of searching forever. Yields ``(position, key, image, label)``.
+    stream of unusable data fails instead of searching forever.
     """
     bad_in_a_row = 0
     for position, sample in samples:
@@ -297,12 +341,14 @@ def decoded(
                 raise RuntimeError(f"{bad_in_a_row} bad samples in a row, the data looks unusable; last: {exc}") from exc
             continue
         bad_in_a_row = 0
-        if seed_of is None:
-            tensor = transform(image)
-        else:
-            with _seeded_global_rngs(seed_of(position)):
-                tensor = transform(image)
-        yield position, str(sample["__key__"]), tensor, label
+        yield position, str(sample["__key__"]), image, label
+
+
+def transformed(items: Iterator[tuple[int, str, Image.Image, int]], transform: Callable[[Image.Image], torch.Tensor]
+                ) -> Iterator[tuple[int, str, torch.Tensor, int]]:
+    """A deterministic transform (evaluation) applied to each image."""
+    for position, key, image, label in items:
+        yield position, key, transform(image), label
 
 
 def batched(items: Iterator[tuple[int, str, torch.Tensor, int]], batch_size: int, *, partial_last: bool) -> Iterator[tuple[int, list[str], torch.Tensor, torch.Tensor]]:
@@ -311,7 +357,35 @@ def batched(items: Iterator[tuple[int, str, torch.Tensor, int]], batch_size: int
         chunk = list(islice(items, batch_size))
         if not chunk or (len(chunk) < batch_size and not partial_last):
             return
-        images = torch.stack([tensor for _, _, tensor, _ in chunk])
+        first = chunk[0][2]
+        images = _new_batch((len(chunk), *first.shape), first.dtype)
+        torch.stack([tensor for _, _, tensor, _ in chunk], out=images)
+        labels = torch.tensor([label for _, _, _, label in chunk], dtype=torch.int64)
+        yield chunk[-1][0] + 1, [key for _, key, _, _ in chunk], images, labels
+
+
+def augmented_batches(
+    items: Iterator[tuple[int, str, Image.Image, int]],
+    *,
+    augment: "TrainAugment",
+    batch_size: int,
+    seed_of: Callable[[int], int],
+) -> Iterator[tuple[int, list[str], torch.Tensor, torch.Tensor]]:
+    """Full batches of augmented images, each written straight into the (shared-memory) batch tensor,
+    its random draws seeded by ``seed_of(position)``; yields ``(samples read so far, keys, images, labels)``."""
+    in_worker = get_worker_info() is not None  # a worker's global RNGs serve nothing else: no restoring
+    while True:
+        chunk = list(islice(items, batch_size))
+        if len(chunk) < batch_size:
+            return
+        images = _new_batch((batch_size, 3, augment.img_size, augment.img_size), torch.float32, channels_last=True)
+        for slot, (position, _, image, _) in zip(images, chunk):
+            if in_worker:
+                _seed_transform_rngs(seed_of(position))
+                augment.into(slot, image)
+            else:
+                with _seeded_global_rngs(seed_of(position)):
+                    augment.into(slot, image)
         labels = torch.tensor([label for _, _, _, label in chunk], dtype=torch.int64)
         yield chunk[-1][0] + 1, [key for _, key, _, _ in chunk], images, labels
 
@@ -342,7 +416,7 @@ class _TrainStream(IterableDataset):
         sources: Sequence[ShardSet],
         weights: Sequence[float],
         *,
-        transform: Callable[[Image.Image], torch.Tensor],
+        augment: TrainAugment,
         num_classes: int | None,
         batch_size: int,
         batches_per_rank: int,
@@ -353,7 +427,7 @@ class _TrainStream(IterableDataset):
         shuffle_buffer: int,
     ):
         self.sources, self.weights = list(sources), list(weights)
-        self.transform, self.num_classes = transform, num_classes
+        self.augment, self.num_classes = augment, num_classes
         self.batch_size, self.batches_per_rank = batch_size, batches_per_rank
         self.rank, self.world_size, self.workers = rank, world_size, workers
         self.seed, self.shuffle_buffer = seed, shuffle_buffer
@@ -391,14 +465,9 @@ class _TrainStream(IterableDataset):
             mixed(per_source, self.weights, mix_rng),
             partial(shuffled, buffer_size=self.shuffle_buffer, rng=shuffle_rng),
             partial(numbered, start=start.samples_read),
-            partial(
-                decoded,
-                transform=self.transform,
-                num_classes=self.num_classes,
-                seed_of=partial(_derived_seed, _AUGMENT, self.seed, self.epoch, slot),
-                counters=counters,
-            ),
-            partial(batched, batch_size=self.batch_size, partial_last=False),
+            partial(decoded, num_classes=self.num_classes, counters=counters),
+            partial(augmented_batches, augment=self.augment, batch_size=self.batch_size,
+                    seed_of=partial(_sample_seed, _derived_seed(_AUGMENT, self.seed, self.epoch, slot))),
         )
         for index, (samples_read, keys, images, labels) in enumerate(
             islice(stream, self.worker_quota(worker) - start.batches), start=start.batches
@@ -421,7 +490,9 @@ def _posterize_keeping_zero_bits(image: Image.Image, bits_to_keep: int, **_: Any
     return image if bits_to_keep >= 8 else ImageOps.posterize(image, bits_to_keep)
 
 
-def _train_transform(img_size: int, augment: AugmentConfig) -> Callable[[Image.Image], torch.Tensor]:
+def timm_train_transform(img_size: int, augment: AugmentConfig, *, separate: bool = False):
+    """timm's ``create_transform`` train pipeline for ``augment`` (RandAugment's posterize fixed, see
+    :func:`fix_posterize`); ``separate=True`` returns timm's (primary, secondary, final) parts."""
     transform = create_transform(
         img_size,
         is_training=True,
@@ -436,14 +507,64 @@ def _train_transform(img_size: int, augment: AugmentConfig) -> Callable[[Image.I
         re_count=augment.recount,
         mean=IMAGENET_DEFAULT_MEAN,
         std=IMAGENET_DEFAULT_STD,
+        separate=separate,
     )
-    # RandAugment's PosterizeIncreasing reaches 0 bits at high magnitude, which recent Pillow rejects.
-    for step in transform.transforms:
+    for part in transform if separate else (transform,):
+        fix_posterize(part)
+    return transform
+
+
+def fix_posterize(transform) -> None:
+    """RandAugment's PosterizeIncreasing reaches 0 bits at high magnitude, which recent Pillow rejects
+    (about 5 in 3000 calls of rand-m9-mstd0.5-inc1): 0 bits gives a black image, as older Pillow did."""
+    for step in getattr(transform, "transforms", ()):
         if isinstance(step, RandAugment):
             for op in step.ops:
                 if op.name.startswith("Posterize"):
                     op.aug_fn = _posterize_keeping_zero_bits
-    return transform
+
+
+class TrainAugment:
+    """timm's train transform, with its tensor half written straight into a batch slot.
+
+    timm's pipeline is PIL stages (random resized crop, flip, RandAugment or colour jitter), then
+    ``ToTensor``, ``Normalize`` and random erasing. :meth:`into` runs the PIL stages, then the
+    same tensor operations in the same order, in place in the slot of the batch tensor: the same
+    random draws and bit for bit the same values as the composed transform (``__call__``), without
+    building a per-image tensor, a normalized copy and a stacked copy of each. Slots of a
+    ``channels_last`` batch take PIL's pixel order as it is (no transposition).
+    """
+
+    def __init__(self, img_size: int, augment: AugmentConfig):
+        primary, secondary, final = timm_train_transform(img_size, augment, separate=True)
+        self.img_size = img_size
+        self._composed = transforms.Compose([*primary.transforms, *secondary.transforms, *final.transforms])
+        self.pil = transforms.Compose([*primary.transforms, *secondary.transforms])
+        normalize = next(t for t in final.transforms if isinstance(t, transforms.Normalize))
+        mean = torch.as_tensor(normalize.mean, dtype=torch.float32)
+        std = torch.as_tensor(normalize.std, dtype=torch.float32)
+        self.mean, self.std = mean.view(-1, 1, 1), std.view(-1, 1, 1)
+        # the same per-channel values along one image row in pixel (H, W*C) order, for NHWC slots
+        self.mean_row, self.std_row = mean.repeat(img_size), std.repeat(img_size)
+        self.erasing = next((t for t in final.transforms if isinstance(t, RandomErasing)), None)
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        """The composed timm transform, one image (reference and tests)."""
+        return self._composed(image)
+
+    def into(self, slot: torch.Tensor, image: Image.Image) -> None:
+        """Augment ``image`` into ``slot`` (float32, 3 x img_size x img_size, any strides)."""
+        pixels = torch.from_numpy(np.asarray(self.pil(image)))  # H x W x C, read only, never written
+        rows = slot.permute(1, 2, 0)
+        if rows.is_contiguous():  # an NHWC batch: work in pixel order, one image row at a time
+            rows = rows.view(self.img_size, -1)
+            torch.div(pixels.view(self.img_size, -1), 255, out=rows)  # ToTensor: float32(x) / 255
+            rows.sub_(self.mean_row).div_(self.std_row)  # Normalize
+        else:
+            torch.div(pixels.permute(2, 0, 1), 255, out=slot)
+            slot.sub_(self.mean).div_(self.std)
+        if self.erasing is not None:
+            self.erasing(slot)
 
 
 class TrainLoader:
@@ -655,7 +776,7 @@ def build_train_loader(
     stream = _TrainStream(
         sources,
         weights or [1.0],
-        transform=_train_transform(img_size, augment or AugmentConfig()),
+        augment=TrainAugment(img_size, augment or AugmentConfig()),
         num_classes=num_classes,
         batch_size=batch_size,
         batches_per_rank=batches_per_rank,
@@ -706,7 +827,8 @@ class _EvalStream(IterableDataset):
         counters = _Counters()
         stream = chain(
             self._samples_in(self.worker_range(worker), counters),
-            partial(decoded, transform=self.transform, num_classes=self.num_classes, seed_of=None, counters=counters),
+            partial(decoded, num_classes=self.num_classes, counters=counters),
+            partial(transformed, transform=self.transform),
             partial(batched, batch_size=self.batch_size, partial_last=True),
         )
         bad = 0

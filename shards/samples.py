@@ -106,7 +106,8 @@ _HIGH_BIT_DEPTH = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
-    """An 8-bit RGB copy: alpha composited on white, 16-bit and 32-bit greyscale scaled to 8 bits.
+    """The image as 8-bit RGB (itself when it already is): alpha composited on white, 16-bit and
+    32-bit greyscale scaled to 8 bits.
 
     Pillow's own ``convert("RGB")`` clips 16-bit values (0..65535) at 255, which turns a 16-bit
     greyscale PNG almost white; here 65535 maps to 255. Integer images whose values all fit in
@@ -123,7 +124,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         rgba = image.convert("RGBA")
         return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
-    return image.convert("RGB")
+    return image if image.mode == "RGB" else image.convert("RGB")
 
 
 class BadSampleError(ValueError):
@@ -145,7 +146,8 @@ def decode_sample(sample: Sample, num_classes: int | None) -> tuple[Image.Image,
     if label < 0 or (num_classes is not None and label >= num_classes):
         raise BadSampleError(f"{where}: cls {label} outside [0, {num_classes})")
     try:
-        with Image.open(io.BytesIO(sample[extension])) as image:
-            return to_rgb(image), label
+        image = Image.open(io.BytesIO(sample[extension]))
+        image.load()
+        return to_rgb(image), label
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         raise BadSampleError(f"{where}: {extension} does not decode: {type(exc).__name__}: {exc}") from exc

@@ -256,12 +256,16 @@ def _synset_refs_in_outer_tar(fs: AbstractFileSystem, path: str) -> list[_Archiv
 
 
 def open_source(spec: str, *, num_samples: int | None = None, seed: int = 0, image_size: int = 32) -> ImageSource:
-    """Detect and open a source: ``demo``/``demo:val``, a fall11 directory or outer tar, or an image tree."""
+    """Detect and open a source: ``demo``/``demo:val``, ``photos``, a fall11 directory or outer tar, or an image tree."""
     if spec == "demo" or spec.startswith("demo:"):
         split = spec.partition(":")[2] or "train"
         return DemoSource(split, num_samples, seed, image_size)
+    if spec == "photos":
+        from .photos import PhotoSource
+
+        return PhotoSource(num_samples, seed)
     if num_samples is not None:
-        raise ValueError("num_samples applies to the demo source only")
+        raise ValueError("num_samples applies to the demo and photos sources only")
     fs, path = fsspec.core.url_to_fs(spec)
     if not fs.exists(path):
         raise FileNotFoundError(f"source {spec} does not exist")

@@ -74,13 +74,13 @@ def encode_image(data: bytes, options: EncodeOptions) -> tuple[bytes, tuple[int,
     :func:`shards.samples.to_rgb`), resized if asked, and encoded as JPEG.
     Undecodable data raises ``OSError``/``ValueError``/``SyntaxError``.
     """
-    with Image.open(io.BytesIO(data)) as image:
-        image.load()
-        size = image.size
-        resize = options.max_side is not None and max(size) > options.max_side
-        if image.format == "JPEG" and image.mode in ("RGB", "L") and not resize:
-            return data, size
-        rgb = to_rgb(image)
+    image = Image.open(io.BytesIO(data))
+    image.load()
+    size = image.size
+    resize = options.max_side is not None and max(size) > options.max_side
+    if image.format == "JPEG" and image.mode in ("RGB", "L") and not resize:
+        return data, size
+    rgb = to_rgb(image)
     if resize:
         scale = options.max_side / max(size)
         target = (max(1, round(size[0] * scale)), max(1, round(size[1] * scale)))

@@ -95,8 +95,9 @@ def test_torchrun_zero_stages_match_the_single_process_computation(stage, pretra
                   *distributed_overrides(pretrain_shards, run_dir, **{"train.zero_stage": stage})])
     losses = [v for _, v in read_scalars(run_dir)["train/loss"]]
     assert len(losses) == STEPS
+    # the same numbers as the independent computation; learning itself is asserted by the demo test
+    # (6 warm-up steps of batch 32 move the loss by less than batch-to-batch noise)
     assert losses == pytest.approx(reference, rel=2e-5), (losses, reference)
-    assert losses[-1] < losses[0]
 
 
 def process_tree(root: int) -> list[int]:

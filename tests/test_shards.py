@@ -539,3 +539,51 @@ def test_cli_write_verify_bench(tmp_path, capsys):
     assert cli_main(["bench", str(out), "--img-size", "32", "--batch-size", "8", "--batches", "4", "--workers", "2", "--target", "5000"]) == 0
     printed = capsys.readouterr().out
     assert "per worker:" in printed and "images/s with 2 workers" in printed and "num_workers >=" in printed
+
+
+def test_train_augment_writes_bit_for_bit_what_timms_composed_transform_returns(tmp_path):
+    """The batch path (PIL stages, then ToTensor + Normalize + random erasing in place in the batch
+    tensor) must be timm's transform exactly: same random draws, same pixels, over many draws."""
+    import random as python_random
+
+    from shards.loader import TrainAugment, _seed_transform_rngs, timm_train_transform
+
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in ((330, 500), (480, 360))]
+    augment = TrainAugment(96, AugmentConfig())  # RandAugment rand-m9-mstd0.5-inc1 + random erasing 0.25
+    reference = timm_train_transform(96, AugmentConfig())
+    slot = torch.empty(3, 96, 96)
+    erased = 0
+    for seed in range(120):
+        image = images[seed % 2]
+        _seed_transform_rngs(seed)
+        expected = reference(image)
+        after_reference = (python_random.random(), torch.rand(1))
+        _seed_transform_rngs(seed)
+        augment.into(slot, image)
+        assert torch.equal(slot, expected), seed
+        assert (python_random.random(), torch.rand(1)) == after_reference  # the same number of draws
+        erased += bool((expected.abs() > 3).any())
+    assert erased > 0  # erasing (N(0, 1) pixels, beyond any normalized photo value) happened in some draws
+
+
+def test_bench_compare_times_the_three_readers_per_cpu_second(tmp_path):
+    pytest.importorskip("skimage")
+    result = subprocess.run([sys.executable, "-m", "shards", "write", "photos", str(tmp_path / "photos"),
+                             "--num-samples", "120", "--samples-per-shard", "40"], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    report_path = tmp_path / "report.json"
+    result = subprocess.run([sys.executable, "-m", "shards", "bench", str(tmp_path / "photos"), "--compare",
+                             "timm,webdataset", "--img-size", "64", "--batch-size", "8", "--batches", "3",
+                             "--workers", "1", "--rounds", "1", "--json", str(report_path)],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "img/CPU-s" in result.stdout and "vs timm" in result.stdout
+    report = json.loads(report_path.read_text())
+    assert set(report["readers"]) == {"project", "timm", "webdataset"}
+    for entry in report["readers"].values():
+        (trial,) = entry["trials"]
+        assert trial["images"] == 24 and trial["cpu_s"] > 0 and entry["images_per_cpu_s"] > 0
+    assert report["readers"]["timm"]["vs_timm"] == 1.0
+    assert report["seeding_us_per_sample"]["loader"] < report["seeding_us_per_sample"]["torch.manual_seed"]
