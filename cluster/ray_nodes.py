@@ -1,0 +1,54 @@
+"""``python -m cluster.ray_nodes --address HOST:PORT --ips IP[,IP...] [--timeout S]``: wait until every
+node of a Ray cluster has joined.
+
+The Slurm bootstrap starts one Ray node per allocated node and must not guess when they are up
+(no ``sleep`` and hope): this polls the cluster's node table until a live node exists for every
+expected IP, then exits 0; after the timeout it exits 1 naming the nodes that never joined.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+
+def alive_node_ips(address: str) -> set[str]:
+    """IPs of the live nodes of the Ray cluster at ``address`` (connecting as a short-lived driver)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=address, log_to_driver=False, logging_level="ERROR")
+    return {node["NodeManagerAddress"] for node in ray.nodes() if node["Alive"]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m cluster.ray_nodes", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--address", required=True, help="HOST:PORT of the Ray head (GCS)")
+    parser.add_argument("--ips", required=True, help="comma-separated node IPs that must join")
+    parser.add_argument("--names", default="", help="comma-separated node names, for the error message")
+    parser.add_argument("--timeout", type=float, default=300.0, help="seconds to wait (default 300)")
+    args = parser.parse_args(argv)
+    expected = [ip for ip in args.ips.split(",") if ip]
+    names = dict(zip(expected, args.names.split(","))) if args.names else {}
+    deadline, joined, last_error = time.monotonic() + args.timeout, set(), None
+    while time.monotonic() < deadline:
+        try:
+            joined = alive_node_ips(args.address)
+            last_error = None
+        except Exception as error:  # the head is still starting: GCS not reachable yet
+            last_error = error
+        if set(expected) <= joined:
+            print(f"ray cluster at {args.address}: all {len(expected)} nodes joined", flush=True)
+            return 0
+        time.sleep(2.0)
+    missing = [f"{names.get(ip, ip)} ({ip})" for ip in expected if ip not in joined]
+    reason = f"; last error: {last_error}" if last_error else ""
+    print(f"error: after {args.timeout:.0f} s these nodes had not joined the Ray cluster at {args.address}: "
+          f"{', '.join(missing)}{reason}", file=sys.stderr)
+    return 1
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    sys.exit(main())

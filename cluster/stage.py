@@ -1,0 +1,183 @@
+"""``python -m cluster.stage NAME [--run-dir DIR] [--config PRESET] [--set key=value ...]``: one stage.
+
+Every scheduler runs the same command: Slurm (``slurm/*.sh``), the Ray cluster launcher and
+KubeRay only start the Ray cluster and set the environment. A stage is a Ray driver on the
+cluster ``RAY_ADDRESS`` names (or a new local one). Rerunning a stage resumes it from its
+``latest`` checkpoint; a stage that completed (``RUN_DIR/COMPLETE``) is skipped.
+
+Stages:
+    pretrain_xl   Ray Train, one worker per GPU, DeepSpeed ZeRO, preset ``xl_in22k_384`` (``--config``
+                  for another); exit 75 when preempted after checkpointing (requeue and rerun).
+    export        the pretraining run's latest checkpoint in the authors' key layout, for fine-tuning
+                  (``RUN_DIR/export/backbone.pth``; EMA weights when the run kept them).
+    finetune_coco, finetune_ade20k
+                  not available yet: they need the ``finetune`` package.
+
+Environment (arguments win over it):
+    UNIREPLKNET_RUN_ROOT      where stage run directories live (default ``runs``): RUN_ROOT/NAME
+    UNIREPLKNET_TRAIN_SHARDS  training shards (``data.train_urls``), any fsspec URL
+    UNIREPLKNET_VAL_SHARDS    validation shards (``data.val_urls``)
+    UNIREPLKNET_NUM_WORKERS   Ray Train workers (default: the cluster's GPUs)
+    RAY_ADDRESS               the Ray cluster to drive
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+
+__all__ = ["ENVIRONMENT", "STAGES", "main", "run_stage", "stage_run_dir"]
+
+_logger = logging.getLogger(__name__)
+
+ENVIRONMENT = {
+    "UNIREPLKNET_RUN_ROOT": "where stage run directories live (default: runs)",
+    "UNIREPLKNET_TRAIN_SHARDS": "training shards (data.train_urls)",
+    "UNIREPLKNET_VAL_SHARDS": "validation shards (data.val_urls)",
+    "UNIREPLKNET_NUM_WORKERS": "Ray Train workers (default: the cluster's GPUs)",
+    "RAY_ADDRESS": "the Ray cluster to drive (default: a new local one)",
+}
+COMPLETE_MARKER = "COMPLETE"
+PRETRAIN_PRESET = "xl_in22k_384"
+
+
+def stage_run_dir(name: str, run_dir: str | None = None) -> str:
+    """``run_dir``, else ``$UNIREPLKNET_RUN_ROOT/NAME`` (``runs/NAME``), absolute."""
+    return os.path.abspath(run_dir or os.path.join(os.environ.get("UNIREPLKNET_RUN_ROOT", "runs"), name))
+
+
+def _pretrain_config(args: argparse.Namespace, run_dir: str):
+    from pretrain.config import load_config
+
+    overrides = [f"run_dir={run_dir}", "launch.launcher=ray"]
+    for variable, key in (("UNIREPLKNET_TRAIN_SHARDS", "data.train_urls"), ("UNIREPLKNET_VAL_SHARDS", "data.val_urls")):
+        if os.environ.get(variable):
+            overrides += ["data.source=shards", f"{key}={os.environ[variable]}"]
+    if os.environ.get("UNIREPLKNET_NUM_WORKERS"):
+        overrides.append(f"launch.num_workers={int(os.environ['UNIREPLKNET_NUM_WORKERS'])}")
+    return load_config(args.config or PRETRAIN_PRESET, overrides + list(args.overrides))
+
+
+def _cluster_gpus() -> int:
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS") or None)
+    return int(ray.cluster_resources().get("GPU", 0))
+
+
+def pretrain_xl(args: argparse.Namespace, run_dir: str) -> int:
+    """Pretraining through Ray Train; resumes from ``latest``; 75 when preempted."""
+    import dataclasses
+
+    from pretrain.launch import launch
+
+    config = _pretrain_config(args, run_dir)
+    explicit = os.environ.get("UNIREPLKNET_NUM_WORKERS") or any(o.startswith("launch.num_workers=")
+                                                                for o in args.overrides)
+    if not explicit and not args.dry_run:
+        gpus = _cluster_gpus()
+        if gpus == 0:
+            raise SystemExit("pretrain_xl: the Ray cluster has no GPU; set launch.num_workers (and launch.device=cpu "
+                             "to train on CPUs) or UNIREPLKNET_NUM_WORKERS")
+        config.launch = dataclasses.replace(config.launch, num_workers=gpus)
+    if args.dry_run:
+        from pretrain.config import config_to_dict
+        from pretrain.launch import check_batch_split
+
+        check_batch_split(config, config.launch.num_workers)
+        print(json.dumps(config_to_dict(config), indent=2))
+        return 0
+    return launch(config)
+
+
+def export(args: argparse.Namespace, run_dir: str) -> int:
+    """The pretraining run's weights in the official layout: ``RUN_DIR/export/backbone.pth``."""
+    from pretrain import checkpoint as ckpt
+    from pretrain.export import export_checkpoint
+
+    pretrain_dir = args.source or stage_run_dir("pretrain_xl")
+    folder = ckpt.find_checkpoint(os.path.join(pretrain_dir, "checkpoints"))
+    if folder is None:
+        raise SystemExit(f"export: {pretrain_dir} has no checkpoint yet (run pretrain_xl first)")
+    saved = ckpt.read_saved_config(folder) or {}
+    ema = saved.get("train", {}).get("ema_decay") is not None
+    out = os.path.join(run_dir, "export", "backbone.pth")
+    if args.dry_run:
+        print(json.dumps({"checkpoint": folder, "out": out, "ema": ema}, indent=2))
+        return 0
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    summary = export_checkpoint(pretrain_dir, out, checkpoint=folder, ema=ema, official=True)
+    with open(os.path.join(run_dir, "export", "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    _logger.info("exported %s -> %s", folder, out)
+    return 0
+
+
+def _not_yet(name: str):
+    def stage(args: argparse.Namespace, run_dir: str) -> int:
+        raise SystemExit(f"{name}: not available yet: the fine-tune stages need the finetune package, which this "
+                         "version does not have")
+
+    stage.__doc__ = "Not available yet (needs the finetune package)."
+    return stage
+
+
+STAGES = {"pretrain_xl": pretrain_xl, "export": export, "finetune_coco": _not_yet("finetune_coco"),
+          "finetune_ade20k": _not_yet("finetune_ade20k")}
+
+
+def run_stage(name: str, args: argparse.Namespace) -> int:
+    """Run stage ``name``; skipped when its run directory says COMPLETE, marked COMPLETE when it finishes."""
+    run_dir = stage_run_dir(name, args.run_dir)
+    marker = os.path.join(run_dir, COMPLETE_MARKER)
+    if os.path.exists(marker) and not args.dry_run:
+        _logger.info("stage %s is complete (%s): skipped; delete the file to run it again", name, marker)
+        return 0
+    status = STAGES[name](args, run_dir)
+    if status == 0 and not args.dry_run:
+        os.makedirs(run_dir, exist_ok=True)
+        with open(marker, "w") as f:
+            json.dump({"stage": name, "finished": time.strftime("%Y-%m-%d %H:%M:%S")}, f)
+            f.write("\n")
+    return status
+
+
+def build_parser() -> argparse.ArgumentParser:
+    environment = "\n".join(f"  {name:26s}{text}" for name, text in ENVIRONMENT.items())
+    parser = argparse.ArgumentParser(prog="python -m cluster.stage", description=__doc__.split("\n\n")[0],
+                                     epilog=f"environment:\n{environment}\n\nexit status: 0 done (or already "
+                                     "complete), 75 preempted after a checkpoint (rerun to resume), 2 bad "
+                                     "arguments or config", formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("stage", choices=sorted(STAGES), help="the stage to run")
+    parser.add_argument("--run-dir", help="this stage's run directory (default: $UNIREPLKNET_RUN_ROOT/STAGE)")
+    parser.add_argument("--config", help=f"pretrain_xl: preset or JSON config (default {PRETRAIN_PRESET})")
+    parser.add_argument("--source", help="export: the pretraining run directory (default: RUN_ROOT/pretrain_xl)")
+    parser.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                        help="config overrides, as for python -m pretrain")
+    parser.add_argument("--dry-run", action="store_true", help="validate and print what would run, then exit")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from pretrain.checkpoint import CheckpointError
+    from pretrain.config import ConfigError
+    from pretrain.metrics import init_logging
+
+    args = build_parser().parse_args(argv)
+    init_logging(0)
+    try:
+        return run_stage(args.stage, args)
+    except ConfigError as error:
+        print(f"config error: {error}", file=sys.stderr)
+        return 2
+    except CheckpointError as error:
+        print(f"checkpoint error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

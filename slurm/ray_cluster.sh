@@ -1,0 +1,124 @@
+# shellcheck shell=bash
+# A Ray cluster inside this Slurm job, sourced by every stage script (never copied):
+#   ray_cluster_up     head on the first node, one worker on every other node, each as
+#                      `ray start ... --block` under its own srun step, so nothing outlives the job;
+#                      waits until every node has joined (error naming the missing ones otherwise)
+#   ray_cluster_down   stops exactly these srun steps (never `ray stop`, which would end every Ray
+#                      instance of the user on the node)
+#   run_stage NAME ARGS...
+#                      runs `python -m cluster.stage NAME ARGS...` as the driver; USR1 (sbatch
+#                      --signal=B:USR1@...) asks the stage to checkpoint (RUN_DIR/STOP); a stage that
+#                      exits 75 (preempted after its checkpoint) requeues the job, which resumes from
+#                      `latest` with no flag; any other failure is not requeued.
+# Ports and the Ray temp dir derive from the job id, so two jobs sharing a node do not collide.
+# Knobs (environment): UNIREPLKNET_HOME (the project checkout; default: the submit directory),
+# UNIREPLKNET_PYTHON, UNIREPLKNET_RUN_ROOT, RAY_CPUS_PER_NODE, RAY_GPUS_PER_NODE,
+# RAY_NODE_TIMEOUT (seconds to wait for the nodes, default 300), and those of `python -m cluster.stage`.
+
+UNIREPLKNET_HOME=${UNIREPLKNET_HOME:-${SLURM_SUBMIT_DIR:-$PWD}}
+if [[ -z "${UNIREPLKNET_PYTHON:-}" ]]; then
+    if [[ -x "$UNIREPLKNET_HOME/.venv/bin/python" ]]; then UNIREPLKNET_PYTHON=$UNIREPLKNET_HOME/.venv/bin/python
+    else UNIREPLKNET_PYTHON=python3; fi
+fi
+RAY_BIN=$(dirname "$UNIREPLKNET_PYTHON")/ray
+[[ -x "$RAY_BIN" ]] || RAY_BIN=ray
+export PYTHONPATH="$UNIREPLKNET_HOME${PYTHONPATH:+:$PYTHONPATH}"
+export UNIREPLKNET_RUN_ROOT=${UNIREPLKNET_RUN_ROOT:-$UNIREPLKNET_HOME/runs}
+
+RAY_JOB_BASE_PORT=$(( 20000 + (SLURM_JOB_ID % 40) * 1000 ))   # this job's block of 1000 ports
+RAY_HEAD_PORT=$RAY_JOB_BASE_PORT
+RAY_TEMP_DIR=/tmp/ray-j$SLURM_JOB_ID                            # short: Ray's socket paths are limited
+RAY_STEP_PIDS=()
+
+_node_ip() {  # the address Slurm reaches the node at, as an IPv4 address
+    local addr
+    addr=$(scontrol show node "$1" -o | tr ' ' '\n' | sed -n 's/^NodeAddr=//p')
+    if [[ "$addr" =~ ^[0-9]+(\.[0-9]+){3}$ ]]; then echo "$addr"
+    else getent ahostsv4 "$addr" | awk 'NR == 1 {print $1}'; fi
+}
+
+_ray_node_args() {  # ports of node $1 (index in the job), distinct per node in case several share a machine
+    local base=$(( RAY_JOB_BASE_PORT + 10 + ($1 % 8) * 120 ))
+    echo "--node-manager-port=$base --object-manager-port=$((base + 1)) --metrics-export-port=$((base + 2))" \
+         "--dashboard-agent-grpc-port=$((base + 3)) --dashboard-agent-listen-port=$((base + 4))" \
+         "--runtime-env-agent-port=$((base + 5)) --min-worker-port=$((base + 20)) --max-worker-port=$((base + 119))" \
+         "--temp-dir=$RAY_TEMP_DIR --disable-usage-stats --block"
+}
+
+ray_cluster_up() {
+    local nodes ips resources i
+    mapfile -t nodes < <(scontrol show hostnames "$SLURM_JOB_NODELIST")
+    RAY_LOG_DIR=$UNIREPLKNET_RUN_ROOT/slurm-logs/$SLURM_JOB_ID
+    mkdir -p "$RAY_LOG_DIR"
+    resources=()
+    [[ -n "${RAY_CPUS_PER_NODE:-${SLURM_CPUS_PER_TASK:-}}" ]] && resources+=(--num-cpus="${RAY_CPUS_PER_NODE:-$SLURM_CPUS_PER_TASK}")
+    [[ -n "${RAY_GPUS_PER_NODE:-}" ]] && resources+=(--num-gpus="$RAY_GPUS_PER_NODE")
+    ips=()
+    for i in "${!nodes[@]}"; do ips+=("$(_node_ip "${nodes[$i]}")"); done
+    RAY_HEAD_IP=${ips[0]}
+    export RAY_ADDRESS=$RAY_HEAD_IP:$RAY_HEAD_PORT
+    echo "ray: head ${nodes[0]} ($RAY_ADDRESS), ${#nodes[@]} nodes, logs in $RAY_LOG_DIR"
+    # shellcheck disable=SC2046
+    srun --nodes=1 --ntasks=1 --overlap -w "${nodes[0]}" --output="$RAY_LOG_DIR/${nodes[0]}.log" \
+        "$RAY_BIN" start --head --node-ip-address="$RAY_HEAD_IP" --port="$RAY_HEAD_PORT" \
+        --ray-client-server-port=$((RAY_JOB_BASE_PORT + 1)) --include-dashboard=false \
+        "${resources[@]}" $(_ray_node_args 0) &
+    RAY_STEP_PIDS+=($!)
+    "$UNIREPLKNET_PYTHON" -m cluster.ray_nodes --address "$RAY_ADDRESS" --ips "$RAY_HEAD_IP" \
+        --names "${nodes[0]}" --timeout "${RAY_NODE_TIMEOUT:-300}" || return 1
+    for i in "${!nodes[@]}"; do
+        (( i == 0 )) && continue
+        # shellcheck disable=SC2046
+        srun --nodes=1 --ntasks=1 --overlap -w "${nodes[$i]}" --output="$RAY_LOG_DIR/${nodes[$i]}.log" \
+            "$RAY_BIN" start --address="$RAY_ADDRESS" --node-ip-address="${ips[$i]}" \
+            "${resources[@]}" $(_ray_node_args "$i") &
+        RAY_STEP_PIDS+=($!)
+    done
+    "$UNIREPLKNET_PYTHON" -m cluster.ray_nodes --address "$RAY_ADDRESS" --ips "$(IFS=,; echo "${ips[*]}")" \
+        --names "$(IFS=,; echo "${nodes[*]}")" --timeout "${RAY_NODE_TIMEOUT:-300}"
+}
+
+ray_cluster_down() {
+    local pid waited
+    (( ${#RAY_STEP_PIDS[@]} )) || return 0
+    for pid in "${RAY_STEP_PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+    for waited in $(seq 60); do
+        local alive=0
+        for pid in "${RAY_STEP_PIDS[@]}"; do kill -0 "$pid" 2>/dev/null && alive=1; done
+        (( alive )) || break
+        sleep 1
+    done
+    for pid in "${RAY_STEP_PIDS[@]}"; do kill -KILL "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; done
+    RAY_STEP_PIDS=()
+    echo "ray: this job's nodes stopped"
+}
+
+_request_stop() {
+    echo "USR1: asking the stage to checkpoint and stop ($STAGE_RUN_DIR/STOP)"
+    mkdir -p "$STAGE_RUN_DIR"
+    echo "slurm USR1" >> "$STAGE_RUN_DIR/STOP"
+}
+
+run_stage() {
+    local name=$1 status=0
+    shift
+    STAGE_RUN_DIR=${STAGE_RUN_DIR:-$UNIREPLKNET_RUN_ROOT/$name}
+    trap ray_cluster_down EXIT
+    trap _request_stop USR1
+    ray_cluster_up || { echo "ray: the cluster did not come up" >&2; return 1; }
+    cd "$UNIREPLKNET_HOME" || return 1
+    "$UNIREPLKNET_PYTHON" -m cluster.stage "$name" --run-dir "$STAGE_RUN_DIR" "$@" &
+    local driver=$!
+    while true; do  # a trapped signal interrupts `wait`; keep waiting for the driver itself
+        wait "$driver" && status=0 || status=$?
+        kill -0 "$driver" 2>/dev/null || break
+    done
+    ray_cluster_down
+    if (( status == 75 )); then
+        echo "stage $name preempted after its checkpoint: requeueing job $SLURM_JOB_ID"
+        scontrol requeue "$SLURM_JOB_ID"
+        return 0
+    fi
+    echo "stage $name finished with status $status"
+    return "$status"
+}
