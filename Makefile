@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: setup demo test clean
+.PHONY: setup system-deps demo test clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -17,6 +17,16 @@ $(STAMP): pyproject.toml constraints.txt
 
 ## setup: create .venv and install the project (idempotent: a second run takes seconds)
 setup: $(STAMP)
+
+## system-deps: the Debian packages the cluster tests run for real (Slurm, munge, sshd); needs root.
+## The tests that need them skip without them (CI sets UNIREPLKNET_REQUIRE_SLURM=1: they fail instead).
+SYSTEM_PACKAGES := slurmctld slurmd slurm-client munge openssh-server
+system-deps:
+	@if command -v sbatch >/dev/null && test -x /usr/sbin/slurmctld -a -x /usr/sbin/munged -a -x /usr/sbin/sshd; then \
+	    echo "system packages present"; \
+	else \
+	    apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $(SYSTEM_PACKAGES); \
+	fi
 
 ## demo: set up, then run the embedded default job: generate digit shards, pretrain a small
 ## UniRepLKNet on them with DeepSpeed (CPU, about a minute), evaluate, export re-parameterized

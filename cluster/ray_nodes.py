@@ -9,8 +9,19 @@ from __future__ import annotations
 
 import argparse
 import os
+import socket
 import sys
 import time
+
+
+def _accepts_connections(address: str) -> bool:
+    """Whether the head's GCS port accepts TCP connections yet (``ray.init`` would otherwise retry for minutes)."""
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=2.0):
+            return True
+    except OSError:
+        return False
 
 
 def alive_node_ips(address: str) -> set[str]:
@@ -18,6 +29,8 @@ def alive_node_ips(address: str) -> set[str]:
     import ray
 
     if not ray.is_initialized():
+        if not _accepts_connections(address):
+            raise ConnectionError(f"nothing listens on {address} yet")
         ray.init(address=address, log_to_driver=False, logging_level="ERROR")
     return {node["NodeManagerAddress"] for node in ray.nodes() if node["Alive"]}
 

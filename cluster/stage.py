@@ -130,18 +130,36 @@ STAGES = {"pretrain_xl": pretrain_xl, "export": export, "finetune_coco": _not_ye
           "finetune_ade20k": _not_yet("finetune_ade20k")}
 
 
+def _stage_identity(name: str, args: argparse.Namespace, run_dir: str) -> dict:
+    """What a completed run of the stage is recognised by: its config (pretraining) or arguments."""
+    if name == "pretrain_xl":
+        from pretrain.config import config_to_dict
+
+        config = config_to_dict(_pretrain_config(args, run_dir))
+        config.pop("launch")  # how many workers ran it does not change what was computed
+        return {"config": config}
+    return {"config": args.config, "source": args.source, "overrides": list(args.overrides)}
+
+
 def run_stage(name: str, args: argparse.Namespace) -> int:
-    """Run stage ``name``; skipped when its run directory says COMPLETE, marked COMPLETE when it finishes."""
+    """Run stage ``name``: skipped when ``RUN_DIR/COMPLETE`` records a finished run with the same settings,
+    else run (resuming from ``latest``) and marked COMPLETE when it finishes."""
     run_dir = stage_run_dir(name, args.run_dir)
     marker = os.path.join(run_dir, COMPLETE_MARKER)
+    identity = _stage_identity(name, args, run_dir)
     if os.path.exists(marker) and not args.dry_run:
-        _logger.info("stage %s is complete (%s): skipped; delete the file to run it again", name, marker)
-        return 0
+        with open(marker) as f:
+            done = json.load(f)
+        if done.get("identity") == identity:
+            _logger.info("stage %s is complete (%s): skipped; delete the file to run it again", name, marker)
+            return 0
+        _logger.info("stage %s completed before with other settings: running (resuming from latest)", name)
+        os.remove(marker)
     status = STAGES[name](args, run_dir)
     if status == 0 and not args.dry_run:
         os.makedirs(run_dir, exist_ok=True)
         with open(marker, "w") as f:
-            json.dump({"stage": name, "finished": time.strftime("%Y-%m-%d %H:%M:%S")}, f)
+            json.dump({"stage": name, "finished": time.strftime("%Y-%m-%d %H:%M:%S"), "identity": identity}, f)
             f.write("\n")
     return status
 

@@ -1,0 +1,130 @@
+"""A real Slurm on this machine for tests: munged, slurmctld and two slurmd daemons as nodes n1 and n2.
+
+Every daemon runs in the foreground under this process, with its config, state, spool, logs and
+munge socket in a temporary directory, and is stopped by its PID. n1 and n2 listen on the
+loopback addresses 127.0.0.2 and 127.0.0.3 (the whole of 127/8 is loopback), which a Ray
+cluster inside a job then uses as its node IPs (Ray replaces 127.0.0.1 by the machine's address).
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+NODES = {"n1": "127.0.0.2", "n2": "127.0.0.3"}
+CPUS_PER_NODE = 2
+DAEMONS = ("munged", "slurmctld", "slurmd", "sbatch", "scontrol", "squeue", "srun")
+
+
+def missing_binaries() -> list[str]:
+    return [name for name in DAEMONS if shutil.which(name) is None and not Path("/usr/sbin", name).exists()]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _binary(name: str) -> str:
+    return shutil.which(name) or str(Path("/usr/sbin", name))
+
+
+class SlurmCluster:
+    """Start with :meth:`start`, stop with :meth:`stop`; :attr:`env` is what client commands need."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.processes: dict[str, subprocess.Popen] = {}
+        self.conf = root / "slurm.conf"
+        self.munge_socket = root / "munge" / "munge.socket"
+        self.env = {**os.environ, "SLURM_CONF": str(self.conf)}
+
+    def _write_config(self) -> None:
+        root = self.root
+        for sub in ("state", "munge", "logs", *(f"spool-{n}" for n in NODES)):
+            (root / sub).mkdir(parents=True, exist_ok=True)
+        lines = [
+            "ClusterName=unireplknet-test",
+            "SlurmctldHost=localhost(127.0.0.1)",
+            f"SlurmctldPort={_free_port()}",
+            "SlurmUser=root", "SlurmdUser=root",
+            "AuthType=auth/munge", f"AuthInfo=socket={self.munge_socket}", "CredType=cred/munge",
+            f"StateSaveLocation={root / 'state'}", f"SlurmdSpoolDir={root}/spool-%n",
+            f"SlurmctldPidFile={root}/slurmctld.pid", f"SlurmdPidFile={root}/slurmd-%n.pid",
+            f"SlurmctldLogFile={root}/logs/slurmctld.log", f"SlurmdLogFile={root}/logs/slurmd-%n.log",
+            "ProctrackType=proctrack/linuxproc", "TaskPlugin=task/none", "MpiDefault=none",
+            "SwitchType=switch/none", "SelectType=select/cons_tres", "SelectTypeParameters=CR_CPU",
+            "AccountingStorageType=accounting_storage/none", "JobAcctGatherType=jobacct_gather/none",
+            "JobCompType=jobcomp/none", "ReturnToService=2", "JobRequeue=1", "SchedulerType=sched/builtin",
+            "SlurmdTimeout=60", "MinJobAge=600", "KillWait=30",
+        ]
+        for name, address in NODES.items():
+            lines.append(f"NodeName={name} NodeHostname=localhost NodeAddr={address} Port={_free_port()} "
+                         f"CPUs={CPUS_PER_NODE} RealMemory=8000 State=UNKNOWN")
+        lines.append(f"PartitionName=test Nodes={','.join(NODES)} Default=YES MaxTime=INFINITE State=UP")
+        self.conf.write_text("\n".join(lines) + "\n")
+
+    def _start(self, name: str, command: list[str]) -> None:
+        log = open(self.root / "logs" / f"{name}.out", "w")
+        self.processes[name] = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=self.env,
+                                                start_new_session=True)
+
+    def start(self, timeout: float = 60) -> "SlurmCluster":
+        self._write_config()
+        key = Path("/etc/munge/munge.key")
+        self._start("munged", [_binary("munged"), "--foreground", "--force", f"--socket={self.munge_socket}",
+                               f"--key-file={key}", f"--pid-file={self.root}/munge/munged.pid",
+                               f"--log-file={self.root}/logs/munged.log", f"--seed-file={self.root}/munge/seed"])
+        deadline = time.time() + timeout
+        while not self.munge_socket.exists():
+            self._check_alive()
+            assert time.time() < deadline, "munged did not create its socket"
+            time.sleep(0.1)
+        self._start("slurmctld", [_binary("slurmctld"), "-D", "-i", "-f", str(self.conf)])
+        for name in NODES:
+            self._start(f"slurmd-{name}", [_binary("slurmd"), "-D", "-N", name, "-f", str(self.conf)])
+        while True:
+            self._check_alive()
+            states = self.node_states()
+            if states and all(s.startswith("idle") for s in states.values()):
+                return self
+            assert time.time() < deadline, f"nodes not idle after {timeout} s: {states}\n{self.logs()}"
+            time.sleep(0.5)
+
+    def _check_alive(self) -> None:
+        for name, process in self.processes.items():
+            if process.poll() is not None:
+                raise RuntimeError(f"{name} exited with {process.returncode}\n{self.logs()}")
+
+    def run(self, *command: str, timeout: float = 120, check: bool = True) -> subprocess.CompletedProcess:
+        result = subprocess.run(list(command), capture_output=True, text=True, env=self.env, timeout=timeout)
+        if check and result.returncode != 0:
+            raise RuntimeError(f"{' '.join(command)} failed ({result.returncode}): {result.stderr}")
+        return result
+
+    def node_states(self) -> dict[str, str]:
+        result = self.run("sinfo", "-h", "-N", "-o", "%N %T", check=False)
+        return dict(line.split() for line in result.stdout.splitlines() if len(line.split()) == 2)
+
+    def job_state(self, job_id: str) -> dict[str, str]:
+        result = self.run("scontrol", "show", "job", "-o", job_id, check=False)
+        return dict(field.split("=", 1) for field in result.stdout.split() if "=" in field)
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {path.name}\n{path.read_text()[-3000:]}" for path in sorted((self.root / "logs").iterdir()))
+
+    def stop(self) -> None:
+        for name in reversed(list(self.processes)):
+            process = self.processes[name]
+            if process.poll() is None:
+                process.terminate()
+                try:
+                    process.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    process.wait()
+        self.processes.clear()

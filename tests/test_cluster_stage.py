@@ -1,0 +1,71 @@
+"""``python -m cluster.stage``: the environment it reads, dry runs, skipping complete stages, the stages
+not built yet; ``python -m cluster.ray_nodes`` naming nodes that never joined."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def stage(*args: str, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "cluster.stage", *args], cwd=REPO, capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, timeout=timeout)
+
+
+def test_pretrain_dry_run_reads_the_documented_environment(tmp_path):
+    env = {"UNIREPLKNET_RUN_ROOT": str(tmp_path / "runs"), "UNIREPLKNET_TRAIN_SHARDS": "s3://bucket/in22k/train",
+           "UNIREPLKNET_VAL_SHARDS": "s3://bucket/in22k/val", "UNIREPLKNET_NUM_WORKERS": "32"}
+    result = stage("pretrain_xl", "--dry-run", env=env)
+    assert result.returncode == 0, result.stderr
+    config = json.loads(result.stdout)
+    assert config["run_dir"] == str(tmp_path / "runs" / "pretrain_xl")
+    assert (config["data"]["train_urls"], config["data"]["val_urls"]) == ("s3://bucket/in22k/train", "s3://bucket/in22k/val")
+    assert (config["launch"]["launcher"], config["launch"]["num_workers"]) == ("ray", 32)
+    assert (config["model"]["name"], config["data"]["img_size"]) == ("unireplknet_xl", 384)  # xl_in22k_384
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_bad_setting_or_batch_split_fails_before_anything_runs(tmp_path):
+    env = {"UNIREPLKNET_RUN_ROOT": str(tmp_path), "UNIREPLKNET_NUM_WORKERS": "3"}
+    result = stage("pretrain_xl", "--dry-run", env=env)
+    assert result.returncode == 2 and "train.global_batch_size: 4096 is not a multiple" in result.stderr
+    result = stage("pretrain_xl", "--dry-run", "--set", "optim.lr=fast", env=env)
+    assert result.returncode == 2 and "optim.lr: expected a number" in result.stderr
+
+
+def test_fine_tune_stages_say_they_are_not_available_yet(tmp_path):
+    result = stage("finetune_ade20k", "--run-dir", str(tmp_path / "ade"))
+    assert result.returncode != 0 and "not available yet" in result.stderr
+
+
+def test_a_complete_stage_is_skipped_and_other_settings_rerun_it(pretrain_shards, tmp_path):
+    """The demo config on a local Ray cluster the stage starts itself (2 CPU workers)."""
+    env = {"UNIREPLKNET_RUN_ROOT": str(tmp_path), "RAY_AUTH_MODE": "disabled", "UNIREPLKNET_NUM_WORKERS": "2",
+           "UNIREPLKNET_TRAIN_SHARDS": pretrain_shards["train"], "UNIREPLKNET_VAL_SHARDS": pretrain_shards["val"]}
+    args = ["pretrain_xl", "--config", "demo", "--set", "launch.device=cpu", "data.num_workers=0",
+            "train.global_batch_size=16", "train.micro_batch_size=8"]
+    first = stage(*args, "train.max_steps=2", env=env, timeout=600)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert json.loads((tmp_path / "pretrain_xl" / "COMPLETE").read_text())["stage"] == "pretrain_xl"
+    again = stage(*args, "train.max_steps=2", env=env)
+    assert again.returncode == 0 and "is complete" in again.stderr and "skipped" in again.stderr
+    longer = stage(*args, "train.max_steps=3", env=env, timeout=600)
+    assert longer.returncode == 0, longer.stderr[-3000:]
+    assert "resumed from" in (tmp_path / "pretrain_xl" / "train.log").read_text()
+    exported = stage("export", env=env, timeout=300)
+    assert exported.returncode == 0, exported.stderr[-3000:]
+    summary = json.loads((tmp_path / "export" / "export" / "summary.json").read_text())
+    assert summary["official"] and summary["checkpoint"].endswith("step_00000003")
+    assert (tmp_path / "export" / "export" / "backbone.pth").exists()
+
+
+def test_ray_nodes_names_the_nodes_that_never_joined():
+    result = subprocess.run([sys.executable, "-m", "cluster.ray_nodes", "--address", "127.0.0.9:1", "--ips",
+                             "127.0.0.8,127.0.0.9", "--names", "gpu07,gpu08", "--timeout", "3"], cwd=REPO,
+                            capture_output=True, text=True, timeout=120, env={**os.environ, "RAY_AUTH_MODE": "disabled"})
+    assert result.returncode == 1
+    assert "gpu07 (127.0.0.8), gpu08 (127.0.0.9)" in result.stderr

@@ -1,0 +1,128 @@
+"""``sbatch slurm/pretrain_xl.sh`` on a real Slurm (munged, slurmctld, slurmd n1 + n2 on this machine):
+a Ray cluster over both nodes, Ray Train on 2 workers, resume on resubmission, USR1 before the time
+limit -> checkpoint -> requeue -> resume to completion, and nothing left running afterwards.
+
+``.ci/run`` installs the Debian packages (``make system-deps``) and sets UNIREPLKNET_REQUIRE_SLURM=1, so
+in CI a missing Slurm fails instead of skipping."""
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from slurm_cluster import NODES, SlurmCluster, missing_binaries
+
+REPO = Path(__file__).resolve().parents[1]
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def slurm(tmp_path_factory):
+    missing = missing_binaries()
+    if missing:
+        message = f"Slurm/munge not installed ({', '.join(missing)}): `make system-deps` installs them"
+        if os.environ.get("UNIREPLKNET_REQUIRE_SLURM") == "1":
+            pytest.fail(message)
+        pytest.skip(message)
+    root = tmp_path_factory.mktemp("slurm")
+    cluster = SlurmCluster(root / "daemons")
+    cluster.start()
+    cluster.env.update(RAY_AUTH_MODE="disabled", OMP_NUM_THREADS="1", RAY_GPUS_PER_NODE="0",
+                       UNIREPLKNET_NUM_WORKERS="2", UNIREPLKNET_RUN_ROOT=str(root / "runs"),
+                       UNIREPLKNET_HOME=str(REPO), TORCH_EXTENSIONS_DIR=os.environ["TORCH_EXTENSIONS_DIR"])
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+def sbatch(slurm: SlurmCluster, out: Path, *stage_args: str, wait: bool) -> str:
+    """Submit slurm/pretrain_xl.sh with CPU overrides (2 nodes, 2 CPUs each, no GPU); returns the job id."""
+    command = ["sbatch", "--parsable", "--nodes=2", "--cpus-per-task=2", "--gpus-per-node=0", "--time=30",
+               "--exclusive", f"--output={out}", *(["--wait"] if wait else []), "slurm/pretrain_xl.sh", *stage_args]
+    result = subprocess.run(command, cwd=REPO, env=slurm.env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, f"{result.stderr}\n{out.read_text() if out.exists() else ''}"
+    return result.stdout.strip().split(";")[0]
+
+
+def demo_args(shards: dict, **changes) -> list[str]:
+    values = {"data.source": "shards", "data.train_urls": shards["train"], "data.val_urls": shards["val"],
+              "launch.device": "cpu", "data.num_workers": 1, "train.global_batch_size": 32,
+              "train.micro_batch_size": 8, "train.log_every": 1, "train.epochs": 20, **changes}
+    return ["--config", "demo", "--set", *(f"{k}={v}" for k, v in values.items())]
+
+
+def wait_for(condition, timeout: float, what: str, every: float = 1.0):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def processes_mentioning(text: str) -> list[str]:
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            command = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if text in command and "pytest" not in command:
+            found.append(f"{pid} {command[:160]}")
+    return found
+
+
+def test_pretrain_xl_runs_on_two_nodes_resumes_and_requeues_on_usr1(slurm, pretrain_shards, tmp_path):
+    run_dir = Path(slurm.env["UNIREPLKNET_RUN_ROOT"]) / "pretrain_xl"
+    log = run_dir / "train.log"
+
+    first = tmp_path / "first.out"
+    job = sbatch(slurm, first, *demo_args(pretrain_shards, **{"train.max_steps": 4}), wait=True)
+    output = first.read_text()
+    assert f"all {len(NODES)} nodes joined" in output, output[-3000:]
+    assert "stage pretrain_xl finished with status 0" in output
+    assert "on cpu x2" in log.read_text()
+    workers = {line.split("(ip=")[1].split(",")[0] for line in output.splitlines() if "world_rank=" in line}
+    assert workers == set(NODES.values()), f"Ray Train workers on {workers}"
+    assert (run_dir / "checkpoints" / "latest").read_text() == "step_00000004"
+    assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    assert (run_dir / "COMPLETE").exists()
+    node_logs = Path(slurm.env["UNIREPLKNET_RUN_ROOT"]) / "slurm-logs" / job
+    assert {p.name for p in node_logs.iterdir()} == {"n1.log", "n2.log"}
+
+    second = tmp_path / "second.out"
+    sbatch(slurm, second, *demo_args(pretrain_shards, **{"train.max_steps": 6}), wait=True)
+    assert f"resumed from {run_dir / 'checkpoints' / 'step_00000004'} at step 4" in log.read_text()
+    assert (run_dir / "checkpoints" / "latest").read_text() == "step_00000006"
+
+    third = tmp_path / "third.out"
+    final_step = 40
+    job = sbatch(slurm, third, *demo_args(pretrain_shards, **{"train.max_steps": final_step}), wait=False)
+    wait_for(lambda: log.exists() and "step 8/" in log.read_text(), 300, "the third job to train")
+    slurm.run("scancel", "--signal=USR1", "--batch", job)
+    wait_for(lambda: "requeueing job" in third.read_text() if third.exists() else False, 300, "the requeue")
+    wait_for(lambda: slurm.job_state(job).get("JobState") in ("PENDING", "REQUEUED", "RUNNING", "CONFIGURING"),
+             60, "the requeued job")
+    slurm.run("scontrol", "update", f"JobId={job}", "StartTime=now", check=False)  # skip Slurm's requeue delay
+    state = wait_for(lambda: (s := slurm.job_state(job)).get("JobState") in ("COMPLETED", "FAILED", "CANCELLED")
+                     and s, 600, "the requeued job to finish", every=2.0)
+    output = third.read_text()
+    assert state["JobState"] == "COMPLETED", output[-4000:]
+    assert state.get("Restarts") == "1", state
+    assert f"USR1: asking the stage to checkpoint and stop ({run_dir / 'STOP'})" in output
+    assert f"requeueing job {job}" in output
+    text = log.read_text()
+    assert f"stop requested ({run_dir / 'STOP'})" in text
+    resumed = [line for line in text.splitlines() if "resumed from" in line]
+    assert len(resumed) >= 3 and f"step_{final_step:08d}" not in resumed[-1]
+    assert (run_dir / "checkpoints" / "latest").read_text() == f"step_{final_step:08d}"
+    assert not (run_dir / "STOP").exists()
+
+    wait_for(lambda: not processes_mentioning("/tmp/ray-j"), 60, "this test's Ray processes to end")
+    assert not processes_mentioning("slurmstepd"), processes_mentioning("slurmstepd")
