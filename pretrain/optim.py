@@ -11,34 +11,38 @@ from timm.models import group_parameters
 
 from .config import OptimConfig
 
-__all__ = ["build_optimizer", "build_param_groups", "build_scheduler", "cosine_with_warmup", "optimizer_implementation"]
+__all__ = ["build_optimizer", "build_param_groups", "build_scheduler", "cosine_with_warmup", "lr_factor",
+           "optimizer_implementation"]
 
 _logger = logging.getLogger(__name__)
 
 
-def build_param_groups(model: nn.Module, config: OptimConfig) -> list[dict]:
+def build_param_groups(model: nn.Module, config: OptimConfig,
+                       layer_scale: Callable[[str], tuple[int, float]] | None = None) -> list[dict]:
     """Groups named ``layer{i}_decay`` / ``layer{i}_no_decay`` with ``lr = config.lr * layer_decay**(last - i)``.
 
-    Layers come from ``model.group_matcher()`` (stem = 0, blocks in order, head last). Weight decay
-    is off for 1-D parameters (norms, biases, layer scale) and ``model.no_weight_decay()`` (GRN).
+    Layers come from ``model.group_matcher()`` (stem = 0, blocks in order, head last), or from
+    ``layer_scale(name) -> (layer id, lr scale)`` (the dense tasks' rule). Weight decay is off for
+    1-D parameters (norms, biases, layer scale) and ``model.no_weight_decay()`` (GRN).
     Without layer decay all parameters share one layer, so there are two groups.
     """
     no_decay_names = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
-    if config.layer_decay < 1.0:
+    if config.layer_decay < 1.0 and layer_scale is None:
         layer_of = group_parameters(model, model.group_matcher(coarse=False), reverse=True)
         num_layers = max(layer_of.values()) + 1
-    else:
-        layer_of, num_layers = {}, 1
+        layer_scale = lambda name: (layer_of.get(name, num_layers - 1),  # noqa: E731
+                                    config.layer_decay ** (num_layers - 1 - layer_of.get(name, num_layers - 1)))
+    elif config.layer_decay >= 1.0:
+        layer_scale = None
     groups: dict[str, dict] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        layer = layer_of.get(name, num_layers - 1)
+        layer, scale = layer_scale(name) if layer_scale else (0, 1.0)
         decay = param.ndim > 1 and name not in no_decay_names
-        group_name = f"layer{layer:02d}_{'decay' if decay else 'no_decay'}" if num_layers > 1 else (
+        group_name = f"layer{layer:02d}_{'decay' if decay else 'no_decay'}" if layer_scale else (
             "decay" if decay else "no_decay")
         if group_name not in groups:
-            scale = config.layer_decay ** (num_layers - 1 - layer)
             groups[group_name] = dict(name=group_name, params=[], param_names=[], lr_scale=scale,
                                       lr=config.lr * scale, weight_decay=config.weight_decay if decay else 0.0)
         groups[group_name]["params"].append(param)
@@ -104,9 +108,36 @@ def cosine_with_warmup(total_steps: int, warmup_steps: int, min_ratio: float) ->
     return factor
 
 
+def lr_factor(config: OptimConfig, total_steps: int, steps_per_epoch: int) -> Callable[[int], float]:
+    """The lr multiplier of optimizer step ``t`` (0-based) for ``config.schedule``.
+
+    ``cosine`` keeps the pretraining ramp ``(t+1)/warmup``. ``multistep`` and ``poly`` follow mmcv's
+    iteration-based hooks: ``regular(t) * (1 - (1 - t/W) * (1 - warmup_ratio))`` during the W warmup
+    steps, ``gamma ** #(milestones passed)`` and ``(1 - min_ratio) * (1 - t/T) ** power + min_ratio``.
+    """
+    warmup_steps = config.warmup_steps if config.warmup_steps is not None else round(config.warmup_epochs * steps_per_epoch)
+    warmup_steps = min(total_steps, warmup_steps)
+    min_ratio = config.min_lr / config.lr
+    if config.schedule == "cosine" and config.warmup_ratio is None:
+        return cosine_with_warmup(total_steps, warmup_steps, min_ratio)
+    if config.schedule == "cosine":
+        regular = cosine_with_warmup(total_steps, 0, min_ratio)
+    elif config.schedule == "multistep":
+        boundaries = [round(m * steps_per_epoch) for m in config.milestones]
+        regular = lambda t: config.gamma ** sum(t >= b for b in boundaries)  # noqa: E731
+    else:
+        regular = lambda t: (1 - min_ratio) * (1 - min(t, total_steps) / total_steps) ** config.power + min_ratio  # noqa: E731
+    ratio = config.warmup_ratio if config.warmup_ratio is not None else 1.0 / max(warmup_steps, 1)
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return regular(step) * (1 - (1 - step / warmup_steps) * (1 - ratio))
+        return regular(step)
+
+    return factor
+
+
 def build_scheduler(optimizer: torch.optim.Optimizer, config: OptimConfig, total_steps: int,
                     steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """Per-step cosine with warmup, scaling every group's own lr (layer decay is kept)."""
-    warmup_steps = min(total_steps, round(config.warmup_epochs * steps_per_epoch))
-    factor = cosine_with_warmup(total_steps, warmup_steps, config.min_lr / config.lr)
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    """Per-step schedule (:func:`lr_factor`), scaling every group's own lr (layer decay is kept)."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(config, total_steps, steps_per_epoch))

@@ -13,44 +13,100 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .config import Config
-from .distributed import WorldInfo, barrier
+from .config import Config, OptimConfig
+from .distributed import WorldInfo, all_reduce_sum, barrier
 
-__all__ = ["ImageClassification", "Task", "build_model"]
+__all__ = ["Evaluator", "ImageClassification", "SumsEvaluator", "Task", "build_model", "build_task", "denormalize"]
 
 _logger = logging.getLogger(__name__)
+
+
+class Evaluator(Protocol):
+    """Accumulates one evaluation pass; :meth:`compute` does its own collectives (every rank calls it
+    once, with whatever it saw) and returns the same metrics on every rank, ``samples`` among them."""
+
+    def reset(self) -> None: ...
+
+    def update(self, outputs: Any, targets: Any) -> None: ...
+
+    def compute(self, world: WorldInfo) -> dict[str, float]: ...
 
 
 class Task(Protocol):
     """The pluggable parts of training. Loaders follow the ``shards`` contract: ``set_epoch``,
     ``len`` (micro-batches per epoch, equal on all ranks), ``state_dict``/``load_state_dict``,
-    ``bad_samples``."""
+    ``bad_samples``; an eval loader may hold a different number of batches on each rank."""
 
     def build_model(self) -> nn.Module: ...
+
+    def build_param_groups(self, model: nn.Module, config: OptimConfig) -> list[dict]:
+        """Optimizer groups (``pretrain.optim.build_param_groups`` with the task's layer-decay rule)."""
 
     def build_train_loader(self, world: WorldInfo) -> Any: ...
 
     def build_eval_loader(self, world: WorldInfo) -> Iterable | None: ...
 
-    def prepare_batch(self, batch: Any, device: torch.device) -> tuple[torch.Tensor, Any]:
-        """(inputs for the model, targets for the loss) on ``device``."""
+    def prepare_batch(self, batch: Any, device: torch.device) -> tuple[Any, Any]:
+        """(inputs for the model, targets) on ``device``."""
 
-    def loss(self, outputs: Any, targets: Any) -> torch.Tensor: ...
+    def training_losses(self, model: nn.Module, inputs: Any, targets: Any) -> dict[str, torch.Tensor]:
+        """The task's training step up to backward: named loss terms whose sum is minimized (each is logged)."""
 
-    eval_sum_names: tuple[str, ...]
-    """The keys of :meth:`eval_sums`."""
+    def batch_size(self, inputs: Any) -> int:
+        """Images in ``inputs`` (for throughput)."""
 
-    def eval_sums(self, outputs: Any, targets: Any) -> dict[str, torch.Tensor]:
-        """Per-batch sums (summed again over batches and ranks) that :meth:`eval_results` turns into metrics."""
+    def build_evaluator(self, device: torch.device) -> Evaluator: ...
 
-    def eval_results(self, sums: dict[str, float]) -> dict[str, float]: ...
+    def evaluation_step(self, model: nn.Module, inputs: Any, targets: Any, evaluator: Evaluator) -> None:
+        """Predict (whole image, sliding windows, test-time augmentation: the task's choice) and update."""
 
-    def dummy_input(self, device: torch.device) -> torch.Tensor:
+    def dummy_input(self, device: torch.device) -> torch.Tensor | None:
         """A one-sample input for ranks that ran out of evaluation data while others still run (ZeRO-3
-        forward passes are collective)."""
+        forward passes are collective); None for tasks that refuse ZeRO-3."""
 
-    def preview(self, inputs: torch.Tensor) -> torch.Tensor:
+    def preview(self, inputs: Any) -> torch.Tensor:
         """Inputs turned back into displayable images in [0, 1] (N, 3, H, W)."""
+
+
+def build_task(config: Config) -> Task:
+    """The task ``config.task`` names."""
+    if config.task == "ade20k":
+        from finetune.ade20k.task import Ade20kSegmentation
+
+        return Ade20kSegmentation(config)
+    if config.task != "classification":
+        raise ValueError(f"task: {config.task!r} is not available")
+    return ImageClassification(config)
+
+
+def denormalize(images: torch.Tensor, mean=None, std=None) -> torch.Tensor:
+    """ImageNet-normalized (N, 3, H, W) back to [0, 1]."""
+    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+    images = images.detach().float().cpu()[:, :3]
+    mean = torch.tensor(mean or IMAGENET_DEFAULT_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(std or IMAGENET_DEFAULT_STD).view(1, 3, 1, 1)
+    return (images * std + mean).clamp(0, 1)
+
+
+class SumsEvaluator:
+    """Per-batch sums (from ``sums(outputs, targets)``), summed over batches and then over ranks in one
+    all-reduce, turned into metrics by ``results(sums)``."""
+
+    def __init__(self, names: tuple[str, ...], sums, results, device: torch.device):
+        self.names, self._sums, self._results, self.device = names, sums, results, device
+        self.reset()
+
+    def reset(self) -> None:
+        self.totals = torch.zeros(len(self.names), dtype=torch.float64, device=self.device)
+
+    def update(self, outputs: Any, targets: Any) -> None:
+        batch = self._sums(outputs, targets)
+        self.totals += torch.stack([batch[n].double() for n in self.names])
+
+    def compute(self, world: WorldInfo) -> dict[str, float]:
+        totals = all_reduce_sum(self.totals.clone())
+        return self._results(dict(zip(self.names, totals.tolist())))
 
 
 def build_model(config: Config) -> nn.Module:
@@ -94,6 +150,11 @@ class ImageClassification:
 
     def build_model(self) -> nn.Module:
         return build_model(self.config)
+
+    def build_param_groups(self, model: nn.Module, config: OptimConfig) -> list[dict]:
+        from .optim import build_param_groups
+
+        return build_param_groups(model, config)
 
     def _prepare_demo_shards(self, world: WorldInfo) -> None:
         """Generate the demo shards once (rank 0), everyone else waits; then point the urls at them."""
@@ -147,6 +208,19 @@ class ImageClassification:
         images = images.to(device, non_blocking=True).contiguous(memory_format=memory_format)
         return images, targets.to(device, non_blocking=True)
 
+    def training_losses(self, model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"loss": self.loss(model(inputs), targets)}
+
+    def batch_size(self, inputs: torch.Tensor) -> int:
+        return inputs.shape[0]
+
+    def build_evaluator(self, device: torch.device) -> SumsEvaluator:
+        return SumsEvaluator(self.eval_sum_names, self.eval_sums, self.eval_results, device)
+
+    def evaluation_step(self, model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
+                        evaluator: SumsEvaluator) -> None:
+        evaluator.update(model(inputs), targets)
+
     def loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         logits = outputs.float()
         if targets.is_floating_point():
@@ -174,9 +248,4 @@ class ImageClassification:
         return torch.zeros(1, self.config.model.in_chans, size, size, device=device)
 
     def preview(self, inputs: torch.Tensor) -> torch.Tensor:
-        from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-
-        images = inputs.detach().float().cpu()[:, :3]
-        mean = torch.tensor(IMAGENET_DEFAULT_MEAN).view(1, 3, 1, 1)
-        std = torch.tensor(IMAGENET_DEFAULT_STD).view(1, 3, 1, 1)
-        return (images * std + mean).clamp(0, 1)
+        return denormalize(inputs)

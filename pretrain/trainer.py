@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import random
@@ -23,8 +24,8 @@ from .config import Config, config_to_dict, save_config
 from .distributed import WorldInfo, all_reduce_batchnorm_buffers, all_reduce_sum
 from .ema import ModelEMA
 from .metrics import Progress, TensorBoard, Throughput, init_logging, memory_stats
-from .optim import build_optimizer, build_param_groups, build_scheduler
-from .task import ImageClassification, Task
+from .optim import build_optimizer, build_scheduler
+from .task import Task, build_task
 
 __all__ = ["EvaluationIncompleteError", "NonFiniteLossError", "STOP_FILE", "StopRequests", "TrainResult", "Trainer", "capture_rng", "restore_rng",
            "seed_everything"]
@@ -149,6 +150,14 @@ class StopRequests:
             os.remove(self.stop_file)
 
 
+def _write_json_atomically(path: str, values: dict) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(values, f, indent=2)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
 def pick_device(choice: str, world: WorldInfo) -> torch.device:
     if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
@@ -177,7 +186,7 @@ class Trainer:
         from .distributed import world_info_from_env
 
         self.config = config
-        self.task = task or ImageClassification(config)
+        self.task = task or build_task(config)
         self.device = pick_device(config.launch.device, world_info_from_env())
         self.world = ds.init_distributed(self.device)
         self.checkpoint_root = os.path.join(config.run_dir, "checkpoints")
@@ -205,9 +214,9 @@ class Trainer:
             raise ValueError(f"an epoch has {len(self.train_loader)} micro-batches per rank, fewer than the "
                              f"{self.grad_accum} accumulation steps of one optimizer step: lower "
                              "train.global_batch_size or raise data.samples_per_epoch")
-        self.total_steps = config.train.epochs * self.steps_per_epoch
+        self.total_steps = config.train.steps or config.train.epochs * self.steps_per_epoch
         self.stop_step = min(self.total_steps, config.train.max_steps or self.total_steps)
-        param_groups = build_param_groups(model, config.optim)
+        param_groups = self.task.build_param_groups(model, config.optim)
         self.group_names = [g["name"] for g in param_groups]
         self.optimizer = build_optimizer(param_groups, config.optim, self.device)
         scheduler = build_scheduler(self.optimizer, config.optim, self.total_steps, self.steps_per_epoch)
@@ -223,6 +232,7 @@ class Trainer:
         self.last_checkpoint: str | None = None
         self._resumed_mid_epoch = False
         self._loss_sum, self._loss_steps = 0.0, 0
+        self._loss_terms: dict[str, float] = {}
         self._preview_pending = True
         self._resume()
         if self.world.is_main:  # only once the resume worked: a refused resume leaves the run's config as it was
@@ -315,14 +325,18 @@ class Trainer:
             self.tensorboard.image_grid("train/augmented_inputs", self.task.preview(inputs[:32]), self.step)
             self._preview_pending = False
         with self._autocast():
-            loss = self.task.loss(self.engine(inputs), targets)
+            losses = self.task.training_losses(self.engine, inputs, targets)
+        loss = sum(losses.values())
         mean_loss, finite = self._agree(loss.detach())
         if not finite:
             raise NonFiniteLossError(self.step + 1, self.last_checkpoint)
         self.engine.backward(loss)
         self.engine.step()
         self._loss_sum += mean_loss / self.grad_accum
-        throughput.images += inputs.shape[0]
+        if len(losses) > 1:
+            for name, term in losses.items():
+                self._loss_terms[name] = self._loss_terms.get(name, 0.0) + term.item() / self.grad_accum
+        throughput.images += self.task.batch_size(inputs)
 
     def _stop_reason_here(self) -> str | None:
         """This rank's stop request; the stop file is looked at by one rank per node."""
@@ -384,6 +398,13 @@ class Trainer:
             "data/bad_samples": totals[1].item(),
             "train/epoch": self.step / self.steps_per_epoch,
         }
+        if self._loss_terms:  # every rank has the same terms (the task's): one all-reduce of their sums
+            names = sorted(self._loss_terms)
+            terms = all_reduce_sum(torch.tensor([self._loss_terms[n] for n in names], dtype=torch.float64,
+                                                device=self.device))
+            scale = self.world.world_size * max(self._loss_steps, 1)
+            values.update({f"train/{n}": t / scale for n, t in zip(names, terms.tolist())})
+            self._loss_terms = {}
         grad_norm = ds.global_grad_norm(self.engine)
         if grad_norm is not None:
             values["train/grad_norm"] = grad_norm
@@ -416,6 +437,8 @@ class Trainer:
             results.update({f"eval_ema/{k}": v for k, v in ema.items()})
         self.tensorboard.scalars(results, self.step)
         self.tensorboard.flush()
+        if self.world.is_main:
+            _write_json_atomically(os.path.join(self.config.run_dir, "metrics.json"), {"step": self.step, **results})
         _logger.info("eval at step %d: %s", self.step, ", ".join(f"{k} {v:.4g}" for k, v in results.items()))
         return results
 
@@ -438,8 +461,8 @@ class Trainer:
     @torch.no_grad()
     def _evaluate_weights(self) -> dict[str, float] | None:
         """The task's metrics over the whole eval set; None when a stop request cut the pass short."""
-        names = self.task.eval_sum_names
-        sums = torch.zeros(len(names), dtype=torch.float64, device=self.device)
+        evaluator = self.task.build_evaluator(self.device)
+        evaluator.reset()
         self.engine.eval()
         try:
             with _rng_untouched(), self._autocast():
@@ -455,16 +478,16 @@ class Trainer:
                         return None
                     if flags[0].item() == 0:
                         break
-                    if batch is None:  # keep ZeRO-3's collective forward passes in step with the other ranks
-                        self.engine(self.task.dummy_input(self.device))
+                    if batch is None:
+                        dummy = self.task.dummy_input(self.device) if self.config.train.zero_stage == 3 else None
+                        if dummy is not None:  # keep ZeRO-3's collective forward passes in step with the other ranks
+                            self.engine(dummy)
                         continue
                     inputs, targets = self.task.prepare_batch(batch, self.device)
-                    batch_sums = self.task.eval_sums(self.engine(inputs), targets)
-                    sums += torch.stack([batch_sums[n].double() for n in names])
+                    self.task.evaluation_step(self.engine, inputs, targets, evaluator)
         finally:
             self.engine.train()
-        all_reduce_sum(sums)
-        return self.task.eval_results(dict(zip(names, sums.tolist())))
+        return evaluator.compute(self.world)
 
     def save(self) -> str:
         """A complete checkpoint of this step (BatchNorm buffers averaged over ranks first)."""

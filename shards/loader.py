@@ -196,7 +196,7 @@ def leave_preemption_to_the_parent(worker_id: int) -> None:
     Slurm (and torchrun's ``os.killpg``) signal the whole process group, loader workers included.
     torch's worker handler dies on a SIGTERM not sent by its parent, and the rank then fails
     ("DataLoader worker ... killed by signal") before it can checkpoint. Here the signals stay
-    blocked in the worker (it was forked with them held, :func:`_preemption_signals_held`, so
+    blocked in the worker (it was forked with them held, :func:`preemption_signals_held`, so
     none slips through before this runs) and one thread takes them: a SIGTERM from the parent
     (which is how it shuts its workers down) ends the worker as torch's handler would; any other
     is the training process's to handle, and it shuts its workers down itself.
@@ -214,7 +214,7 @@ def _take_preemption_signals(parent: int) -> None:
 
 
 @contextmanager
-def _preemption_signals_held() -> Iterator[None]:
+def preemption_signals_held() -> Iterator[None]:
     """Hold SIGTERM / SIGUSR1 while DataLoader workers are forked (they inherit the held mask, which
     :func:`leave_preemption_to_the_parent` keeps); signals held here reach this process afterwards."""
     previous = signal.pthread_sigmask(signal.SIG_BLOCK, PREEMPTION_SIGNALS)
@@ -641,7 +641,7 @@ class TrainLoader:
             persistent_workers=False,
             worker_init_fn=leave_preemption_to_the_parent,
         )
-        with _preemption_signals_held():
+        with preemption_signals_held():
             batches = iter(loader)
         for images, targets, meta in batches:
             index = self._batches_done
@@ -889,7 +889,7 @@ class EvalLoader:
         self._bad = {}
         loader = DataLoader(self._stream, batch_size=None, num_workers=self._num_workers, pin_memory=self._pin_memory,
                             worker_init_fn=leave_preemption_to_the_parent)
-        with _preemption_signals_held():
+        with preemption_signals_held():
             batches = iter(loader)
         for images, targets, meta in batches:
             self._bad[meta["worker"]] = meta["bad"]

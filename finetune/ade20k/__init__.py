@@ -1,0 +1,1 @@
+"""ADE20K semantic segmentation: UperNet on a UniRepLKNet backbone, mmseg-equivalent metrics, demo data."""

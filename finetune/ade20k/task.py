@@ -1,0 +1,184 @@
+"""ADE20K semantic segmentation as a ``pretrain.task.Task``: UperNet on the UniRepLKNet backbone, trained by
+the one trainer (every launcher, resume, EMA, TensorBoard), evaluated with mmseg's IoU definitions."""
+from __future__ import annotations
+
+import logging
+import os
+import re
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from pretrain.config import Config, OptimConfig
+from pretrain.distributed import WorldInfo, barrier
+from pretrain.optim import build_param_groups
+
+from .data import IGNORE_INDEX, MEAN, STD, EvalLoader, TrainLoader, class_names, list_split
+
+__all__ = ["Ade20kSegmentation", "build_segmentor", "init_backbone", "segmentation_logits"]
+
+_logger = logging.getLogger(__name__)
+
+
+def build_segmentor(config: Config) -> nn.Module:
+    """UperNet (+ auxiliary FCN head) over the backbone ``config.model`` names, initialized from ``model.init_from``."""
+    from .heads import build_upernet
+
+    m, seg = config.model, config.ade20k
+    model = build_upernet(m.name, num_classes=seg.num_classes, drop_path_rate=m.drop_path_rate, depths=m.depths,
+                          dims=m.dims, kernel_sizes=m.kernel_sizes, channels=seg.channels,
+                          aux_channels=seg.aux_channels if seg.aux_weight > 0 else None, dropout=seg.dropout,
+                          grad_checkpointing=m.grad_checkpointing)
+    if m.init_from:
+        init_backbone(model.backbone, m.init_from)
+    model.backbone.set_fused_branches(m.fused_branches)
+    return model
+
+
+def init_backbone(backbone: nn.Module, path: str) -> dict[str, list[str]]:
+    """Load a ``python -m pretrain export`` file or an official checkpoint into a features-only backbone.
+
+    The classifier (``head.*``) and final norm are dropped; the per-stage norms ``norm0..3`` keep their
+    initial values when the file has none; any other backbone key missing from the file, or a shape
+    that differs, is an error (``unireplknet.CheckpointMismatchError``). Returns and logs the report.
+    """
+    import unireplknet
+
+    state = unireplknet.read_state_dict(path)
+    unireplknet.load_official(backbone, state)
+    names = set(backbone.state_dict())
+    report = {"dropped": sorted(k for k in state if re.match(r"^(head|norm)\.", k)),
+              "kept_initial": sorted(k for k in names if re.match(r"^norm\d\.", k) and k not in state)}
+    _logger.info("backbone from %s: %d tensors loaded, %d dropped (classifier and final norm: %s), %d kept at "
+                 "their initial values (%s)", path, len(names) - len(report["kept_initial"]), len(report["dropped"]),
+                 ", ".join(report["dropped"]) or "none", len(report["kept_initial"]),
+                 ", ".join(report["kept_initial"]) or "none")
+    return report
+
+
+def _forward_logits(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    return model(images)["logits"].float()
+
+
+def _slide_logits(model: nn.Module, image: torch.Tensor, num_classes: int, crop: int, stride: int) -> torch.Tensor:
+    """mmseg ``slide_inference``: windows of ``crop`` every ``stride``, overlapping logits averaged."""
+    _, _, height, width = image.shape
+    rows = max(height - crop + stride - 1, 0) // stride + 1
+    cols = max(width - crop + stride - 1, 0) // stride + 1
+    logits = image.new_zeros((1, num_classes, height, width), dtype=torch.float32)
+    counts = image.new_zeros((1, 1, height, width), dtype=torch.float32)
+    for row in range(rows):
+        for col in range(cols):
+            bottom, right = min(row * stride + crop, height), min(col * stride + crop, width)
+            top, left = max(bottom - crop, 0), max(right - crop, 0)
+            logits[:, :, top:bottom, left:right] += _forward_logits(model, image[:, :, top:bottom, left:right])
+            counts[:, :, top:bottom, left:right] += 1
+    return logits / counts
+
+
+def segmentation_logits(model: nn.Module, images: list[torch.Tensor], size: tuple[int, int], *, num_classes: int,
+                        mode: str = "whole", crop: int = 512, stride: int = 341, flip: bool = False) -> torch.Tensor:
+    """Class probabilities at ``size`` averaged over the given scales (and flips): mmseg's ``aug_test``."""
+    total = None
+    for image in images:
+        for flipped in ((False, True) if flip else (False,)):
+            view = image.flip(-1) if flipped else image
+            if mode == "slide":
+                logits = _slide_logits(model, view, num_classes, crop, stride)
+            else:
+                logits = _forward_logits(model, view)
+            if flipped:
+                logits = logits.flip(-1)
+            probs = F.interpolate(logits, size=size, mode="bilinear", align_corners=False).softmax(dim=1)
+            total = probs if total is None else total + probs
+    return total / (len(images) * (2 if flip else 1))
+
+
+class Ade20kSegmentation:
+    """UperNet fine-tuning on ADE20K (or the generated demo set in the same layout)."""
+
+    def __init__(self, config: Config):
+        self.config = config
+        self.section = config.ade20k
+
+    def build_model(self) -> nn.Module:
+        return build_segmentor(self.config)
+
+    def build_param_groups(self, model: nn.Module, config: OptimConfig) -> list[dict]:
+        """The authors' dense layer-wise decay over the backbone (``optim.layer_decay_layers``); heads at full lr."""
+        from .heads import layer_id_for_dense, lr_scale_for_dense
+
+        layers = config.layer_decay_layers
+
+        def layer_scale(name: str) -> tuple[int, float]:
+            layer = layer_id_for_dense(name, layers)
+            return layer, lr_scale_for_dense(layer, layers, config.layer_decay)
+
+        return build_param_groups(model, config, layer_scale=layer_scale)
+
+    def _root(self, world: WorldInfo) -> str:
+        root = self.section.data_root
+        if self.section.generate_demo:
+            from .demo_data import write_demo
+
+            done = os.path.join(root, "COMPLETE")
+            if world.is_main and not os.path.isfile(done):
+                _logger.info("generating the ADE20K-layout demo set in %s", root)
+                write_demo(root, seed=self.config.train.seed)
+                with open(done, "w") as f:
+                    f.write("ok\n")
+            barrier()
+        return root
+
+    def build_train_loader(self, world: WorldInfo) -> TrainLoader:
+        files = list_split(self._root(world), "training")
+        return TrainLoader(files, self.section, batch_size=self.config.train.micro_batch_size, rank=world.rank,
+                           world_size=world.world_size, num_workers=self.config.data.num_workers,
+                           seed=self.config.train.seed)
+
+    def build_eval_loader(self, world: WorldInfo) -> EvalLoader:
+        files = list_split(self.section.data_root, "validation")
+        return EvalLoader(files, self.section, rank=world.rank, world_size=world.world_size,
+                          num_workers=self.config.data.num_workers)
+
+    def prepare_batch(self, batch, device: torch.device):
+        inputs, labels = batch
+        memory_format = torch.channels_last if self.config.model.channels_last else torch.contiguous_format
+        if isinstance(inputs, dict):  # evaluation: one image at several scales
+            images = [image.to(device, non_blocking=True).contiguous(memory_format=memory_format)
+                      for image in inputs["images"]]
+            return images, labels.to(device, non_blocking=True)
+        return (inputs.to(device, non_blocking=True).contiguous(memory_format=memory_format),
+                labels.to(device, non_blocking=True))
+
+    def training_losses(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        """mmseg's losses: cross-entropy (ignore 255) of the decode head, plus ``aux_weight`` x the auxiliary's."""
+        from .heads import UperNet
+
+        return UperNet.losses(model(images), labels, aux_weight=self.section.aux_weight, ignore_index=IGNORE_INDEX)
+
+    def batch_size(self, inputs) -> int:
+        return inputs.shape[0] if isinstance(inputs, torch.Tensor) else 1
+
+    def build_evaluator(self, device: torch.device):
+        from .metrics import SegmentationEvaluator
+
+        if not hasattr(self, "_class_names"):
+            self._class_names = class_names(self.section.data_root, self.section.num_classes)
+        return SegmentationEvaluator(self.section.num_classes, ignore_index=IGNORE_INDEX,
+                                     class_names=self._class_names, device=device)
+
+    def evaluation_step(self, model: nn.Module, images: list[torch.Tensor], labels: torch.Tensor, evaluator) -> None:
+        seg = self.section
+        probs = segmentation_logits(model, images, tuple(labels.shape[-2:]), num_classes=seg.num_classes,
+                                    mode=seg.eval_mode, crop=seg.crop_size, stride=seg.eval_stride, flip=seg.eval_flip)
+        evaluator.update(probs.argmax(dim=1), labels)
+
+    def dummy_input(self, device: torch.device) -> None:
+        return None  # ZeRO-3 is refused for dense tasks at config time
+
+    def preview(self, inputs: torch.Tensor) -> torch.Tensor:
+        images = inputs.detach().float().cpu()[:, :3]
+        return ((images * torch.tensor(STD).view(1, 3, 1, 1) + torch.tensor(MEAN).view(1, 3, 1, 1)) / 255).clamp(0, 1)
+

@@ -1,0 +1,376 @@
+"""ADE20K fine-tuning through the one trainer: learning, exact resume, preemption, 2-rank evaluation, data
+checks, schedules, layer decay, backbone init, the XL preset. Real DeepSpeed runs on generated data."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from test_pretrain_train import read_scalars, tiny_overrides
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def ade_data(tmp_path_factory) -> str:
+    """The generated ADE20K-layout set: 48 training and 9 validation images (9: uneven over 2 ranks)."""
+    from finetune.ade20k.demo_data import write_demo
+
+    root = tmp_path_factory.mktemp("ade20k") / "ADEChallengeData2016"
+    write_demo(root, train_images=48, val_images=9, seed=0)
+    return str(root)
+
+
+def ade_overrides(data_root: str, run_dir, **changes) -> list[str]:
+    """``ade20k_demo`` at 64 px on ``data_root``: 8 steps of 4 images, one loader worker."""
+    values = {"run_dir": run_dir, "ade20k.data_root": data_root, "ade20k.generate_demo": "false",
+              "ade20k.crop_size": 64, "ade20k.resize_scale": "160,64", "ade20k.eval_scale": "160,64",
+              "data.num_workers": 1, "train.micro_batch_size": 4, "train.global_batch_size": 4, "train.steps": 8,
+              "train.log_every": 1, "train.eval_every": 0, "checkpoint.every": 1000, "optim.warmup_steps": 2}
+    values.update(changes)
+    return [f"{key}={value}" for key, value in values.items()]
+
+
+def make_trainer(overrides: list[str]):
+    from pretrain.config import load_config
+    from pretrain.trainer import Trainer
+
+    return Trainer(load_config("ade20k_demo", overrides))
+
+
+def weights(trainer) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in trainer.engine.module.state_dict().items()}
+
+
+# ----------------------------------------------------------------------------- learning
+
+
+@pytest.fixture(scope="module")
+def demo_backbone(pretrain_shards, tmp_path_factory) -> str:
+    """The demo backbone after a short pretraining on the digit shards, exported in the authors' layout."""
+    from pretrain.config import load_config
+    from pretrain.export import export_checkpoint
+    from pretrain.trainer import Trainer
+
+    run_dir = tmp_path_factory.mktemp("demo_pretrain") / "run"
+    trainer = Trainer(load_config("demo", tiny_overrides(pretrain_shards, run_dir, **{"train.max_steps": 8})))
+    try:
+        trainer.train()
+    finally:
+        trainer.close()
+    out = str(run_dir / "backbone.pth")
+    export_checkpoint(str(run_dir), out, official=True)
+    return out
+
+
+@pytest.fixture(scope="module")
+def learned(ade_data, demo_backbone, tmp_path_factory):
+    """The demo preset (128 px crops, UperNet 64 channels) from the pretrained demo backbone: evaluated before
+    fine-tuning, then 90 steps of fine-tuning, evaluated again."""
+    run_dir = tmp_path_factory.mktemp("ade_learn") / "run"
+    trainer = make_trainer([f"run_dir={run_dir}", f"ade20k.data_root={ade_data}", "ade20k.generate_demo=false",
+                            f"model.init_from={demo_backbone}", "train.steps=90", "train.eval_every=0",
+                            "train.log_every=15", "data.num_workers=2"])
+    try:
+        before = trainer.evaluate()
+        result = trainer.train()
+    finally:
+        trainer.close()
+    return before, result, run_dir
+
+
+def test_fine_tuning_raises_miou_well_above_the_untrained_model(learned):
+    before, result, _ = learned
+    print(f"ADE20K demo: mIoU {before['eval/mIoU']:.1f} before fine-tuning, {result.eval['eval/mIoU']:.1f} after "
+          f"(mAcc {before['eval/mAcc']:.1f} -> {result.eval['eval/mAcc']:.1f}, "
+          f"aAcc {before['eval/aAcc']:.1f} -> {result.eval['eval/aAcc']:.1f})")
+    assert result.status == "completed" and result.step == 90
+    assert result.eval["eval/mIoU"] >= 30.0
+    assert result.eval["eval/mIoU"] >= before["eval/mIoU"] + 20.0
+    assert result.eval["eval/pixels"] == before["eval/pixels"] > 0
+
+
+def test_loss_terms_and_metrics_reach_tensorboard_and_metrics_json(learned):
+    _, result, run_dir = learned
+    scalars = read_scalars(run_dir)
+    for tag in ("train/loss", "train/loss_seg", "train/loss_aux", "eval/mIoU", "eval/mAcc", "eval/aAcc",
+                "eval/IoU.disk", "lr/layer00_decay", "data/bad_samples"):
+        assert tag in scalars, tag
+    seg, aux, total = (dict(scalars[f"train/{t}"]) for t in ("loss_seg", "loss_aux", "loss"))
+    for step in total:
+        assert math.isclose(seg[step] + aux[step], total[step], rel_tol=1e-4), step
+    assert total[90] < total[15]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["step"] == 90 and metrics["eval/mIoU"] == pytest.approx(result.eval["eval/mIoU"])
+
+
+# ----------------------------------------------------------------------------- resume and preemption
+
+
+def test_a_resumed_run_ends_with_the_uninterrupted_weights(ade_data, tmp_path):
+    full = make_trainer(ade_overrides(ade_data, tmp_path / "full"))
+    try:
+        full.train()
+        expected = weights(full)
+    finally:
+        full.close()
+    first = make_trainer(ade_overrides(ade_data, tmp_path / "split", **{"train.max_steps": 3}))
+    try:
+        assert first.train().step == 3
+    finally:
+        first.close()
+    second = make_trainer(ade_overrides(ade_data, tmp_path / "split"))
+    try:
+        assert second.step == 3
+        assert second.train().step == 8
+        resumed = weights(second)
+    finally:
+        second.close()
+    assert expected.keys() == resumed.keys()
+    for name in expected:
+        assert torch.equal(expected[name], resumed[name]), name
+
+
+def test_sigterm_to_the_process_group_twice_checkpoints_and_the_rerun_completes(ade_data, tmp_path):
+    from pretrain.train import REQUEUE_EXIT_CODE
+
+    run_dir = tmp_path / "run"
+    command = [sys.executable, "-m", "finetune", "ade20k", "--config", "ade20k_demo", "--set",
+               *ade_overrides(ade_data, run_dir, **{"train.steps": 400, "data.num_workers": 2})]
+    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               start_new_session=True)
+    log = run_dir / "train.log"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and not (log.exists() and "step 3/" in log.read_text()):
+        time.sleep(0.5)
+    os.killpg(process.pid, signal.SIGTERM)
+    time.sleep(0.3)
+    os.killpg(process.pid, signal.SIGTERM)
+    output, _ = process.communicate(timeout=300)
+    assert process.returncode == REQUEUE_EXIT_CODE, output[-3000:]
+    saved = sorted(p.name for p in (run_dir / "checkpoints").iterdir() if p.name.startswith("step_"))
+    assert saved, output[-3000:]
+    rerun = subprocess.run(command[:-1] + [command[-1], "train.max_steps=" + str(int(saved[-1][5:]) + 2)],
+                           cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert f"resumed from {run_dir / 'checkpoints' / saved[-1]}" in (run_dir / "train.log").read_text()
+
+
+# ----------------------------------------------------------------------------- evaluation over ranks
+
+EVAL_WORKER = textwrap.dedent('''
+    """Build the trainer (same seed: same initial weights on every rank) and evaluate once."""
+    import json, sys
+    from pretrain.config import load_config
+    from pretrain.trainer import Trainer
+
+    trainer = Trainer(load_config("ade20k_demo", json.loads(sys.argv[1])))
+    try:
+        results = trainer.evaluate()
+        if trainer.world.is_main:
+            with open(sys.argv[2], "w") as f:
+                json.dump({"results": results, "images": trainer.world.world_size}, f)
+    finally:
+        trainer.close()
+''')
+
+
+def test_two_rank_evaluation_with_uneven_work_equals_one_rank(ade_data, tmp_path):
+    """9 validation images: 5 on rank 0, 4 on rank 1; sliding windows make the forward counts differ too."""
+    script = tmp_path / "eval_worker.py"
+    script.write_text(EVAL_WORKER)
+    outputs = {}
+    for ranks in (1, 2):
+        out = tmp_path / f"eval_{ranks}.json"
+        overrides = ade_overrides(ade_data, tmp_path / f"run_{ranks}", **{
+            "ade20k.eval_mode": "slide", "ade20k.eval_stride": 48, "ade20k.eval_flip": "true",
+            "data.num_workers": 1, "train.global_batch_size": 8})
+        result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                 f"--nproc-per-node={ranks}", str(script), json.dumps(overrides), str(out)],
+                                cwd=REPO, capture_output=True, text=True, timeout=400,
+                                env={**os.environ, "PYTHONPATH": str(REPO)})
+        assert result.returncode == 0, result.stderr[-3000:]
+        outputs[ranks] = json.loads(out.read_text())["results"]
+    assert outputs[1]["eval/pixels"] > 0
+    assert outputs[1] == outputs[2]
+
+
+def test_segmentation_inference_averages_scales_and_flips_at_the_label_size():
+    from finetune.ade20k.task import segmentation_logits
+
+    class Constant(torch.nn.Module):
+        def forward(self, images):
+            n, _, h, w = images.shape
+            left = torch.zeros(n, 2, h, w)
+            left[:, 0, :, : w // 2] = 5.0
+            return {"logits": left}
+
+    images = [torch.zeros(1, 3, 32, 48), torch.zeros(1, 3, 64, 96)]
+    probs = segmentation_logits(Constant(), images, (20, 30), num_classes=2)
+    assert probs.shape == (1, 2, 20, 30)
+    assert torch.allclose(probs.sum(dim=1), torch.ones(1, 20, 30))
+    assert probs[0, 0, :, :10].min() > 0.9 and probs[0, 0, :, 20:].max() < 0.6
+    flipped = segmentation_logits(Constant(), images, (20, 30), num_classes=2, flip=True)
+    assert torch.allclose(flipped, flipped.flip(-1), atol=1e-6)  # the flip average is symmetric
+    slid = segmentation_logits(Constant(), [torch.zeros(1, 3, 64, 96)], (64, 96), num_classes=2, mode="slide",
+                               crop=32, stride=24)
+    assert slid.shape == (1, 2, 64, 96)
+
+
+# ----------------------------------------------------------------------------- data and config checks
+
+
+def test_missing_annotation_folder_fails_before_training_naming_the_path(ade_data, tmp_path):
+    import shutil
+
+    root = tmp_path / "broken"
+    shutil.copytree(ade_data, root)
+    shutil.rmtree(root / "annotations" / "training")
+    from finetune.ade20k.data import list_split
+
+    with pytest.raises(FileNotFoundError, match=r"annotations/training"):
+        list_split(str(root), "training")
+    result = subprocess.run([sys.executable, "-m", "finetune", "ade20k", "--config", "ade20k_demo", "--set",
+                             *ade_overrides(str(root), tmp_path / "run")], cwd=REPO, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 2 and "annotations/training" in result.stderr
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_a_truncated_training_image_is_skipped_and_counted_with_workers(ade_data, tmp_path):
+    import shutil
+
+    from finetune.ade20k.data import TrainLoader, list_split
+    from pretrain.config import load_config
+
+    root = tmp_path / "damaged"
+    shutil.copytree(ade_data, root)
+    victim = sorted((root / "images" / "training").iterdir())[5]
+    data = victim.read_bytes()
+    victim.write_bytes(data[: len(data) * 2 // 5 + 17])  # cut inside the entropy-coded data
+    config = load_config("ade20k_demo", ade_overrides(str(root), tmp_path / "run")).ade20k
+    loader = TrainLoader(list_split(str(root), "training"), config, batch_size=4, rank=0, world_size=1,
+                         num_workers=2, seed=0)
+    batches = list(loader)
+    assert len(batches) == len(loader) == 12
+    assert all(images.shape == (4, 3, 64, 64) and torch.isfinite(images).all() for images, _ in batches)
+    assert loader.bad_samples == 1
+
+
+def test_dense_tasks_refuse_zero_3_with_the_reason(ade_data, tmp_path):
+    from pretrain.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=r"train\.zero_stage: .*ZeRO-3"):
+        load_config("ade20k_demo", ade_overrides(ade_data, tmp_path, **{"train.zero_stage": 3}))
+    with pytest.raises(ConfigError, match=r"ade20k\.data_root"):
+        load_config("ade20k_demo", ["ade20k.data_root="])
+
+
+def test_mmseg_resize_and_label_rules_by_hand():
+    import numpy as np
+
+    from finetune.ade20k.data import eval_resize_shape, random_crop, reduce_zero_label
+
+    labels = np.array([[0, 1, 2], [150, 255, 3]], dtype=np.uint8)
+    assert reduce_zero_label(labels).tolist() == [[255, 0, 1], [149, 255, 2]]
+    # mmcv rescale_size: a 683x512 (h x w) image into (2048, 512): factor min(2048/683, 512/512) = 1.0
+    assert eval_resize_shape(683, 512, (2048, 512)) == (704, 512)
+    # 400 x 1000 into (2048, 512): min(2048/1000, 512/400) = 1.28 -> 512 x 1280, already multiples of 32
+    assert eval_resize_shape(400, 1000, (2048, 512)) == (512, 1280)
+    rng = np.random.default_rng(0)
+    image, label = np.zeros((100, 100, 3)), np.zeros((100, 100), dtype=np.uint8)
+    label[:, :70] = 1  # any 50x50 crop containing both classes has class 1 below 0.75 only near the edge
+    crop_image, crop_label = random_crop(image, label, 50, 0.75, rng)
+    assert crop_image.shape[:2] == crop_label.shape == (50, 50)
+
+
+# ----------------------------------------------------------------------------- optimizer rules
+
+
+def test_multistep_and_poly_schedules_follow_mmcv_by_hand():
+    from pretrain.config import OptimConfig
+    from pretrain.optim import lr_factor
+
+    coco = OptimConfig(lr=1e-4, schedule="multistep", milestones=(27, 33), warmup_steps=500, warmup_ratio=0.001)
+    factor = lr_factor(coco, total_steps=36 * 1000, steps_per_epoch=1000)
+    assert factor(0) == pytest.approx(0.001)
+    assert factor(250) == pytest.approx(1 - 0.5 * 0.999)  # mmcv: 1 - (1 - 250/500) * (1 - 0.001)
+    assert factor(500) == factor(26_999) == 1.0
+    assert factor(27_000) == pytest.approx(0.1) and factor(33_000) == pytest.approx(0.01)
+    ade = OptimConfig(lr=1e-4, min_lr=0.0, schedule="poly", power=1.0, warmup_steps=1500, warmup_ratio=1e-6)
+    factor = lr_factor(ade, total_steps=160_000, steps_per_epoch=1000)
+    assert factor(0) == pytest.approx(1e-6)
+    assert factor(750) == pytest.approx((1 - 750 / 160_000) * (1 - 0.5 * (1 - 1e-6)))
+    assert factor(80_000) == pytest.approx(0.5) and factor(160_000) == 0.0
+
+
+def test_dense_layer_decay_groups_follow_the_authors_rule(ade_data, tmp_path):
+    from finetune.ade20k.task import Ade20kSegmentation
+    from pretrain.config import load_config
+
+    config = load_config("ade20k_demo", ade_overrides(ade_data, tmp_path))
+    task = Ade20kSegmentation(config)
+    model = task.build_model()
+    groups = {name: g for g in task.build_param_groups(model, config.optim) for name in g["param_names"]}
+    decay, layers = config.optim.layer_decay, config.optim.layer_decay_layers  # 0.9, 6
+    expected = {"backbone.downsample_layers.0.0.weight": layers + 1, "backbone.stages.0.0.gamma": layers,
+                "backbone.downsample_layers.2.0.weight": layers - 2, "backbone.stages.3.0.pwconv1.1.weight": 1,
+                "decode_head.conv_seg.weight": 0, "auxiliary_head.conv_seg.weight": 0}
+    for name, exponent in expected.items():
+        assert groups[name]["lr_scale"] == pytest.approx(decay ** exponent), name
+    assert groups["decode_head.conv_seg.bias"]["weight_decay"] == 0.0
+    assert groups["decode_head.conv_seg.weight"]["weight_decay"] == config.optim.weight_decay
+
+
+# ----------------------------------------------------------------------------- backbone init, presets
+
+
+def test_backbone_init_from_an_export_drops_the_head_and_refuses_missing_keys(tmp_path):
+    import unireplknet
+    from finetune.ade20k.task import init_backbone
+    from finetune.ade20k.heads import build_upernet
+
+    dims, depths, kernels = (16, 32, 64, 128), (1, 1, 2, 1), ((3,), (13,), (13, 3), (13,))
+    classifier = unireplknet.UniRepLKNet(depths=depths, dims=dims, kernel_sizes=kernels, num_classes=10)
+    state = unireplknet.export_official(classifier)
+    torch.save(state, tmp_path / "backbone.pth")
+    model = build_upernet("unireplknet_a", 6, 0.0, depths=depths, dims=dims, kernel_sizes=kernels, channels=32,
+                          aux_channels=16)
+    norm_before = model.backbone.norm0.weight.detach().clone()
+    report = init_backbone(model.backbone, str(tmp_path / "backbone.pth"))
+    assert "head.weight" in report["dropped"] and "norm0.weight" in report["kept_initial"]
+    assert torch.equal(model.backbone.norm0.weight, norm_before)
+    source = dict(classifier.named_parameters())
+    for name, param in model.backbone.named_parameters():
+        if name in source:
+            assert torch.equal(param, source[name]), name
+    del state["stages.2.1.pwconv1.1.weight"]
+    torch.save(state, tmp_path / "partial.pth")
+    with pytest.raises(unireplknet.CheckpointMismatchError, match=r"stages\.2\.1\.pwconv1\.1\.weight"):
+        init_backbone(model.backbone, str(tmp_path / "partial.pth"))
+
+
+def test_xl_preset_builds_and_runs_one_forward_backward_at_a_reduced_size():
+    from finetune.ade20k.task import Ade20kSegmentation
+    from pretrain.config import load_config
+
+    config = load_config("ade20k_xl_upernet_640_160k", ["model.init_from="])
+    assert config.train.global_batch_size == 16 and config.train.steps == 160_000
+    assert config.ade20k.crop_size == 640 and config.model.grad_checkpointing
+    task = Ade20kSegmentation(config)
+    model = task.build_model()
+    assert model.backbone.feature_info.channels() == [256, 512, 1024, 2048]
+    images, labels = torch.randn(2, 3, 64, 64), torch.randint(0, 150, (2, 64, 64))
+    losses = task.training_losses(model, images, labels)
+    sum(losses.values()).backward()
+    assert set(losses) == {"loss_seg", "loss_aux"} and all(torch.isfinite(v) for v in losses.values())
+    assert model.backbone.stages[3][0].pwconv1[1].weight.grad is not None
