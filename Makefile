@@ -20,19 +20,18 @@ setup: $(STAMP)
 
 ## system-deps: the Debian packages the cluster tests run for real (Slurm, munge, sshd); needs root.
 ## The tests that need them skip without them (CI sets UNIREPLKNET_REQUIRE_SLURM=1: they fail instead).
-SYSTEM_PACKAGES := slurmctld slurmd slurm-client munge openssh-server
+SYSTEM_PACKAGES := slurmctld slurmd slurm-client munge openssh-server rsync
 system-deps:
-	@if command -v sbatch >/dev/null && test -x /usr/sbin/slurmctld -a -x /usr/sbin/munged -a -x /usr/sbin/sshd; then \
+	@if command -v sbatch >/dev/null && test -x /usr/sbin/slurmctld -a -x /usr/sbin/munged -a -x /usr/sbin/sshd && command -v rsync >/dev/null; then \
 	    echo "system packages present"; \
 	else \
 	    apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $(SYSTEM_PACKAGES); \
 	fi
 
-## demo: set up, then run the embedded default job: generate digit shards, pretrain a small
-## UniRepLKNet on them with DeepSpeed (CPU, about a minute), evaluate, export re-parameterized
+## demo: set up, then run the whole pipeline on embedded demo data, on a local Ray cluster: generated digit
+## shards -> demo pretraining (DeepSpeed, CPU) -> export -> ADE20K demo fine-tune (generated set) -> summary
 demo: setup
-	$(PY) -m pretrain --config demo
-	$(PY) -m pretrain export runs/demo runs/demo/unireplknet_demo_deploy.pth --reparameterize --official
+	$(PY) -m cluster.pipeline --config demo
 
 ## test: set up, then run the test suite
 test: setup

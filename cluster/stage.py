@@ -10,14 +10,19 @@ Stages:
                   for another); exit 75 when preempted after checkpointing (requeue and rerun).
     export        the pretraining run's latest checkpoint in the authors' key layout, for fine-tuning
                   (``RUN_DIR/export/backbone.pth``; EMA weights when the run kept them).
-    finetune_coco, finetune_ade20k
-                  not available yet: they need the ``finetune`` package.
+    finetune_ade20k
+                  UperNet on the exported backbone (Ray Train), preset ``ade20k_xl_upernet_640_160k``
+                  unless told otherwise; data from ``--data`` / UNIREPLKNET_ADE20K_ROOT, backbone from
+                  ``--init`` / UNIREPLKNET_BACKBONE (default: the export stage's file); exit 75 when preempted.
+    finetune_coco not available yet (the COCO Cascade Mask R-CNN fine-tune is still to be built).
 
 Environment (arguments win over it):
     UNIREPLKNET_RUN_ROOT      where stage run directories live (default ``runs``): RUN_ROOT/NAME
     UNIREPLKNET_TRAIN_SHARDS  training shards (``data.train_urls``), any fsspec URL
     UNIREPLKNET_VAL_SHARDS    validation shards (``data.val_urls``)
     UNIREPLKNET_NUM_WORKERS   Ray Train workers (default: the cluster's GPUs)
+    UNIREPLKNET_ADE20K_ROOT   the ADEChallengeData2016 folder or URL (``ade20k.data_root``)
+    UNIREPLKNET_BACKBONE      backbone weights for the fine-tunes (default RUN_ROOT/export/export/backbone.pth)
     RAY_ADDRESS               the Ray cluster to drive
 """
 from __future__ import annotations
@@ -38,10 +43,13 @@ ENVIRONMENT = {
     "UNIREPLKNET_TRAIN_SHARDS": "training shards (data.train_urls)",
     "UNIREPLKNET_VAL_SHARDS": "validation shards (data.val_urls)",
     "UNIREPLKNET_NUM_WORKERS": "Ray Train workers (default: the cluster's GPUs)",
+    "UNIREPLKNET_ADE20K_ROOT": "the ADEChallengeData2016 folder or URL (ade20k.data_root)",
+    "UNIREPLKNET_BACKBONE": "backbone weights for the fine-tunes (default: RUN_ROOT/export/export/backbone.pth)",
     "RAY_ADDRESS": "the Ray cluster to drive (default: a new local one)",
 }
 COMPLETE_MARKER = "COMPLETE"
 PRETRAIN_PRESET = "xl_in22k_384"
+ADE20K_PRESET = "ade20k_xl_upernet_640_160k"
 
 
 def stage_run_dir(name: str, run_dir: str | None = None) -> str:
@@ -61,6 +69,24 @@ def _pretrain_config(args: argparse.Namespace, run_dir: str):
     return load_config(args.config or PRETRAIN_PRESET, overrides + list(args.overrides))
 
 
+def default_backbone() -> str:
+    """Where the export stage writes the backbone (``RUN_ROOT/export/export/backbone.pth``)."""
+    return os.path.join(stage_run_dir("export"), "export", "backbone.pth")
+
+
+def _ade20k_config(args: argparse.Namespace, run_dir: str):
+    from pretrain.config import load_config
+
+    overrides = [f"run_dir={run_dir}", "launch.launcher=ray", "task=ade20k"]
+    data = args.data or os.environ.get("UNIREPLKNET_ADE20K_ROOT")
+    if data:
+        overrides += [f"ade20k.data_root={data}", "ade20k.generate_demo=false"]
+    overrides.append(f"model.init_from={args.init or os.environ.get('UNIREPLKNET_BACKBONE') or default_backbone()}")
+    if os.environ.get("UNIREPLKNET_NUM_WORKERS"):
+        overrides.append(f"launch.num_workers={int(os.environ['UNIREPLKNET_NUM_WORKERS'])}")
+    return load_config(args.config or ADE20K_PRESET, overrides + list(args.overrides))
+
+
 def _cluster_gpus() -> int:
     import ray
 
@@ -69,29 +95,40 @@ def _cluster_gpus() -> int:
     return int(ray.cluster_resources().get("GPU", 0))
 
 
-def pretrain_xl(args: argparse.Namespace, run_dir: str) -> int:
-    """Pretraining through Ray Train; resumes from ``latest``; 75 when preempted."""
+def _train_on_ray(name: str, config, args: argparse.Namespace) -> int:
+    """One worker per GPU of the cluster unless the worker count was given; ``--dry-run`` prints the config."""
     import dataclasses
 
-    from pretrain.launch import launch
+    from pretrain.config import config_to_dict
+    from pretrain.launch import check_batch_split, launch
 
-    config = _pretrain_config(args, run_dir)
     explicit = os.environ.get("UNIREPLKNET_NUM_WORKERS") or any(o.startswith("launch.num_workers=")
                                                                 for o in args.overrides)
     if not explicit and not args.dry_run:
         gpus = _cluster_gpus()
         if gpus == 0:
-            raise SystemExit("pretrain_xl: the Ray cluster has no GPU; set launch.num_workers (and launch.device=cpu "
+            raise SystemExit(f"{name}: the Ray cluster has no GPU; set launch.num_workers (and launch.device=cpu "
                              "to train on CPUs) or UNIREPLKNET_NUM_WORKERS")
         config.launch = dataclasses.replace(config.launch, num_workers=gpus)
     if args.dry_run:
-        from pretrain.config import config_to_dict
-        from pretrain.launch import check_batch_split
-
         check_batch_split(config, config.launch.num_workers)
         print(json.dumps(config_to_dict(config), indent=2))
         return 0
     return launch(config)
+
+
+def pretrain_xl(args: argparse.Namespace, run_dir: str) -> int:
+    """Pretraining through Ray Train; resumes from ``latest``; 75 when preempted."""
+    return _train_on_ray("pretrain_xl", _pretrain_config(args, run_dir), args)
+
+
+def finetune_ade20k(args: argparse.Namespace, run_dir: str) -> int:
+    """UperNet fine-tuning through Ray Train on the exported backbone; resumes from ``latest``; 75 when preempted."""
+    config = _ade20k_config(args, run_dir)
+    if not args.dry_run and not os.path.isfile(config.model.init_from) and "://" not in config.model.init_from:
+        raise SystemExit(f"finetune_ade20k: no backbone at {config.model.init_from} (run the export stage first, "
+                         "or pass --init / UNIREPLKNET_BACKBONE)")
+    return _train_on_ray("finetune_ade20k", config, args)
 
 
 def export(args: argparse.Namespace, run_dir: str) -> int:
@@ -119,23 +156,24 @@ def export(args: argparse.Namespace, run_dir: str) -> int:
 
 def _not_yet(name: str):
     def stage(args: argparse.Namespace, run_dir: str) -> int:
-        raise SystemExit(f"{name}: not available yet: the fine-tune stages need the finetune package, which this "
-                         "version does not have")
+        raise SystemExit(f"{name}: not available yet: the COCO Cascade Mask R-CNN fine-tune is still to be built "
+                         "(finetune_ade20k is available)")
 
-    stage.__doc__ = "Not available yet (needs the finetune package)."
+    stage.__doc__ = "Not available yet (the COCO fine-tune is still to be built)."
     return stage
 
 
 STAGES = {"pretrain_xl": pretrain_xl, "export": export, "finetune_coco": _not_yet("finetune_coco"),
-          "finetune_ade20k": _not_yet("finetune_ade20k")}
+          "finetune_ade20k": finetune_ade20k}
 
 
 def _stage_identity(name: str, args: argparse.Namespace, run_dir: str) -> dict:
     """What a completed run of the stage is recognised by: its config (pretraining) or arguments."""
-    if name == "pretrain_xl":
+    if name in ("pretrain_xl", "finetune_ade20k"):
         from pretrain.config import config_to_dict
 
-        config = config_to_dict(_pretrain_config(args, run_dir))
+        build = _pretrain_config if name == "pretrain_xl" else _ade20k_config
+        config = config_to_dict(build(args, run_dir))
         config.pop("launch")  # how many workers ran it does not change what was computed
         return {"config": config}
     return {"config": args.config, "source": args.source, "overrides": list(args.overrides)}
@@ -172,7 +210,12 @@ def build_parser() -> argparse.ArgumentParser:
                                      "arguments or config", formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("stage", choices=sorted(STAGES), help="the stage to run")
     parser.add_argument("--run-dir", help="this stage's run directory (default: $UNIREPLKNET_RUN_ROOT/STAGE)")
-    parser.add_argument("--config", help=f"pretrain_xl: preset or JSON config (default {PRETRAIN_PRESET})")
+    parser.add_argument("--config", help=f"preset or JSON config (default {PRETRAIN_PRESET} for pretrain_xl, "
+                        f"{ADE20K_PRESET} for finetune_ade20k)")
+    parser.add_argument("--data", help="finetune_ade20k: the dataset root (default: $UNIREPLKNET_ADE20K_ROOT, else "
+                        "the preset's)")
+    parser.add_argument("--init", help="fine-tunes: backbone weights (default: $UNIREPLKNET_BACKBONE, else the export "
+                        "stage's RUN_ROOT/export/export/backbone.pth)")
     parser.add_argument("--source", help="export: the pretraining run directory (default: RUN_ROOT/pretrain_xl)")
     parser.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
                         help="config overrides, as for python -m pretrain")

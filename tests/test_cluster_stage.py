@@ -1,4 +1,4 @@
-"""``python -m cluster.stage``: the environment it reads, dry runs, skipping complete stages, the stages
+"""``python -m cluster.stage``: the environment it reads, dry runs, skipping complete stages, the stage
 not built yet; ``python -m cluster.ray_nodes`` naming nodes that never joined."""
 from __future__ import annotations
 
@@ -37,9 +37,31 @@ def test_a_bad_setting_or_batch_split_fails_before_anything_runs(tmp_path):
     assert result.returncode == 2 and "optim.lr: expected a number" in result.stderr
 
 
-def test_fine_tune_stages_say_they_are_not_available_yet(tmp_path):
-    result = stage("finetune_ade20k", "--run-dir", str(tmp_path / "ade"))
+def test_the_coco_stage_says_it_is_not_available_yet(tmp_path):
+    result = stage("finetune_coco", "--run-dir", str(tmp_path / "coco"))
     assert result.returncode != 0 and "not available yet" in result.stderr
+
+
+def test_ade20k_dry_run_reads_the_documented_environment(tmp_path):
+    env = {"UNIREPLKNET_RUN_ROOT": str(tmp_path / "runs"), "UNIREPLKNET_ADE20K_ROOT": "s3://bucket/ADEChallengeData2016",
+           "UNIREPLKNET_NUM_WORKERS": "8"}
+    result = stage("finetune_ade20k", "--dry-run", env=env)
+    assert result.returncode == 0, result.stderr
+    config = json.loads(result.stdout)
+    assert config["task"] == "ade20k" and config["run_dir"] == str(tmp_path / "runs" / "finetune_ade20k")
+    assert config["ade20k"]["data_root"] == "s3://bucket/ADEChallengeData2016"
+    assert config["model"]["init_from"] == str(tmp_path / "runs" / "export" / "export" / "backbone.pth")
+    assert (config["model"]["name"], config["ade20k"]["crop_size"]) == ("unireplknet_xl", 640)
+    assert (config["launch"]["launcher"], config["launch"]["num_workers"]) == ("ray", 8)
+    result = stage("finetune_ade20k", "--dry-run", "--init", "/weights/b.pth", "--set", "train.zero_stage=3", env=env)
+    assert result.returncode == 2 and "train.zero_stage: expected 0, 1 or 2 with task=ade20k" in result.stderr
+
+
+def test_ade20k_without_a_backbone_names_the_missing_file(tmp_path):
+    env = {"UNIREPLKNET_RUN_ROOT": str(tmp_path), "UNIREPLKNET_NUM_WORKERS": "1"}
+    result = stage("finetune_ade20k", "--config", "ade20k_demo", env=env)
+    assert result.returncode != 0
+    assert f"no backbone at {tmp_path / 'export' / 'export' / 'backbone.pth'}" in result.stderr
 
 
 def test_a_complete_stage_is_skipped_and_other_settings_rerun_it(pretrain_shards, tmp_path):
