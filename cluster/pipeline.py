@@ -66,7 +66,13 @@ def _run(name: str, arguments: list[str], run_root: str, env: dict[str, str]) ->
     started = time.monotonic()
     _logger.info("stage %s: %s", name, " ".join(command[1:]))
     with open(os.path.join(run_dir, "stage.log"), "a") as log:
-        status = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
+        child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True,
+                                 bufsize=1)
+        for line in child.stdout:  # everything to the stage's log; the trainer's own lines to the console too
+            log.write(line)
+            if "[rank0]" in line:
+                sys.stderr.write(f"[{name}] {line}")
+        status = child.wait()
     seconds = time.monotonic() - started
     _logger.info("stage %s: exit %d after %.0f s (log: %s)", name, status, seconds, os.path.join(run_dir, "stage.log"))
     metrics_file = os.path.join(run_dir, "metrics.json")
@@ -93,7 +99,7 @@ def run_pipeline(name: str, run_root: str, overrides: dict[str, list[str]] | Non
     if not env.get("RAY_ADDRESS"):
         import ray
 
-        local_ray = ray.init(include_dashboard=False, log_to_driver=False)
+        local_ray = ray.init(log_to_driver=False)  # with its dashboard: Ray Train asks the state API
         env["RAY_ADDRESS"] = local_ray.address_info["gcs_address"]
         # a new local cluster has token auth on unless RAY_AUTH_MODE says otherwise; the stages must then
         # present the token (~/.ray/auth_token), which they only do when told the mode

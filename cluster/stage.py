@@ -109,7 +109,13 @@ def _train_on_ray(name: str, config, args: argparse.Namespace) -> int:
         if gpus == 0:
             raise SystemExit(f"{name}: the Ray cluster has no GPU; set launch.num_workers (and launch.device=cpu "
                              "to train on CPUs) or UNIREPLKNET_NUM_WORKERS")
-        config.launch = dataclasses.replace(config.launch, num_workers=gpus)
+        workers = max(w for w in range(1, gpus + 1)
+                      if config.train.global_batch_size % (config.train.micro_batch_size * w) == 0)
+        if workers < gpus:
+            _logger.warning("%s: %d of the cluster's %d GPUs used: the global batch of %d at %d per GPU splits over "
+                            "at most that many", name, workers, gpus, config.train.global_batch_size,
+                            config.train.micro_batch_size)
+        config.launch = dataclasses.replace(config.launch, num_workers=workers)
     if args.dry_run:
         check_batch_split(config, config.launch.num_workers)
         print(json.dumps(config_to_dict(config), indent=2))

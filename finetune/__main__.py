@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -13,7 +14,8 @@ _EPILOG = """\
 examples:
   python -m finetune make-demo-data ade20k data/ade20k_demo          # generated set, ADEChallengeData2016 layout
   python -m finetune ade20k --config ade20k_demo                     # tiny UperNet on it, CPU, minutes
-  python -m finetune ade20k --config ade20k_demo --init runs/demo/unireplknet_demo_deploy.pth
+  python -m finetune ade20k --config ade20k_demo --init runs/pipeline_demo/export/export/backbone.pth
+  python -m finetune predict runs/ade20k_demo photo.jpg --out predictions/
   python -m finetune ade20k --config ade20k_xl_upernet_640_160k --data /data/ADEChallengeData2016 \\
       --init unireplknet_xl_in22k_pretrain.pth --set launch.launcher=torchrun launch.num_workers=8
 
@@ -25,7 +27,7 @@ checkpoint when rerun); exit status 0 done, 75 preempted after saving (rerun to 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m finetune", description=__doc__, epilog=_EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{ade20k,coco,make-demo-data,presets}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{ade20k,coco,make-demo-data,predict,presets}")
     for task in ("ade20k", "coco"):
         sub = commands.add_parser(task, help=f"fine-tune on {task.upper()}", epilog=_EPILOG,
                                   formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -46,6 +48,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--train-images", type=int, default=None, help="training images (default: the generator's)")
     demo.add_argument("--val-images", type=int, default=None, help="validation images")
     demo.add_argument("--seed", type=int, default=0)
+    predict = commands.add_parser("predict", help="draw a segmentation run's predictions over images (PNG)")
+    predict.add_argument("run_dir", help="the fine-tuning run directory (holds checkpoints/)")
+    predict.add_argument("images", nargs="+", help="image files")
+    predict.add_argument("--out", required=True, help="output folder for the PNGs")
+    predict.add_argument("--checkpoint", default="latest", help="latest (default) or a checkpoint folder")
+    predict.add_argument("--ema", action="store_true", help="use the EMA weights")
     commands.add_parser("presets", help="list the fine-tuning presets")
     return parser
 
@@ -72,6 +80,18 @@ def main(argv: list[str] | None = None) -> int:
         for name, make in PRESETS.items():
             if name.startswith(("ade20k", "coco")):
                 print(f"{name:28s} {(make.__doc__ or '').strip().splitlines()[0]}")
+        return 0
+    if args.command == "predict":
+        from .predict import predict_images
+
+        try:
+            with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed prints on import; stdout lists the PNGs only
+                written = predict_images(args.run_dir, args.images, args.out, checkpoint=args.checkpoint,
+                                         ema=args.ema)
+        except (FileNotFoundError, ValueError) as error:
+            print(f"predict error: {error}", file=sys.stderr)
+            return 2
+        print("\n".join(written))
         return 0
     if args.command == "make-demo-data":
         from .ade20k.demo_data import write_demo

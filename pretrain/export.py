@@ -9,7 +9,7 @@ import os
 from . import checkpoint as ckpt
 from .config import config_from_dict, validate
 from .ema import consolidate_ema
-from .task import build_model
+from .task import build_task
 
 __all__ = ["REPARAM_TOLERANCE", "export_checkpoint"]
 
@@ -50,7 +50,7 @@ def export_checkpoint(run_dir: str, out_path: str, *, checkpoint: str = "latest"
         state_dict.update(consolidate_ema([s["ema"] for s in rank_states]))
 
     config.model = dataclasses.replace(config.model, init_from="", grad_checkpointing=False)
-    model = build_model(config)
+    model = build_task(config).build_model()
     model.load_state_dict(state_dict, strict=True)
     reparam_error = None
     if reparameterize:
@@ -60,6 +60,9 @@ def export_checkpoint(run_dir: str, out_path: str, *, checkpoint: str = "latest"
             raise RuntimeError(f"re-parameterization changed the logits by {reparam_error:.3g} (relative, float64; "
                                f"tolerance {REPARAM_TOLERANCE:g}): not writing {out_path}")
         model = reparameterized.float()
+    if official and config.task != "classification":
+        raise ValueError(f"--official writes a classification backbone; this run is task={config.task} (export "
+                         "it without --official: the whole model, backbone.* and the heads)")
     if official:
         out = unireplknet.export_official(model)
     else:

@@ -5,8 +5,9 @@
 #                      waits until every node has joined (error naming the missing ones otherwise)
 #   ray_cluster_down   stops exactly these srun steps (never `ray stop`, which would end every Ray
 #                      instance of the user on the node)
-#   run_stage NAME ARGS...
-#                      runs `python -m cluster.stage NAME ARGS...` as the driver; USR1 (sbatch
+#   run_stage NAME ARGS... / run_pipeline ARGS...
+#                      runs `python -m cluster.stage NAME ARGS...` (or `python -m cluster.pipeline`) as
+#                      the driver; USR1 (sbatch
 #                      --signal=B:USR1@...) asks the stage to checkpoint (RUN_DIR/STOP); a stage that
 #                      exits 75 (preempted after its checkpoint) requeues the job, which resumes from
 #                      `latest` with no flag; any other failure is not requeued.
@@ -93,21 +94,22 @@ ray_cluster_down() {
     echo "ray: this job's nodes stopped"
 }
 
-_request_stop() {
-    echo "USR1: asking the stage to checkpoint and stop ($STAGE_RUN_DIR/STOP)"
-    mkdir -p "$STAGE_RUN_DIR"
-    echo "slurm USR1" >> "$STAGE_RUN_DIR/STOP"
+_request_stop() {  # USR1: every running stage of this driver checkpoints and stops (RUN_DIR/STOP)
+    local dir
+    for dir in "${STOP_DIRS[@]}"; do
+        [[ -d "$dir" && ! -e "$dir/COMPLETE" ]] || continue
+        echo "USR1: asking $dir to checkpoint and stop ($dir/STOP)"
+        echo "slurm USR1" >> "$dir/STOP"
+    done
 }
 
-run_stage() {
-    local name=$1 status=0
-    shift
-    STAGE_RUN_DIR=${STAGE_RUN_DIR:-$UNIREPLKNET_RUN_ROOT/$name}
+_drive() {  # start the Ray cluster, run the driver command "$@", stop the cluster; requeue on 75
+    local status=0
     trap ray_cluster_down EXIT
     trap _request_stop USR1
     ray_cluster_up || { echo "ray: the cluster did not come up" >&2; return 1; }
     cd "$UNIREPLKNET_HOME" || return 1
-    "$UNIREPLKNET_PYTHON" -m cluster.stage "$name" --run-dir "$STAGE_RUN_DIR" "$@" &
+    "$@" &
     local driver=$!
     while true; do  # a trapped signal interrupts `wait`; keep waiting for the driver itself
         wait "$driver" && status=0 || status=$?
@@ -115,10 +117,26 @@ run_stage() {
     done
     ray_cluster_down
     if (( status == 75 )); then
-        echo "stage $name preempted after its checkpoint: requeueing job $SLURM_JOB_ID"
+        echo "$DRIVER_NAME preempted after its checkpoint: requeueing job $SLURM_JOB_ID"
         scontrol requeue "$SLURM_JOB_ID"
         return 0
     fi
-    echo "stage $name finished with status $status"
+    echo "$DRIVER_NAME finished with status $status"
     return "$status"
+}
+
+run_stage() {  # run_stage NAME ARGS...: `python -m cluster.stage NAME --run-dir RUN_ROOT/NAME ARGS...`
+    local name=$1
+    shift
+    STAGE_RUN_DIR=${STAGE_RUN_DIR:-$UNIREPLKNET_RUN_ROOT/$name}
+    mkdir -p "$STAGE_RUN_DIR"
+    STOP_DIRS=("$STAGE_RUN_DIR")
+    DRIVER_NAME="stage $name"
+    _drive "$UNIREPLKNET_PYTHON" -m cluster.stage "$name" --run-dir "$STAGE_RUN_DIR" "$@"
+}
+
+run_pipeline() {  # run_pipeline ARGS...: `python -m cluster.pipeline --run-root RUN_ROOT ARGS...`
+    STOP_DIRS=("$UNIREPLKNET_RUN_ROOT/pretrain_xl" "$UNIREPLKNET_RUN_ROOT/finetune_ade20k" "$UNIREPLKNET_RUN_ROOT/finetune_coco")
+    DRIVER_NAME="pipeline"
+    _drive "$UNIREPLKNET_PYTHON" -m cluster.pipeline --run-root "$UNIREPLKNET_RUN_ROOT" "$@"
 }

@@ -1,5 +1,5 @@
-"""``python -m cluster.stage``: the environment it reads, dry runs, skipping complete stages, the stage
-not built yet; ``python -m cluster.ray_nodes`` naming nodes that never joined."""
+"""``python -m cluster.stage``: the environment it reads, dry runs, the stage not built yet (skipping complete
+stages and resuming changed ones: ``test_pipeline.py``); ``python -m cluster.ray_nodes`` naming nodes that never joined."""
 from __future__ import annotations
 
 import json
@@ -62,27 +62,6 @@ def test_ade20k_without_a_backbone_names_the_missing_file(tmp_path):
     result = stage("finetune_ade20k", "--config", "ade20k_demo", env=env)
     assert result.returncode != 0
     assert f"no backbone at {tmp_path / 'export' / 'export' / 'backbone.pth'}" in result.stderr
-
-
-def test_a_complete_stage_is_skipped_and_other_settings_rerun_it(pretrain_shards, tmp_path):
-    """The demo config on a local Ray cluster the stage starts itself (2 CPU workers)."""
-    env = {"UNIREPLKNET_RUN_ROOT": str(tmp_path), "RAY_AUTH_MODE": "disabled", "UNIREPLKNET_NUM_WORKERS": "2",
-           "UNIREPLKNET_TRAIN_SHARDS": pretrain_shards["train"], "UNIREPLKNET_VAL_SHARDS": pretrain_shards["val"]}
-    args = ["pretrain_xl", "--config", "demo", "--set", "launch.device=cpu", "data.num_workers=0",
-            "train.global_batch_size=16", "train.micro_batch_size=8"]
-    first = stage(*args, "train.max_steps=2", env=env, timeout=600)
-    assert first.returncode == 0, first.stderr[-3000:]
-    assert json.loads((tmp_path / "pretrain_xl" / "COMPLETE").read_text())["stage"] == "pretrain_xl"
-    again = stage(*args, "train.max_steps=2", env=env)
-    assert again.returncode == 0 and "is complete" in again.stderr and "skipped" in again.stderr
-    longer = stage(*args, "train.max_steps=3", env=env, timeout=600)
-    assert longer.returncode == 0, longer.stderr[-3000:]
-    assert "resumed from" in (tmp_path / "pretrain_xl" / "train.log").read_text()
-    exported = stage("export", env=env, timeout=300)
-    assert exported.returncode == 0, exported.stderr[-3000:]
-    summary = json.loads((tmp_path / "export" / "export" / "summary.json").read_text())
-    assert summary["official"] and summary["checkpoint"].endswith("step_00000003")
-    assert (tmp_path / "export" / "export" / "backbone.pth").exists()
 
 
 def test_ray_nodes_names_the_nodes_that_never_joined():

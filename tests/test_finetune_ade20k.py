@@ -113,6 +113,38 @@ def test_loss_terms_and_metrics_reach_tensorboard_and_metrics_json(learned):
     assert metrics["step"] == 90 and metrics["eval/mIoU"] == pytest.approx(result.eval["eval/mIoU"])
 
 
+def test_a_segmentation_run_exports_its_whole_model(learned, tmp_path):
+    from finetune.ade20k.task import build_segmentor
+    from pretrain.checkpoint import read_saved_config, find_checkpoint
+    from pretrain.config import config_from_dict
+    from pretrain.export import export_checkpoint
+
+    _, _, run_dir = learned
+    summary = export_checkpoint(str(run_dir), str(tmp_path / "upernet.pth"))
+    state = torch.load(tmp_path / "upernet.pth", weights_only=True)
+    assert summary["keys"] == len(state) and any(k.startswith("decode_head.") for k in state)
+    config = config_from_dict(read_saved_config(find_checkpoint(str(run_dir / "checkpoints"))))
+    config.model.init_from = ""
+    build_segmentor(config).load_state_dict(state, strict=True)
+    with pytest.raises(ValueError, match="task=ade20k"):
+        export_checkpoint(str(run_dir), str(tmp_path / "official.pth"), official=True)
+
+
+def test_predict_draws_the_segmentation_over_each_image(learned, ade_data, tmp_path):
+    from PIL import Image
+
+    _, _, run_dir = learned
+    images = sorted(str(p) for p in (Path(ade_data) / "images" / "validation").iterdir())[:2]
+    result = subprocess.run([sys.executable, "-m", "finetune", "predict", str(run_dir), *images, "--out",
+                             str(tmp_path / "out")], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    written = result.stdout.split()
+    assert len(written) == 2
+    for image, drawn in zip(images, written):
+        assert Image.open(drawn).size == Image.open(image).size
+        assert Image.open(drawn).tobytes() != Image.open(image).convert("RGB").tobytes()
+
+
 # ----------------------------------------------------------------------------- resume and preemption
 
 

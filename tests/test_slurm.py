@@ -6,6 +6,7 @@ limit -> checkpoint -> requeue -> resume to completion, and nothing left running
 in CI a missing Slurm fails instead of skipping."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import time
@@ -40,10 +41,10 @@ def slurm(tmp_path_factory):
         cluster.stop()
 
 
-def sbatch(slurm: SlurmCluster, out: Path, *stage_args: str, wait: bool) -> str:
-    """Submit slurm/pretrain_xl.sh with CPU overrides (2 nodes, 2 CPUs each, no GPU); returns the job id."""
+def sbatch(slurm: SlurmCluster, out: Path, *stage_args: str, wait: bool, script: str = "slurm/pretrain_xl.sh") -> str:
+    """Submit a stage script with CPU overrides (2 nodes, 2 CPUs each, no GPU); returns the job id."""
     command = ["sbatch", "--parsable", "--nodes=2", "--cpus-per-task=2", "--gpus-per-node=0", "--time=30",
-               "--exclusive", f"--output={out}", *(["--wait"] if wait else []), "slurm/pretrain_xl.sh", *stage_args]
+               "--exclusive", f"--output={out}", *(["--wait"] if wait else []), script, *stage_args]
     result = subprocess.run(command, cwd=REPO, env=slurm.env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, f"{result.stderr}\n{out.read_text() if out.exists() else ''}"
     return result.stdout.strip().split(";")[0]
@@ -126,3 +127,27 @@ def test_pretrain_xl_runs_on_two_nodes_resumes_and_requeues_on_usr1(slurm, pretr
 
     wait_for(lambda: not processes_mentioning("/tmp/ray-j"), 60, "this test's Ray processes to end")
     assert not processes_mentioning("slurmstepd"), processes_mentioning("slurmstepd")
+
+
+def test_finetune_ade20k_script_trains_on_two_nodes(slurm, tmp_path):
+    """``sbatch slurm/finetune_ade20k.sh`` (same bootstrap): the demo fine-tune on 2 Ray Train workers, one per node."""
+    import torch
+
+    import unireplknet
+    from finetune.ade20k.demo_data import write_demo
+
+    write_demo(tmp_path / "ade20k", train_images=16, val_images=4, seed=0)
+    backbone = unireplknet.UniRepLKNet(depths=(1, 1, 2, 1), dims=(16, 32, 64, 128),
+                                       kernel_sizes=((3,), (13,), (13, 3), (13,)), num_classes=10)
+    torch.save(unireplknet.export_official(backbone), tmp_path / "backbone.pth")
+    out = tmp_path / "ade20k.out"
+    run_dir = Path(slurm.env["UNIREPLKNET_RUN_ROOT"]) / "finetune_ade20k"
+    sbatch(slurm, out, "--config", "ade20k_demo", "--data", str(tmp_path / "ade20k"), "--init",
+           str(tmp_path / "backbone.pth"), "--set", "launch.device=cpu", "data.num_workers=1", "train.max_steps=2",
+           "ade20k.crop_size=64", "train.micro_batch_size=4", "train.global_batch_size=8", wait=True,
+           script="slurm/finetune_ade20k.sh")
+    wait_for(lambda: (run_dir / "COMPLETE").exists(), 60, "the stage's COMPLETE marker")
+    log = out.read_text()
+    assert "2 nodes" in log and "stage finetune_ade20k finished with status 0" in log, log[-3000:]
+    assert json.loads((run_dir / "metrics.json").read_text())["step"] == 2
+    assert "on cpu x2" in (run_dir / "train.log").read_text()  # two ranks

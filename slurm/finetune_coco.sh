@@ -1,0 +1,26 @@
+#!/bin/bash
+# Fine-tune Cascade Mask R-CNN on COCO on the exported backbone (not available yet: the stage says so and
+# exits non-zero). Same shape as slurm/finetune_ade20k.sh: 1 node x 8 GPUs, 2 images per GPU.
+#SBATCH --job-name=unireplknet-finetune-coco
+#SBATCH --nodes=1
+#SBATCH --time=48:00:00
+#SBATCH --ntasks-per-node=1
+#SBATCH --gpus-per-node=8
+#SBATCH --cpus-per-task=64
+#SBATCH --exclusive
+#SBATCH --signal=B:USR1@600
+#SBATCH --requeue
+#SBATCH --open-mode=append
+#SBATCH --output=slurm-%x-%j.out
+set -uo pipefail
+
+: "${RAY_GPUS_PER_NODE:=${SLURM_GPUS_PER_NODE:-8}}"
+RAY_GPUS_PER_NODE=${RAY_GPUS_PER_NODE##*:}   # "a100:8" -> 8
+export RAY_GPUS_PER_NODE
+: "${UNIREPLKNET_NUM_WORKERS:=$(( SLURM_JOB_NUM_NODES * RAY_GPUS_PER_NODE ))}"
+(( UNIREPLKNET_NUM_WORKERS > 0 )) || unset UNIREPLKNET_NUM_WORKERS
+export UNIREPLKNET_NUM_WORKERS
+
+# shellcheck source=slurm/ray_cluster.sh
+source "${UNIREPLKNET_HOME:-${SLURM_SUBMIT_DIR:-$PWD}}/slurm/ray_cluster.sh"
+run_stage finetune_coco "$@"
