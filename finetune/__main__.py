@@ -13,6 +13,7 @@ from pretrain.metrics import init_logging
 _EPILOG = """\
 examples:
   python -m finetune make-demo-data ade20k data/ade20k_demo          # generated set, ADEChallengeData2016 layout
+  python -m finetune make-demo-data coco data/coco_demo              # generated set, COCO 2017 layout
   python -m finetune ade20k --config ade20k_demo                     # tiny UperNet on it, CPU, minutes
   python -m finetune ade20k --config ade20k_demo --init runs/pipeline_demo/export/export/backbone.pth
   python -m finetune predict runs/ade20k_demo photo.jpg --out predictions/
@@ -43,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help="config overrides, e.g. train.steps=1000 ade20k.crop_size=512")
         sub.add_argument("--dry-run", action="store_true", help="validate, print the effective config, exit")
     demo = commands.add_parser("make-demo-data", help="write a generated dataset in the standard layout")
-    demo.add_argument("task", choices=("ade20k",))
+    demo.add_argument("task", choices=("ade20k", "coco"))
     demo.add_argument("out", help="output folder")
     demo.add_argument("--train-images", type=int, default=None, help="training images (default: the generator's)")
     demo.add_argument("--val-images", type=int, default=None, help="validation images")
@@ -94,11 +95,14 @@ def main(argv: list[str] | None = None) -> int:
         print("\n".join(written))
         return 0
     if args.command == "make-demo-data":
-        from .ade20k.demo_data import write_demo
+        if args.task == "coco":
+            from .coco.demo_data import write_demo
+        else:
+            from .ade20k.demo_data import write_demo
 
         sizes = {k: v for k, v in (("train_images", args.train_images), ("val_images", args.val_images)) if v}
         write_demo(args.out, seed=args.seed, **sizes)
-        print(f"wrote the ADE20K-layout demo set to {args.out}")
+        print(f"wrote the {'COCO' if args.task == 'coco' else 'ADE20K'}-layout demo set to {args.out}")
         return 0
     if args.command == "coco":
         print("error: the COCO Cascade Mask R-CNN fine-tune is not available yet (only ade20k)", file=sys.stderr)

@@ -234,6 +234,7 @@ class Trainer:
         self._loss_sum, self._loss_steps = 0.0, 0
         self._loss_terms: dict[str, float] = {}
         self._preview_pending = True
+        self._eval_previews: list[torch.Tensor] | None = None
         self._resume()
         if self.world.is_main:  # only once the resume worked: a refused resume leaves the run's config as it was
             save_config(config, os.path.join(config.run_dir, "config.json"))
@@ -428,6 +429,8 @@ class Trainer:
         if live is None:
             return {}
         self._check_complete(live)
+        if self._eval_previews:
+            self.tensorboard.image_grid("eval/predictions", torch.stack(self._eval_previews), self.step)
         results = {f"eval/{k}": v for k, v in live.items()}
         if self.ema is not None:
             with self.ema.swapped_in():
@@ -463,6 +466,7 @@ class Trainer:
         """The task's metrics over the whole eval set; None when a stop request cut the pass short."""
         evaluator = self.task.build_evaluator(self.device)
         evaluator.reset()
+        self._eval_previews = getattr(evaluator, "previews", None)  # images a task's evaluator may collect
         self.engine.eval()
         try:
             with _rng_untouched(), self._autocast():

@@ -109,6 +109,12 @@ def test_loss_terms_and_metrics_reach_tensorboard_and_metrics_json(learned):
     for step in total:
         assert math.isclose(seg[step] + aux[step], total[step], rel_tol=1e-4), step
     assert total[90] < total[15]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"images": 0})
+    events.Reload()
+    shown = events.Images("eval/predictions")
+    assert [e.step for e in shown] == [0, 90] and (shown[-1].height, shown[-1].width) > (128, 256)
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["step"] == 90 and metrics["eval/mIoU"] == pytest.approx(result.eval["eval/mIoU"])
 

@@ -116,7 +116,7 @@ def test_pretrain_xl_runs_on_two_nodes_resumes_and_requeues_on_usr1(slurm, pretr
     output = third.read_text()
     assert state["JobState"] == "COMPLETED", output[-4000:]
     assert state.get("Restarts") == "1", state
-    assert f"USR1: asking the stage to checkpoint and stop ({run_dir / 'STOP'})" in output
+    assert f"USR1: asking {run_dir} to checkpoint and stop ({run_dir / 'STOP'})" in output
     assert f"requeueing job {job}" in output
     text = log.read_text()
     assert f"stop requested ({run_dir / 'STOP'})" in text

@@ -20,6 +20,9 @@ __all__ = ["Ade20kSegmentation", "build_segmentor", "init_backbone", "segmentati
 
 _logger = logging.getLogger(__name__)
 
+PREVIEWS = 4
+"""Validation images (per evaluation, rank 0's first) drawn with their predictions in TensorBoard."""
+
 
 def build_segmentor(config: Config) -> nn.Module:
     """UperNet (+ auxiliary FCN head) over the backbone ``config.model`` names, initialized from ``model.init_from``."""
@@ -166,14 +169,28 @@ class Ade20kSegmentation:
 
         if not hasattr(self, "_class_names"):
             self._class_names = class_names(self.section.data_root, self.section.num_classes)
-        return SegmentationEvaluator(self.section.num_classes, ignore_index=IGNORE_INDEX,
-                                     class_names=self._class_names, device=device)
+        evaluator = SegmentationEvaluator(self.section.num_classes, ignore_index=IGNORE_INDEX,
+                                          class_names=self._class_names, device=device)
+        evaluator.previews = []  # the trainer shows them in TensorBoard (eval/predictions)
+        return evaluator
 
     def evaluation_step(self, model: nn.Module, images: list[torch.Tensor], labels: torch.Tensor, evaluator) -> None:
         seg = self.section
         probs = segmentation_logits(model, images, tuple(labels.shape[-2:]), num_classes=seg.num_classes,
                                     mode=seg.eval_mode, crop=seg.crop_size, stride=seg.eval_stride, flip=seg.eval_flip)
-        evaluator.update(probs.argmax(dim=1), labels)
+        predictions = probs.argmax(dim=1)
+        evaluator.update(predictions, labels)
+        if len(evaluator.previews) < PREVIEWS:
+            evaluator.previews.append(self._preview_pair(images[0], predictions))
+
+    def _preview_pair(self, image: torch.Tensor, predictions: torch.Tensor, size: int = 128) -> torch.Tensor:
+        """The image and the predicted classes' colours blended over it, side by side, ``size`` pixels high."""
+        from ..predict import palette
+
+        picture = F.interpolate(self.preview(image), size=(size, size), mode="bilinear", align_corners=False)[0]
+        labels = F.interpolate(predictions[:, None].float().cpu(), size=(size, size), mode="nearest")[0, 0].long()
+        colours = torch.from_numpy(palette(self.section.num_classes)).float()[labels].permute(2, 0, 1) / 255
+        return torch.cat([picture, 0.5 * picture + 0.5 * colours], dim=2)
 
     def dummy_input(self, device: torch.device) -> None:
         return None  # ZeRO-3 is refused for dense tasks at config time
