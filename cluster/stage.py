@@ -14,7 +14,8 @@ Stages:
                   UperNet on the exported backbone (Ray Train), preset ``ade20k_xl_upernet_640_160k``
                   unless told otherwise; data from ``--data`` / UNIREPLKNET_ADE20K_ROOT, backbone from
                   ``--init`` / UNIREPLKNET_BACKBONE (default: the export stage's file); exit 75 when preempted.
-    finetune_coco not available yet (the COCO Cascade Mask R-CNN fine-tune is still to be built).
+    finetune_coco Cascade Mask R-CNN on the exported backbone (Ray Train), preset ``coco_xl_cascade_3x``
+                  unless told otherwise; data from ``--data`` / UNIREPLKNET_COCO_ROOT, backbone as above.
 
 Environment (arguments win over it):
     UNIREPLKNET_RUN_ROOT      where stage run directories live (default ``runs``): RUN_ROOT/NAME
@@ -22,6 +23,7 @@ Environment (arguments win over it):
     UNIREPLKNET_VAL_SHARDS    validation shards (``data.val_urls``)
     UNIREPLKNET_NUM_WORKERS   Ray Train workers (default: the cluster's GPUs)
     UNIREPLKNET_ADE20K_ROOT   the ADEChallengeData2016 folder or URL (``ade20k.data_root``)
+    UNIREPLKNET_COCO_ROOT     the COCO 2017 folder or URL (``coco.data_root``)
     UNIREPLKNET_BACKBONE      backbone weights for the fine-tunes (default RUN_ROOT/export/export/backbone.pth)
     RAY_ADDRESS               the Ray cluster to drive
 """
@@ -44,12 +46,17 @@ ENVIRONMENT = {
     "UNIREPLKNET_VAL_SHARDS": "validation shards (data.val_urls)",
     "UNIREPLKNET_NUM_WORKERS": "Ray Train workers (default: the cluster's GPUs)",
     "UNIREPLKNET_ADE20K_ROOT": "the ADEChallengeData2016 folder or URL (ade20k.data_root)",
+    "UNIREPLKNET_COCO_ROOT": "the COCO 2017 folder or URL (coco.data_root)",
     "UNIREPLKNET_BACKBONE": "backbone weights for the fine-tunes (default: RUN_ROOT/export/export/backbone.pth)",
     "RAY_ADDRESS": "the Ray cluster to drive (default: a new local one)",
 }
 COMPLETE_MARKER = "COMPLETE"
 PRETRAIN_PRESET = "xl_in22k_384"
 ADE20K_PRESET = "ade20k_xl_upernet_640_160k"
+COCO_PRESET = "coco_xl_cascade_3x"
+FINETUNES = {"finetune_ade20k": ("ade20k", ADE20K_PRESET, "UNIREPLKNET_ADE20K_ROOT"),
+             "finetune_coco": ("coco", COCO_PRESET, "UNIREPLKNET_COCO_ROOT")}
+"""Fine-tune stage -> (task, default preset, data-root variable)."""
 
 
 def stage_run_dir(name: str, run_dir: str | None = None) -> str:
@@ -74,17 +81,18 @@ def default_backbone() -> str:
     return os.path.join(stage_run_dir("export"), "export", "backbone.pth")
 
 
-def _ade20k_config(args: argparse.Namespace, run_dir: str):
+def _finetune_config(name: str, args: argparse.Namespace, run_dir: str):
     from pretrain.config import load_config
 
-    overrides = [f"run_dir={run_dir}", "launch.launcher=ray", "task=ade20k"]
-    data = args.data or os.environ.get("UNIREPLKNET_ADE20K_ROOT")
+    task, preset, variable = FINETUNES[name]
+    overrides = [f"run_dir={run_dir}", "launch.launcher=ray", f"task={task}"]
+    data = args.data or os.environ.get(variable)
     if data:
-        overrides += [f"ade20k.data_root={data}", "ade20k.generate_demo=false"]
+        overrides += [f"{task}.data_root={data}", f"{task}.generate_demo=false"]
     overrides.append(f"model.init_from={args.init or os.environ.get('UNIREPLKNET_BACKBONE') or default_backbone()}")
     if os.environ.get("UNIREPLKNET_NUM_WORKERS"):
         overrides.append(f"launch.num_workers={int(os.environ['UNIREPLKNET_NUM_WORKERS'])}")
-    return load_config(args.config or ADE20K_PRESET, overrides + list(args.overrides))
+    return load_config(args.config or preset, overrides + list(args.overrides))
 
 
 def _cluster_gpus() -> int:
@@ -128,13 +136,23 @@ def pretrain_xl(args: argparse.Namespace, run_dir: str) -> int:
     return _train_on_ray("pretrain_xl", _pretrain_config(args, run_dir), args)
 
 
+def _finetune(name: str, args: argparse.Namespace, run_dir: str) -> int:
+    config = _finetune_config(name, args, run_dir)
+    if not args.dry_run and not os.path.isfile(config.model.init_from) and "://" not in config.model.init_from:
+        raise SystemExit(f"{name}: no backbone at {config.model.init_from} (run the export stage first, "
+                         "or pass --init / UNIREPLKNET_BACKBONE)")
+    return _train_on_ray(name, config, args)
+
+
 def finetune_ade20k(args: argparse.Namespace, run_dir: str) -> int:
     """UperNet fine-tuning through Ray Train on the exported backbone; resumes from ``latest``; 75 when preempted."""
-    config = _ade20k_config(args, run_dir)
-    if not args.dry_run and not os.path.isfile(config.model.init_from) and "://" not in config.model.init_from:
-        raise SystemExit(f"finetune_ade20k: no backbone at {config.model.init_from} (run the export stage first, "
-                         "or pass --init / UNIREPLKNET_BACKBONE)")
-    return _train_on_ray("finetune_ade20k", config, args)
+    return _finetune("finetune_ade20k", args, run_dir)
+
+
+def finetune_coco(args: argparse.Namespace, run_dir: str) -> int:
+    """Cascade Mask R-CNN fine-tuning through Ray Train on the exported backbone; resumes from ``latest``; 75
+    when preempted."""
+    return _finetune("finetune_coco", args, run_dir)
 
 
 def export(args: argparse.Namespace, run_dir: str) -> int:
@@ -160,26 +178,17 @@ def export(args: argparse.Namespace, run_dir: str) -> int:
     return 0
 
 
-def _not_yet(name: str):
-    def stage(args: argparse.Namespace, run_dir: str) -> int:
-        raise SystemExit(f"{name}: not available yet: the COCO Cascade Mask R-CNN fine-tune is still to be built "
-                         "(finetune_ade20k is available)")
-
-    stage.__doc__ = "Not available yet (the COCO fine-tune is still to be built)."
-    return stage
-
-
-STAGES = {"pretrain_xl": pretrain_xl, "export": export, "finetune_coco": _not_yet("finetune_coco"),
+STAGES = {"pretrain_xl": pretrain_xl, "export": export, "finetune_coco": finetune_coco,
           "finetune_ade20k": finetune_ade20k}
 
 
 def _stage_identity(name: str, args: argparse.Namespace, run_dir: str) -> dict:
     """What a completed run of the stage is recognised by: its config (pretraining) or arguments."""
-    if name in ("pretrain_xl", "finetune_ade20k"):
+    if name == "pretrain_xl" or name in FINETUNES:
         from pretrain.config import config_to_dict
 
-        build = _pretrain_config if name == "pretrain_xl" else _ade20k_config
-        config = config_to_dict(build(args, run_dir))
+        config = config_to_dict(_pretrain_config(args, run_dir) if name == "pretrain_xl"
+                                else _finetune_config(name, args, run_dir))
         config.pop("launch")  # how many workers ran it does not change what was computed
         return {"config": config}
     return {"config": args.config, "source": args.source, "overrides": list(args.overrides)}
@@ -217,9 +226,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("stage", choices=sorted(STAGES), help="the stage to run")
     parser.add_argument("--run-dir", help="this stage's run directory (default: $UNIREPLKNET_RUN_ROOT/STAGE)")
     parser.add_argument("--config", help=f"preset or JSON config (default {PRETRAIN_PRESET} for pretrain_xl, "
-                        f"{ADE20K_PRESET} for finetune_ade20k)")
-    parser.add_argument("--data", help="finetune_ade20k: the dataset root (default: $UNIREPLKNET_ADE20K_ROOT, else "
-                        "the preset's)")
+                        f"{ADE20K_PRESET} for finetune_ade20k, {COCO_PRESET} for finetune_coco)")
+    parser.add_argument("--data", help="fine-tunes: the dataset root (default: $UNIREPLKNET_ADE20K_ROOT or "
+                        "$UNIREPLKNET_COCO_ROOT, else the preset's)")
     parser.add_argument("--init", help="fine-tunes: backbone weights (default: $UNIREPLKNET_BACKBONE, else the export "
                         "stage's RUN_ROOT/export/export/backbone.pth)")
     parser.add_argument("--source", help="export: the pretraining run directory (default: RUN_ROOT/pretrain_xl)")

@@ -1,4 +1,4 @@
-"""``python -m finetune ade20k --config PRESET --data ROOT [--init CKPT] [--set key=value ...]``, ``make-demo-data``."""
+"""``python -m finetune ade20k|coco --config PRESET --data ROOT [--init CKPT] [--set key=value ...]``, ``make-demo-data``."""
 from __future__ import annotations
 
 import argparse
@@ -16,7 +16,10 @@ examples:
   python -m finetune make-demo-data coco data/coco_demo              # generated set, COCO 2017 layout
   python -m finetune ade20k --config ade20k_demo                     # tiny UperNet on it, CPU, minutes
   python -m finetune ade20k --config ade20k_demo --init runs/pipeline_demo/export/export/backbone.pth
+  python -m finetune coco --config coco_demo                         # tiny Cascade Mask R-CNN, CPU, minutes
   python -m finetune predict runs/ade20k_demo photo.jpg --out predictions/
+  python -m finetune coco --config coco_xl_cascade_3x --data /data/coco \\
+      --init unireplknet_xl_in22k_pretrain.pth --set launch.launcher=torchrun launch.num_workers=8
   python -m finetune ade20k --config ade20k_xl_upernet_640_160k --data /data/ADEChallengeData2016 \\
       --init unireplknet_xl_in22k_pretrain.pth --set launch.launcher=torchrun launch.num_workers=8
 
@@ -49,12 +52,14 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--train-images", type=int, default=None, help="training images (default: the generator's)")
     demo.add_argument("--val-images", type=int, default=None, help="validation images")
     demo.add_argument("--seed", type=int, default=0)
-    predict = commands.add_parser("predict", help="draw a segmentation run's predictions over images (PNG)")
+    predict = commands.add_parser("predict", help="draw a fine-tuned run's predictions over images (PNG): segmentation colours, or "
+                                  "detected boxes and masks")
     predict.add_argument("run_dir", help="the fine-tuning run directory (holds checkpoints/)")
     predict.add_argument("images", nargs="+", help="image files")
     predict.add_argument("--out", required=True, help="output folder for the PNGs")
     predict.add_argument("--checkpoint", default="latest", help="latest (default) or a checkpoint folder")
     predict.add_argument("--ema", action="store_true", help="use the EMA weights")
+    predict.add_argument("--min-score", type=float, default=0.3, help="detection: draw boxes scoring at least this")
     commands.add_parser("presets", help="list the fine-tuning presets")
     return parser
 
@@ -88,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed prints on import; stdout lists the PNGs only
                 written = predict_images(args.run_dir, args.images, args.out, checkpoint=args.checkpoint,
-                                         ema=args.ema)
+                                         ema=args.ema, min_score=args.min_score)
         except (FileNotFoundError, ValueError) as error:
             print(f"predict error: {error}", file=sys.stderr)
             return 2
@@ -104,9 +109,6 @@ def main(argv: list[str] | None = None) -> int:
         write_demo(args.out, seed=args.seed, **sizes)
         print(f"wrote the {'COCO' if args.task == 'coco' else 'ADE20K'}-layout demo set to {args.out}")
         return 0
-    if args.command == "coco":
-        print("error: the COCO Cascade Mask R-CNN fine-tune is not available yet (only ade20k)", file=sys.stderr)
-        return 2
     try:
         config = load_config(args.config, task_overrides(args.command, args.data, args.init, args.run_dir, args.resume)
                              + list(args.overrides))

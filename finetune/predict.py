@@ -34,7 +34,7 @@ def load_run_model(run_dir: str, checkpoint: str = "latest", ema: bool = False):
         raise ckpt.CheckpointError(f"{folder} holds no {ckpt.CONFIG_NAME}: cannot tell which model it is")
     config = validate(config_from_dict(saved))
     if config.task == "classification":
-        raise ValueError(f"{run_dir} is a classification run; predict draws segmentation runs (task=ade20k)")
+        raise ValueError(f"{run_dir} is a classification run; predict draws fine-tuned runs (task=ade20k|coco)")
     config.model.init_from = ""
     state = ckpt.consolidated_state_dict(folder)
     if ema:
@@ -50,13 +50,16 @@ def load_run_model(run_dir: str, checkpoint: str = "latest", ema: bool = False):
 
 @torch.no_grad()
 def predict_images(run_dir: str, images: list[str], out_dir: str, *, checkpoint: str = "latest", ema: bool = False,
-                   alpha: float = 0.5) -> list[str]:
-    """Segment each image as the run evaluates (its eval scales, flip and mode) and write
-    ``OUT/<name>.png``: the class colours blended over the image; returns the written paths."""
+                   alpha: float = 0.5, min_score: float = 0.3) -> list[str]:
+    """Predict each image as the run evaluates and write ``OUT/<name>.png``: for segmentation the class colours
+    blended over the image, for detection the masks blended and the boxes drawn (score >= ``min_score``,
+    labelled with the class and score); returns the written paths."""
     from .ade20k.data import _normalized, eval_resize_shape
     from .ade20k.task import segmentation_logits
 
     config, model = load_run_model(run_dir, checkpoint, ema)
+    if config.task == "coco":
+        return _draw_detections(config, model, images, out_dir, min_score, alpha)
     seg = config.ade20k
     colours = palette(seg.num_classes)
     os.makedirs(out_dir, exist_ok=True)
@@ -75,3 +78,52 @@ def predict_images(run_dir: str, images: list[str], out_dir: str, *, checkpoint:
         Image.fromarray(blended.round().astype(np.uint8)).save(out)
         written.append(out)
     return written
+
+
+def _draw_detections(config, model, images: list[str], out_dir: str, min_score: float, alpha: float) -> list[str]:
+    from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
+
+    from .coco.data import _normalized, pad_batch, rescale_shape
+
+    section = config.coco
+    names = _class_names(config)
+    colours = palette(section.num_classes)
+    os.makedirs(out_dir, exist_ok=True)
+    written = []
+    for path in images:
+        image = Image.open(path).convert("RGB")
+        height, width = rescale_shape(image.height, image.width, max(section.eval_scale), min(section.eval_scale))
+        pixels = np.asarray(image.resize((width, height), Image.BILINEAR))
+        meta = {"image_size": (height, width), "orig_size": (image.height, image.width),
+                "scale": (height / image.height, width / image.width)}
+        (detection,) = model(pad_batch([_normalized(pixels)], section.size_divisor), [meta])
+        keep = detection["scores"] >= min_score
+        labels = [int(label) for label in detection["labels"][keep]]
+        colour = [tuple(int(c) for c in colours[label]) for label in labels]
+        canvas = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)
+        if labels:
+            canvas = draw_segmentation_masks(canvas, detection["masks"][keep] >= 0.5, alpha=alpha, colors=colour)
+            captions = [f"{names[label]} {score:.2f}" for label, score in zip(labels, detection["scores"][keep].tolist())]
+            canvas = draw_bounding_boxes(canvas, detection["boxes"][keep], labels=captions, colors=colour, width=2)
+        out = os.path.join(out_dir, os.path.splitext(os.path.basename(path))[0] + ".png")
+        Image.fromarray(canvas.permute(1, 2, 0).numpy()).save(out)
+        written.append(out)
+    return written
+
+
+def _class_names(config) -> list[str]:
+    """The categories' names in contiguous order, from the run's val annotation file (numbers when unreadable)."""
+    from .coco.data import load_split
+
+    try:
+        split = load_split(config.coco.data_root, "val2017")
+        import json
+
+        import fsspec
+
+        with fsspec.open(split.annotation_file) as f:
+            by_id = {c["id"]: c["name"] for c in json.load(f)["categories"]}
+        return [by_id[i] for i in split.category_ids]
+    except (OSError, ValueError, KeyError) as error:
+        _logger.warning("class names unavailable (%s): drawing class numbers", error)
+        return [str(i) for i in range(config.coco.num_classes)]

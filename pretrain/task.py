@@ -74,6 +74,10 @@ def build_task(config: Config) -> Task:
         from finetune.ade20k.task import Ade20kSegmentation
 
         return Ade20kSegmentation(config)
+    if config.task == "coco":
+        from finetune.coco.task import CocoInstanceSegmentation
+
+        return CocoInstanceSegmentation(config)
     if config.task != "classification":
         raise ValueError(f"task: {config.task!r} is not available")
     return ImageClassification(config)

@@ -1,6 +1,6 @@
 #!/bin/bash
-# Fine-tune Cascade Mask R-CNN on COCO on the exported backbone (not available yet: the stage says so and
-# exits non-zero). Same shape as slurm/finetune_ade20k.sh: 1 node x 8 GPUs, 2 images per GPU.
+# Fine-tune Cascade Mask R-CNN 3x on COCO on the exported backbone (preset coco_xl_cascade_3x; data from
+# UNIREPLKNET_COCO_ROOT, backbone from UNIREPLKNET_BACKBONE or the export stage). Same shape as slurm/finetune_ade20k.sh: 1 node x 8 GPUs, 2 images per GPU.
 #SBATCH --job-name=unireplknet-finetune-coco
 #SBATCH --nodes=1
 #SBATCH --time=48:00:00

@@ -236,7 +236,7 @@ def stage_dry_run(stage: str, args: list[str], env: dict, cwd: Path) -> dict | N
 
 def check_stage_config(stage: str, config: dict | None, env: dict, run_root: Path, workers: int | None) -> None:
     """What the stage took from the manifest: its run directory, data, worker count."""
-    if config is None or stage not in {"pretrain_xl", "finetune_ade20k"}:
+    if config is None or stage not in {"pretrain_xl", "finetune_ade20k", "finetune_coco"}:
         return
     assert config["run_dir"] == str(run_root / stage)
     if workers is not None:
@@ -245,7 +245,9 @@ def check_stage_config(stage: str, config: dict | None, env: dict, run_root: Pat
         assert (config["data"]["train_urls"], config["data"]["val_urls"]) == \
             (env["UNIREPLKNET_TRAIN_SHARDS"], env["UNIREPLKNET_VAL_SHARDS"])
     else:
-        assert config["ade20k"]["data_root"] == env["UNIREPLKNET_ADE20K_ROOT"]
+        task, variable = ("ade20k", "UNIREPLKNET_ADE20K_ROOT") if stage == "finetune_ade20k" else \
+            ("coco", "UNIREPLKNET_COCO_ROOT")
+        assert config["task"] == task and config[task]["data_root"] == env[variable]
         assert config["model"]["init_from"] == str(run_root / "export" / "export" / "backbone.pth")
 
 

@@ -37,9 +37,18 @@ def test_a_bad_setting_or_batch_split_fails_before_anything_runs(tmp_path):
     assert result.returncode == 2 and "optim.lr: expected a number" in result.stderr
 
 
-def test_the_coco_stage_says_it_is_not_available_yet(tmp_path):
-    result = stage("finetune_coco", "--run-dir", str(tmp_path / "coco"))
-    assert result.returncode != 0 and "not available yet" in result.stderr
+def test_coco_dry_run_reads_the_documented_environment(tmp_path):
+    env = {"UNIREPLKNET_RUN_ROOT": str(tmp_path / "runs"), "UNIREPLKNET_COCO_ROOT": "s3://bucket/coco",
+           "UNIREPLKNET_NUM_WORKERS": "8"}
+    result = stage("finetune_coco", "--dry-run", env=env)
+    assert result.returncode == 0, result.stderr
+    config = json.loads(result.stdout)
+    assert (config["task"], config["coco"]["data_root"], config["launch"]["num_workers"]) == ("coco", "s3://bucket/coco", 8)
+    assert config["model"]["name"] == "unireplknet_xl" and config["train"]["epochs"] == 36
+    assert config["model"]["init_from"] == str(tmp_path / "runs" / "export" / "export" / "backbone.pth")
+    assert config["run_dir"] == str(tmp_path / "runs" / "finetune_coco")
+    result = stage("finetune_coco", "--run-dir", str(tmp_path / "coco"), env=env)
+    assert result.returncode != 0 and "no backbone at" in result.stderr
 
 
 def test_ade20k_dry_run_reads_the_documented_environment(tmp_path):

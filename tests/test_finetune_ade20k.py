@@ -55,24 +55,6 @@ def weights(trainer) -> dict[str, torch.Tensor]:
 
 
 @pytest.fixture(scope="module")
-def demo_backbone(pretrain_shards, tmp_path_factory) -> str:
-    """The demo backbone after a short pretraining on the digit shards, exported in the authors' layout."""
-    from pretrain.config import load_config
-    from pretrain.export import export_checkpoint
-    from pretrain.trainer import Trainer
-
-    run_dir = tmp_path_factory.mktemp("demo_pretrain") / "run"
-    trainer = Trainer(load_config("demo", tiny_overrides(pretrain_shards, run_dir, **{"train.max_steps": 8})))
-    try:
-        trainer.train()
-    finally:
-        trainer.close()
-    out = str(run_dir / "backbone.pth")
-    export_checkpoint(str(run_dir), out, official=True)
-    return out
-
-
-@pytest.fixture(scope="module")
 def learned(ade_data, demo_backbone, tmp_path_factory):
     """The demo preset (128 px crops, UperNet 64 channels) from the pretrained demo backbone: evaluated before
     fine-tuning, then 90 steps of fine-tuning, evaluated again."""

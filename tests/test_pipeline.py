@@ -21,7 +21,8 @@ def pipeline(run_root: Path, *overrides: str) -> subprocess.CompletedProcess:
 
 def test_demo_pipeline_runs_every_stage_then_skips_and_resumes_on_rerun(pretrain_shards, tmp_path):
     runs = tmp_path / "runs"
-    overrides = [f"pretrain_xl:data.demo_dir={tmp_path / 'digits'}", "pretrain_xl:data.demo_train_samples=512",
+    overrides = [f"finetune_coco:coco.data_root={tmp_path / 'coco'}", "finetune_coco:train.max_steps=8",
+                 f"pretrain_xl:data.demo_dir={tmp_path / 'digits'}", "pretrain_xl:data.demo_train_samples=512",
                  "pretrain_xl:data.demo_val_samples=128", "pretrain_xl:train.epochs=1",
                  f"finetune_ade20k:ade20k.data_root={tmp_path / 'ade20k'}", "finetune_ade20k:train.max_steps=16",
                  "finetune_ade20k:ade20k.crop_size=96"]
@@ -30,14 +31,14 @@ def test_demo_pipeline_runs_every_stage_then_skips_and_resumes_on_rerun(pretrain
     summary = json.loads((runs / "pipeline" / "summary.json").read_text())
     stages = summary["stages"]
     assert summary["status"] == "complete"
-    assert [stages[s]["status"] for s in ("pretrain_xl", "export", "finetune_ade20k")] == [0, 0, 0]
-    assert stages["finetune_coco"]["note"] == "not available yet"
+    assert [stages[s]["status"] for s in ("pretrain_xl", "export", "finetune_ade20k", "finetune_coco")] == [0, 0, 0, 0]
+    assert stages["finetune_coco"]["metrics"]["step"] == 8 and "eval/segm_AP" in stages["finetune_coco"]["metrics"]
     assert stages["pretrain_xl"]["metrics"]["eval/top1"] > 10.0  # 10 classes: chance is 10 %
     assert stages["finetune_ade20k"]["metrics"]["step"] == 16 and stages["finetune_ade20k"]["metrics"]["eval/mIoU"] > 0
     assert (runs / "export" / "export" / "backbone.pth").is_file()
     assert f"backbone from {runs / 'export' / 'export' / 'backbone.pth'}" in (runs / "finetune_ade20k" / "train.log").read_text()
     scalars = read_scalars(runs / "pipeline")
-    assert "finetune_ade20k/mIoU" in scalars and "pretrain_xl/top1" in scalars
+    assert "finetune_ade20k/mIoU" in scalars and "pretrain_xl/top1" in scalars and "finetune_coco/bbox_AP" in scalars
     assert f"tensorboard --logdir {runs}" in first.stdout and "mIoU" in first.stdout
 
     again = pipeline(runs, *overrides[:-2], "finetune_ade20k:train.max_steps=20", overrides[-1])

@@ -23,6 +23,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from shards.loader import leave_preemption_to_the_parent, preemption_signals_held
 
+from ..loading import ResumableBatches
+
 __all__ = ["IGNORE_INDEX", "MEAN", "STD", "EvalLoader", "SegmentationSample", "SplitFiles", "TrainLoader",
            "class_names", "eval_resize_shape", "list_split", "photometric_distortion", "random_crop", "random_resize_shape",
            "reduce_zero_label"]
@@ -33,7 +35,6 @@ IGNORE_INDEX = 255
 MEAN = (123.675, 116.28, 103.53)
 """mmseg's normalization, RGB on the 0-255 scale (the ImageNet statistics)."""
 STD = (58.395, 57.12, 57.375)
-STATE_VERSION = 1
 
 
 @dataclass(frozen=True)
@@ -249,10 +250,12 @@ def _collate_train(samples: list[SegmentationSample]) -> tuple[torch.Tensor, tor
             sum(s.skipped for s in samples))
 
 
-class TrainLoader:
+class TrainLoader(ResumableBatches):
     """This rank's training batches ``(images, labels)``: every rank the same number per epoch (the
     shuffled split is cut to a multiple of world x batch); resumable mid-epoch with ``state_dict``.
     ``set_epoch`` / iteration semantics as ``shards.TrainLoader``."""
+
+    name = "ADE20K"
 
     def __init__(self, files: SplitFiles, config, *, batch_size: int, rank: int, world_size: int, num_workers: int,
                  seed: int):
@@ -263,61 +266,20 @@ class TrainLoader:
         if self._per_rank < batch_size:
             raise ValueError(f"{files.root}: {len(files)} {files.split} images give {self._per_rank} per rank, fewer "
                              f"than one batch of {batch_size} on {world_size} rank(s)")
-        self._epoch, self._batches_done, self._bad, self._epoch_chosen = 0, 0, 0, False
+        self._collate = _collate_train
+        self._start()
 
     def __len__(self) -> int:
         return self._per_rank // self.batch_size
 
-    @property
-    def bad_samples(self) -> int:
-        """Unreadable images skipped so far (each replaced by the next readable one)."""
-        return self._bad
-
-    def set_epoch(self, epoch: int) -> None:
-        if epoch != self._epoch:
-            self._epoch, self._batches_done = epoch, 0
-        self._epoch_chosen = True
-
-    def _batches(self) -> list[list[tuple[int, int]]]:
+    def _all_batches(self) -> list[list[int]]:
         order = torch.randperm(len(self.files), generator=torch.Generator().manual_seed(self.seed * 100003 + self._epoch))
         mine = order[self.rank::self.world_size][:len(self) * self.batch_size].tolist()
-        return [[(self._epoch, i) for i in mine[b * self.batch_size:(b + 1) * self.batch_size]]
-                for b in range(self._batches_done, len(self))]
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        if self._batches_done >= len(self) and not self._epoch_chosen:
-            self._epoch, self._batches_done = self._epoch + 1, 0
-        self._epoch_chosen = False
-        batches = self._batches()
-        if not batches:
-            return
-        loader = DataLoader(self._samples, batch_sampler=batches, num_workers=self.num_workers,
-                            collate_fn=_collate_train, persistent_workers=False,
-                            worker_init_fn=leave_preemption_to_the_parent if self.num_workers else None)
-        with preemption_signals_held():
-            iterator = iter(loader)
-        for images, labels, skipped in iterator:
-            self._batches_done += 1
-            self._bad += skipped
-            yield images, labels
+        return [mine[b * self.batch_size:(b + 1) * self.batch_size] for b in range(len(self))]
 
     def _identity(self) -> dict[str, Any]:
         return {"root": self.files.root, "images": len(self.files), "seed": self.seed, "rank": self.rank,
                 "world_size": self.world_size, "batch_size": self.batch_size}
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"version": STATE_VERSION, **self._identity(), "epoch": self._epoch,
-                "batches_done": self._batches_done, "bad_samples": self._bad}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore a saved position; ``ValueError`` naming a setting that differs (exact resume needs them equal)."""
-        if state.get("version") != STATE_VERSION:
-            raise ValueError(f"ADE20K loader state version {state.get('version')!r}, expected {STATE_VERSION}")
-        for key, value in self._identity().items():
-            if key != "root" and state.get(key) != value:
-                raise ValueError(f"ADE20K loader state was saved with {key}={state.get(key)!r}, this loader has "
-                                 f"{key}={value!r}: exact resume needs the same data, seed, world size and batch")
-        self._epoch, self._batches_done, self._bad = int(state["epoch"]), int(state["batches_done"]), int(state["bad_samples"])
 
 
 class _EvalSamples(_Files):

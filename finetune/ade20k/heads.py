@@ -24,7 +24,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from unireplknet import VARIANTS, UniRepLKNet
 
 __all__ = [
     "ConvBNReLU",
@@ -261,23 +260,10 @@ def build_upernet(
         dropout: ``Dropout2d`` rate of both heads.
         grad_checkpointing: checkpoint the backbone blocks.
     """
-    arch = backbone_name.split(".")[0]
-    short = arch[len("unireplknet_"):] if arch.startswith("unireplknet_") else None
-    if short not in VARIANTS:
-        known = ", ".join(f"unireplknet_{k}" for k in VARIANTS)
-        raise ValueError(f"unknown backbone {backbone_name!r}; choose one of {known}")
-    variant_depths, variant_dims, variant_kernels = VARIANTS[short]
-    depths = tuple(depths) if depths is not None else variant_depths
-    dims = tuple(dims) if dims is not None else variant_dims
-    if kernel_sizes is None:
-        if depths != variant_depths:
-            raise ValueError(
-                f"depths {depths} differ from {arch}'s {variant_depths}: pass kernel_sizes (one tuple per stage)")
-        kernel_sizes = variant_kernels
-    # The same constructor timm.create_model(arch, features_only=True) calls: the model itself, unwrapped.
-    backbone = UniRepLKNet(depths=depths, dims=dims, kernel_sizes=kernel_sizes, drop_path_rate=drop_path_rate,
-                           num_classes=0, features_only=True)
-    backbone.set_grad_checkpointing(grad_checkpointing)
+    from ..backbone import build_dense_backbone
+
+    backbone = build_dense_backbone(backbone_name, drop_path_rate=drop_path_rate, depths=depths, dims=dims,
+                                    kernel_sizes=kernel_sizes, grad_checkpointing=grad_checkpointing)
     return UperNet(backbone, num_classes, channels=channels, aux_channels=aux_channels, dropout=dropout)
 
 

@@ -3,17 +3,15 @@ the one trainer (every launcher, resume, EMA, TensorBoard), evaluated with mmseg
 from __future__ import annotations
 
 import logging
-import os
-import re
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from pretrain.config import Config, OptimConfig
-from pretrain.distributed import WorldInfo, barrier
-from pretrain.optim import build_param_groups
+from pretrain.distributed import WorldInfo
 
+from ..backbone import dense_param_groups, init_backbone, write_demo_once
 from .data import IGNORE_INDEX, MEAN, STD, EvalLoader, TrainLoader, class_names, list_split
 
 __all__ = ["Ade20kSegmentation", "build_segmentor", "init_backbone", "segmentation_logits"]
@@ -37,27 +35,6 @@ def build_segmentor(config: Config) -> nn.Module:
         init_backbone(model.backbone, m.init_from)
     model.backbone.set_fused_branches(m.fused_branches)
     return model
-
-
-def init_backbone(backbone: nn.Module, path: str) -> dict[str, list[str]]:
-    """Load a ``python -m pretrain export`` file or an official checkpoint into a features-only backbone.
-
-    The classifier (``head.*``) and final norm are dropped; the per-stage norms ``norm0..3`` keep their
-    initial values when the file has none; any other backbone key missing from the file, or a shape
-    that differs, is an error (``unireplknet.CheckpointMismatchError``). Returns and logs the report.
-    """
-    import unireplknet
-
-    state = unireplknet.read_state_dict(path)
-    unireplknet.load_official(backbone, state)
-    names = set(backbone.state_dict())
-    report = {"dropped": sorted(k for k in state if re.match(r"^(head|norm)\.", k)),
-              "kept_initial": sorted(k for k in names if re.match(r"^norm\d\.", k) and k not in state)}
-    _logger.info("backbone from %s: %d tensors loaded, %d dropped (classifier and final norm: %s), %d kept at "
-                 "their initial values (%s)", path, len(names) - len(report["kept_initial"]), len(report["dropped"]),
-                 ", ".join(report["dropped"]) or "none", len(report["kept_initial"]),
-                 ", ".join(report["kept_initial"]) or "none")
-    return report
 
 
 def _forward_logits(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
@@ -110,29 +87,15 @@ class Ade20kSegmentation:
 
     def build_param_groups(self, model: nn.Module, config: OptimConfig) -> list[dict]:
         """The authors' dense layer-wise decay over the backbone (``optim.layer_decay_layers``); heads at full lr."""
-        from .heads import layer_id_for_dense, lr_scale_for_dense
-
-        layers = config.layer_decay_layers
-
-        def layer_scale(name: str) -> tuple[int, float]:
-            layer = layer_id_for_dense(name, layers)
-            return layer, lr_scale_for_dense(layer, layers, config.layer_decay)
-
-        return build_param_groups(model, config, layer_scale=layer_scale)
+        return dense_param_groups(model, config)
 
     def _root(self, world: WorldInfo) -> str:
-        root = self.section.data_root
-        if self.section.generate_demo:
-            from .demo_data import write_demo
+        if not self.section.generate_demo:
+            return self.section.data_root
+        from .demo_data import write_demo
 
-            done = os.path.join(root, "COMPLETE")
-            if world.is_main and not os.path.isfile(done):
-                _logger.info("generating the ADE20K-layout demo set in %s", root)
-                write_demo(root, seed=self.config.train.seed)
-                with open(done, "w") as f:
-                    f.write("ok\n")
-            barrier()
-        return root
+        return write_demo_once(self.section.data_root, write_demo, is_main=world.is_main,
+                               seed=self.config.train.seed, what="ADE20K-layout")
 
     def build_train_loader(self, world: WorldInfo) -> TrainLoader:
         files = list_split(self._root(world), "training")

@@ -1,0 +1,187 @@
+"""COCO instance segmentation as a ``pretrain.task.Task``: Cascade Mask R-CNN (or Mask R-CNN) on the UniRepLKNet
+backbone, trained by the one trainer (every launcher, resume, EMA, TensorBoard), evaluated by COCOeval."""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from pretrain.config import Config, OptimConfig
+from pretrain.distributed import WorldInfo, all_reduce_sum, barrier
+from pretrain.task import denormalize
+
+from ..backbone import dense_param_groups, init_backbone, write_demo_once
+from .data import MEAN, STD, EvalLoader, TrainLoader, load_split
+from .metrics import CocoEvaluator
+
+__all__ = ["CocoInstanceSegmentation", "DetectionEvaluator", "build_detector_from_config"]
+
+_logger = logging.getLogger(__name__)
+
+PREVIEWS = 4
+"""Validation images (per evaluation, rank 0's first) drawn with their detections in TensorBoard."""
+PREVIEW_SCORE = 0.3
+"""Detections drawn in previews score at least this."""
+
+
+def build_detector_from_config(config: Config) -> nn.Module:
+    """The detector ``config.coco`` describes over the backbone ``config.model`` names, initialized from
+    ``model.init_from``."""
+    from .model import build_detector
+
+    m, c = config.model, config.coco
+    model = build_detector(
+        m.name, c.num_classes, drop_path_rate=m.drop_path_rate, depths=m.depths, dims=m.dims,
+        kernel_sizes=m.kernel_sizes, grad_checkpointing=m.grad_checkpointing, fpn_channels=c.fpn_channels,
+        anchor_scale=c.anchor_scale, anchor_ratios=c.anchor_ratios, rpn_batch=c.rpn_batch,
+        rpn_proposals_train=c.rpn_proposals_train, rpn_proposals_test=c.rpn_proposals_test, roi_batch=c.roi_batch,
+        stage_ious=c.stage_ious, stage_weights=c.stage_weights, box_channels=c.box_channels, box_fc=c.box_fc,
+        mask_channels=c.mask_channels, giou_weight=c.giou_weight, score_threshold=c.score_threshold,
+        nms_iou=c.nms_iou, max_detections=c.max_detections)
+    if m.init_from:
+        init_backbone(model.backbone, m.init_from)
+    model.backbone.set_fused_branches(m.fused_branches)
+    return model
+
+
+class DetectionEvaluator(CocoEvaluator):
+    """``CocoEvaluator`` that also records unreadable val images (no detections, so every image is still
+    evaluated once) and leaves them out of ``samples``, so the trainer reports the evaluation incomplete."""
+
+    def reset(self) -> None:
+        super().reset()
+        self.unreadable = 0
+
+    def update_unreadable(self, image_id: int) -> None:
+        self.unreadable += 1
+        self.update([{"image_id": image_id, "boxes": torch.zeros(0, 4), "scores": torch.zeros(0),
+                      "labels": torch.zeros(0, dtype=torch.int64)}])
+
+    def compute(self, world: WorldInfo | None = None) -> dict[str, float]:
+        results = super().compute(world)
+        unreadable = float(self.unreadable)
+        if world is not None and world.world_size > 1:
+            unreadable = all_reduce_sum(torch.tensor([unreadable], dtype=torch.float64, device=self.device)).item()
+        results["samples"] -= unreadable
+        return results
+
+
+class CocoInstanceSegmentation:
+    """Cascade Mask R-CNN fine-tuning on COCO 2017 (or the generated demo set in the same layout)."""
+
+    def __init__(self, config: Config):
+        self.config = config
+        self.section = config.coco
+
+    def build_model(self) -> nn.Module:
+        return build_detector_from_config(self.config)
+
+    def build_param_groups(self, model: nn.Module, config: OptimConfig) -> list[dict]:
+        """The authors' dense layer-wise decay over the backbone (``optim.layer_decay_layers``); heads at full lr."""
+        return dense_param_groups(model, config)
+
+    def _root(self, world: WorldInfo) -> str:
+        if not self.section.generate_demo:
+            return self.section.data_root
+        from .demo_data import write_demo
+
+        return write_demo_once(self.section.data_root, write_demo, is_main=world.is_main,
+                               seed=self.config.train.seed, what="COCO-layout")
+
+    def build_train_loader(self, world: WorldInfo) -> TrainLoader:
+        split = load_split(self._root(world), "train2017")
+        self._check_classes(split)
+        return TrainLoader(split, self.section, batch_size=self.config.train.micro_batch_size, rank=world.rank,
+                           world_size=world.world_size, num_workers=self.config.data.num_workers,
+                           seed=self.config.train.seed)
+
+    def build_eval_loader(self, world: WorldInfo) -> EvalLoader:
+        split = load_split(self.section.data_root, "val2017")
+        self._check_classes(split)
+        self._annotation_file = self._local_annotations(split.annotation_file, world)
+        return EvalLoader(split, self.section, rank=world.rank, world_size=world.world_size,
+                          num_workers=self.config.data.num_workers)
+
+    def _check_classes(self, split) -> None:
+        if len(split.category_ids) != self.section.num_classes:
+            raise ValueError(f"{split.annotation_file}: {len(split.category_ids)} categories, but "
+                             f"coco.num_classes={self.section.num_classes}")
+
+    def _local_annotations(self, url: str, world: WorldInfo) -> str:
+        """COCOeval reads a local file: an fsspec annotation file is copied once into the run directory."""
+        import fsspec
+
+        fs, path = fsspec.core.url_to_fs(url)
+        if "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
+            return path
+        local = os.path.join(self.config.run_dir, "cache", os.path.basename(path))
+        if world.is_main and not os.path.isfile(local):
+            os.makedirs(os.path.dirname(local), exist_ok=True)
+            with fs.open(path, "rb") as source, open(local + ".tmp", "wb") as target:
+                shutil.copyfileobj(source, target)
+            os.replace(local + ".tmp", local)
+        barrier()
+        return local
+
+    def prepare_batch(self, batch, device: torch.device):
+        images, targets = batch
+        memory_format = torch.channels_last if self.config.model.channels_last else torch.contiguous_format
+        moved = [{k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in t.items()}
+                 for t in targets]
+        if images is not None:
+            images = images.to(device, non_blocking=True).contiguous(memory_format=memory_format)
+        return images, moved
+
+    def training_losses(self, model: nn.Module, images: torch.Tensor, targets: list[dict]) -> dict[str, torch.Tensor]:
+        """RPN objectness and box losses, then per cascade stage classification, GIoU box and mask losses."""
+        return model(images, targets)
+
+    def batch_size(self, inputs) -> int:
+        return inputs.shape[0] if isinstance(inputs, torch.Tensor) else 1
+
+    def build_evaluator(self, device: torch.device) -> DetectionEvaluator:
+        evaluator = DetectionEvaluator(self._annotation_file, device=device if device.type == "cuda" else "cpu")
+        evaluator.previews = []  # the trainer shows them in TensorBoard (eval/predictions)
+        return evaluator
+
+    def evaluation_step(self, model: nn.Module, images: torch.Tensor | None, metas: list[dict],
+                        evaluator: DetectionEvaluator) -> None:
+        if images is None:  # unreadable: counted, and evaluated as an image with no detections
+            for meta in metas:
+                evaluator.update_unreadable(meta["image_id"])
+            return
+        detections = model(images, metas)
+        evaluator.update([{"image_id": meta["image_id"], **d} for meta, d in zip(metas, detections)])
+        if len(evaluator.previews) < PREVIEWS:
+            evaluator.previews.append(self._preview(images[0], metas[0], detections[0]))
+
+    def _preview(self, image: torch.Tensor, meta: dict, detection: dict, size: int = 160) -> torch.Tensor:
+        """The image with its confident detections (masks blended, boxes drawn) at ``size`` x ``size``."""
+        from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
+
+        from ..predict import palette
+
+        height, width = (int(v) for v in meta["orig_size"])
+        h, w = (int(v) for v in meta["image_size"])
+        picture = F.interpolate(self.preview(image[None, :, :h, :w]), size=(height, width), mode="bilinear",
+                                align_corners=False)[0]
+        keep = detection["scores"] >= PREVIEW_SCORE
+        canvas = (picture * 255).round().to(torch.uint8)
+        colours = [tuple(int(c) for c in palette(self.section.num_classes)[int(label)])
+                   for label in detection["labels"][keep]]
+        if keep.any():
+            masks = detection.get("masks")
+            if masks is not None:
+                canvas = draw_segmentation_masks(canvas, masks[keep].cpu() >= 0.5, alpha=0.45, colors=colours)
+            canvas = draw_bounding_boxes(canvas, detection["boxes"][keep].cpu(), colors=colours, width=1)
+        return F.interpolate(canvas[None].float() / 255, size=(size, size), mode="bilinear", align_corners=False)[0]
+
+    def dummy_input(self, device: torch.device) -> None:
+        return None  # ZeRO-3 is refused for dense tasks at config time
+
+    def preview(self, inputs: torch.Tensor) -> torch.Tensor:
+        return denormalize(inputs, [m / 255 for m in MEAN], [s / 255 for s in STD])
