@@ -18,6 +18,7 @@ examples:
   python -m finetune ade20k --config ade20k_demo --init runs/pipeline_demo/export/export/backbone.pth
   python -m finetune coco --config coco_demo                         # tiny Cascade Mask R-CNN, CPU, minutes
   python -m finetune predict runs/ade20k_demo photo.jpg --out predictions/
+  python -m finetune bench --config coco_xl_cascade_3x               # s/iter and peak memory at 2 images/GPU
   python -m finetune coco --config coco_xl_cascade_3x --data /data/coco \\
       --init unireplknet_xl_in22k_pretrain.pth --set launch.launcher=torchrun launch.num_workers=8
   python -m finetune ade20k --config ade20k_xl_upernet_640_160k --data /data/ADEChallengeData2016 \\
@@ -31,7 +32,7 @@ checkpoint when rerun); exit status 0 done, 75 preempted after saving (rerun to 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m finetune", description=__doc__, epilog=_EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{ade20k,coco,make-demo-data,predict,presets}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{ade20k,coco,make-demo-data,predict,presets,bench}")
     for task in ("ade20k", "coco"):
         sub = commands.add_parser(task, help=f"fine-tune on {task.upper()}", epilog=_EPILOG,
                                   formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -61,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--ema", action="store_true", help="use the EMA weights")
     predict.add_argument("--min-score", type=float, default=0.3, help="detection: draw boxes scoring at least this")
     commands.add_parser("presets", help="list the fine-tuning presets")
+    commands.add_parser("bench", add_help=False, help="one training step of a dense preset at its per-GPU batch "
+                        "on synthetic inputs: s/iter and peak memory (bench --help)")
     return parser
 
 
@@ -80,7 +83,12 @@ def task_overrides(task: str, data: str | None, init: str | None, run_dir: str |
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench"]:
+        from .bench import main as bench
+
+        return bench(argv[1:])
+    args = build_parser().parse_args(argv)
     init_logging(int(os.environ.get("RANK", "0")))
     if args.command == "presets":
         for name, make in PRESETS.items():

@@ -927,7 +927,7 @@ def ade20k_demo() -> Config:
         ade20k=Ade20kConfig(data_root="data/ade20k_demo", generate_demo=True, num_classes=6, crop_size=128,
                             resize_scale=(320, 128), ratio_range=(0.75, 1.5), eval_scale=(320, 128), channels=64,
                             aux_channels=32),
-        optim=OptimConfig(lr=2e-3, min_lr=0.0, weight_decay=0.05, schedule="poly", warmup_steps=20,
+        optim=OptimConfig(lr=4e-3, min_lr=0.0, weight_decay=0.05, schedule="poly", warmup_steps=20,
                           warmup_ratio=1e-6, layer_decay=0.9, layer_decay_layers=6),
         train=TrainConfig(steps=240, global_batch_size=8, micro_batch_size=8, zero_stage=1, log_every=20,
                           eval_every=120),

@@ -205,6 +205,19 @@ def test_sigterm_to_the_process_group_twice_checkpoints_and_the_rerun_completes(
     assert f"resumed from {run_dir / 'checkpoints' / saved[-1]}" in (run_dir / "train.log").read_text()
 
 
+def test_torchrun_launcher_trains_two_ranks_with_zero_2_and_evaluates_every_image_once(coco_data, tmp_path):
+    run_dir = tmp_path / "run"
+    result = subprocess.run([sys.executable, "-m", "finetune", "coco", "--config", "coco_demo", "--set",
+                             *coco_overrides(coco_data, run_dir, **{"train.steps": 3, "train.global_batch_size": 4,
+                                                                    "train.zero_stage": 2, "launch.launcher": "torchrun",
+                                                                    "launch.num_workers": 2})],
+                            cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["step"] == 3 and metrics["eval/samples"] == 9
+    assert "on cpu x2" in (run_dir / "train.log").read_text()
+
+
 # ----------------------------------------------------------------------------- evaluation over ranks
 
 EVAL_WORKER = textwrap.dedent('''
@@ -312,6 +325,38 @@ def test_inference_boxes_masks_and_limits_in_original_pixels():
     assert result["boxes"][:, 2].max() <= 256 and result["boxes"][:, 3].max() <= 192
     assert (result["scores"][:-1] >= result["scores"][1:]).all()
     assert result["masks"].min() >= 0 and result["masks"].max() <= 1
+
+
+def test_bf16_autocast_keeps_proposals_and_boxes_in_float32():
+    """Under bf16 autocast (the GPU default) the heads may run in bf16, but proposals, RoI coordinates, decoded
+    boxes and losses stay float32: bf16 keeps 8 mantissa bits, so a 1000-px coordinate would be 4 px off."""
+    model = tiny_detector(score_threshold=0.0).eval()
+    meta = {"image_size": (96, 128)}
+    images = torch.randn(1, 3, 96, 128)
+    with torch.no_grad():
+        (reference,) = model(images, [meta])
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            (mixed,) = model(images, [meta])
+    assert mixed["boxes"].dtype == torch.float32 and mixed["scores"].dtype == torch.float32
+    assert len(mixed["boxes"]) > 0 and len(reference["boxes"]) > 0
+    model.train()
+    masks = torch.zeros(1, 96, 128, dtype=torch.uint8)
+    masks[0, 10:60, 20:90] = 1
+    target = {"boxes": torch.tensor([[20.0, 10.0, 90.0, 60.0]]), "labels": torch.tensor([1]), "masks": masks,
+              "image_size": (96, 128)}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        losses = model(images, [target])
+    assert all(v.dtype == torch.float32 and torch.isfinite(v) for v in losses.values())
+    sum(losses.values()).backward()
+
+
+def test_bench_runs_one_dense_training_step_and_reports_its_figures():
+    result = subprocess.run([sys.executable, "-m", "finetune", "bench", "--config", "coco_demo", "--steps", "1",
+                             "--warmup", "0"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    figures = json.loads(result.stdout.strip().splitlines()[-1])
+    assert figures["batch_per_gpu"] == 4 and figures["input"] == [4, 3, 160, 224] and figures["s_per_iter"] > 0
+    assert set(figures["losses"]) >= {"loss_rpn_cls", "loss_mask_s2"}
 
 
 def test_mask_rcnn_is_the_first_cascade_stage_alone(coco_data, tmp_path):

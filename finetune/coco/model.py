@@ -70,7 +70,8 @@ class RoIAlignPyramid(nn.Module):
         for level, (feature, stride) in enumerate(zip(features, self.strides)):
             index = torch.nonzero(levels == level).squeeze(1)
             if index.numel():
-                pooled = roi_align(feature, rois[index].to(feature.dtype), self.output_size, spatial_scale=1.0 / stride,
+                # in float32 as torchvision's autocast rule does: box coordinates in bf16 would be pixels off
+                pooled = roi_align(feature.float(), rois[index].float(), self.output_size, spatial_scale=1.0 / stride,
                                    sampling_ratio=0, aligned=True)
                 out[index] = pooled.to(out.dtype)
         return out
