@@ -3,7 +3,6 @@ official checkpoint (classifier dropped, everything else required)."""
 from __future__ import annotations
 
 import logging
-import os
 import re
 from typing import Sequence
 
@@ -11,7 +10,7 @@ import torch.nn as nn
 
 from unireplknet import VARIANTS, UniRepLKNet
 
-__all__ = ["build_dense_backbone", "dense_param_groups", "init_backbone", "write_demo_once"]
+__all__ = ["build_dense_backbone", "init_backbone"]
 
 _logger = logging.getLogger(__name__)
 
@@ -67,33 +66,3 @@ def init_backbone(backbone: nn.Module, path: str) -> dict[str, list[str]]:
 
 
 
-
-def dense_param_groups(model: nn.Module, config) -> list[dict]:
-    """Optimizer groups with the authors' dense layer-wise decay over ``model.backbone``
-    (``optim.layer_decay_layers``, ``optim.layer_decay``); necks and heads at full lr."""
-    from pretrain.optim import build_param_groups
-
-    from .ade20k.heads import layer_id_for_dense, lr_scale_for_dense
-
-    layers = config.layer_decay_layers
-
-    def layer_scale(name: str) -> tuple[int, float]:
-        layer = layer_id_for_dense(name, layers)
-        return layer, lr_scale_for_dense(layer, layers, config.layer_decay)
-
-    return build_param_groups(model, config, layer_scale=layer_scale)
-
-
-def write_demo_once(root: str, write_demo, *, is_main: bool, seed: int, what: str) -> str:
-    """Rank 0 writes a generated demo set into ``root`` unless ``root/COMPLETE`` says it is there; every rank
-    waits for it. Returns ``root``."""
-    from pretrain.distributed import barrier
-
-    done = os.path.join(root, "COMPLETE")
-    if is_main and not os.path.isfile(done):
-        _logger.info("generating the %s demo set in %s", what, root)
-        write_demo(root, seed=seed)
-        with open(done, "w") as f:
-            f.write("ok\n")
-    barrier()
-    return root

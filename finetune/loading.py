@@ -8,9 +8,18 @@ from torch.utils.data import DataLoader, Dataset
 
 from shards.loader import leave_preemption_to_the_parent, preemption_signals_held
 
-__all__ = ["ResumableBatches"]
+__all__ = ["ResumableBatches", "worker_iterator"]
 
 STATE_VERSION = 1
+
+
+def worker_iterator(dataset: Dataset, *, num_workers: int, **loader_options) -> Iterator:
+    """An iterator over ``DataLoader(dataset, ...)`` whose workers leave SIGTERM/SIGUSR1 to the trainer (they are
+    started with the signals held, and ignore them)."""
+    loader = DataLoader(dataset, num_workers=num_workers, persistent_workers=False,
+                        worker_init_fn=leave_preemption_to_the_parent if num_workers else None, **loader_options)
+    with preemption_signals_held():
+        return iter(loader)
 
 
 class ResumableBatches:
@@ -50,12 +59,8 @@ class ResumableBatches:
         batches = [[(self._epoch, i) for i in batch] for batch in self._all_batches()[self._batches_done:len(self)]]
         if not batches:
             return
-        loader = DataLoader(self._samples, batch_sampler=batches, num_workers=self.num_workers,
-                            collate_fn=self._collate, persistent_workers=False,
-                            worker_init_fn=leave_preemption_to_the_parent if self.num_workers else None)
-        with preemption_signals_held():
-            iterator = iter(loader)
-        for *batch, skipped in iterator:
+        for *batch, skipped in worker_iterator(self._samples, num_workers=self.num_workers, batch_sampler=batches,
+                                               collate_fn=self._collate):
             self._batches_done += 1
             self._bad += skipped
             yield tuple(batch)

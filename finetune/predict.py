@@ -116,14 +116,7 @@ def _class_names(config) -> list[str]:
     from .coco.data import load_split
 
     try:
-        split = load_split(config.coco.data_root, "val2017")
-        import json
-
-        import fsspec
-
-        with fsspec.open(split.annotation_file) as f:
-            by_id = {c["id"]: c["name"] for c in json.load(f)["categories"]}
-        return [by_id[i] for i in split.category_ids]
+        return list(load_split(config.coco.data_root, "val2017").category_names)
     except (OSError, ValueError, KeyError) as error:
         _logger.warning("class names unavailable (%s): drawing class numbers", error)
         return [str(i) for i in range(config.coco.num_classes)]

@@ -14,13 +14,6 @@
 #SBATCH --output=slurm-%x-%j.out
 set -uo pipefail
 
-: "${RAY_GPUS_PER_NODE:=${SLURM_GPUS_PER_NODE:-8}}"
-RAY_GPUS_PER_NODE=${RAY_GPUS_PER_NODE##*:}   # "a100:8" -> 8
-export RAY_GPUS_PER_NODE
-: "${UNIREPLKNET_NUM_WORKERS:=$(( SLURM_JOB_NUM_NODES * RAY_GPUS_PER_NODE ))}"
-(( UNIREPLKNET_NUM_WORKERS > 0 )) || unset UNIREPLKNET_NUM_WORKERS
-export UNIREPLKNET_NUM_WORKERS
-
 # shellcheck source=slurm/ray_cluster.sh
 source "${UNIREPLKNET_HOME:-${SLURM_SUBMIT_DIR:-$PWD}}/slurm/ray_cluster.sh"
 run_stage finetune_coco "$@"

@@ -25,6 +25,10 @@ RAY_BIN=$(dirname "$UNIREPLKNET_PYTHON")/ray
 [[ -x "$RAY_BIN" ]] || RAY_BIN=ray
 export PYTHONPATH="$UNIREPLKNET_HOME${PYTHONPATH:+:$PYTHONPATH}"
 export UNIREPLKNET_RUN_ROOT=${UNIREPLKNET_RUN_ROOT:-$UNIREPLKNET_HOME/runs}
+# GPUs per node: RAY_GPUS_PER_NODE, else the job's --gpus-per-node ("a100:8" -> 8), else 8
+: "${RAY_GPUS_PER_NODE:=${SLURM_GPUS_PER_NODE:-8}}"
+RAY_GPUS_PER_NODE=${RAY_GPUS_PER_NODE##*:}
+export RAY_GPUS_PER_NODE
 
 RAY_JOB_BASE_PORT=$(( 20000 + (SLURM_JOB_ID % 40) * 1000 ))   # this job's block of 1000 ports
 RAY_HEAD_PORT=$RAY_JOB_BASE_PORT
@@ -128,6 +132,10 @@ _drive() {  # start the Ray cluster, run the driver command "$@", stop the clust
 run_stage() {  # run_stage NAME ARGS...: `python -m cluster.stage NAME --run-dir RUN_ROOT/NAME ARGS...`
     local name=$1
     shift
+    # one Ray Train worker per GPU of the job unless told otherwise (none on CPU-only nodes: the stage decides)
+    : "${UNIREPLKNET_NUM_WORKERS:=$(( SLURM_JOB_NUM_NODES * RAY_GPUS_PER_NODE ))}"
+    (( UNIREPLKNET_NUM_WORKERS > 0 )) || unset UNIREPLKNET_NUM_WORKERS
+    export UNIREPLKNET_NUM_WORKERS
     STAGE_RUN_DIR=${STAGE_RUN_DIR:-$UNIREPLKNET_RUN_ROOT/$name}
     mkdir -p "$STAGE_RUN_DIR"
     STOP_DIRS=("$STAGE_RUN_DIR")

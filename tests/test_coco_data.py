@@ -18,7 +18,8 @@ from pycocotools.coco import COCO
 
 from finetune.coco.data import (MEAN, STD, EvalLoader, ImageSizeError, TrainLoader, _sample_rng, augment,
                                 load_split, pad_batch)
-from finetune.coco.demo_data import CATEGORIES, _COLOURS, write_demo
+from finetune.coco.demo_data import CATEGORIES, write_demo
+from finetune.shapes import COLOURS
 from pretrain.config import CocoConfig
 
 # pycocotools' decode (annToMask) under numpy 2; not this project's code
@@ -49,7 +50,9 @@ def _pixels(image: torch.Tensor) -> np.ndarray:
 
 
 def _nearest_class(colour: np.ndarray) -> int:
-    return min(_COLOURS, key=lambda category: np.abs(np.array(_COLOURS[category]) - colour).sum())
+    """The category id whose demo colour (``finetune.shapes.COLOURS``) is nearest to ``colour``."""
+    colours = {category["id"]: COLOURS[category["name"]] for category in CATEGORIES}
+    return min(colours, key=lambda category: np.abs(np.array(colours[category]) - colour).sum())
 
 
 def _all_samples(loader) -> list[tuple[torch.Tensor, dict]]:

@@ -4,18 +4,16 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import signal
 import subprocess
 import sys
-import textwrap
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from test_pretrain_train import read_scalars, tiny_overrides
+from finetune_checks import (assert_predict_draws_over, assert_sigterm_twice_then_resume, assert_split_run_matches_full,
+                             evaluate_on_ranks)
+from test_pretrain_train import read_scalars
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -45,10 +43,6 @@ def make_trainer(overrides: list[str]):
     from pretrain.trainer import Trainer
 
     return Trainer(load_config("ade20k_demo", overrides))
-
-
-def weights(trainer) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in trainer.engine.module.state_dict().items()}
 
 
 # ----------------------------------------------------------------------------- learning
@@ -119,107 +113,33 @@ def test_a_segmentation_run_exports_its_whole_model(learned, tmp_path):
 
 
 def test_predict_draws_the_segmentation_over_each_image(learned, ade_data, tmp_path):
-    from PIL import Image
-
     _, _, run_dir = learned
     images = sorted(str(p) for p in (Path(ade_data) / "images" / "validation").iterdir())[:2]
-    result = subprocess.run([sys.executable, "-m", "finetune", "predict", str(run_dir), *images, "--out",
-                             str(tmp_path / "out")], cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    written = result.stdout.split()
-    assert len(written) == 2
-    for image, drawn in zip(images, written):
-        assert Image.open(drawn).size == Image.open(image).size
-        assert Image.open(drawn).tobytes() != Image.open(image).convert("RGB").tobytes()
+    assert_predict_draws_over(run_dir, images, tmp_path / "out")
 
 
 # ----------------------------------------------------------------------------- resume and preemption
 
 
 def test_a_resumed_run_ends_with_the_uninterrupted_weights(ade_data, tmp_path):
-    full = make_trainer(ade_overrides(ade_data, tmp_path / "full"))
-    try:
-        full.train()
-        expected = weights(full)
-    finally:
-        full.close()
-    first = make_trainer(ade_overrides(ade_data, tmp_path / "split", **{"train.max_steps": 3}))
-    try:
-        assert first.train().step == 3
-    finally:
-        first.close()
-    second = make_trainer(ade_overrides(ade_data, tmp_path / "split"))
-    try:
-        assert second.step == 3
-        assert second.train().step == 8
-        resumed = weights(second)
-    finally:
-        second.close()
-    assert expected.keys() == resumed.keys()
-    for name in expected:
-        assert torch.equal(expected[name], resumed[name]), name
+    assert_split_run_matches_full(make_trainer, lambda run_dir, **changes: ade_overrides(ade_data, run_dir, **changes),
+                                  tmp_path, steps=8)
 
 
 def test_sigterm_to_the_process_group_twice_checkpoints_and_the_rerun_completes(ade_data, tmp_path):
-    from pretrain.train import REQUEUE_EXIT_CODE
-
     run_dir = tmp_path / "run"
-    command = [sys.executable, "-m", "finetune", "ade20k", "--config", "ade20k_demo", "--set",
-               *ade_overrides(ade_data, run_dir, **{"train.steps": 400, "data.num_workers": 2})]
-    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                               start_new_session=True)
-    log = run_dir / "train.log"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and not (log.exists() and "step 3/" in log.read_text()):
-        time.sleep(0.5)
-    os.killpg(process.pid, signal.SIGTERM)
-    time.sleep(0.3)
-    os.killpg(process.pid, signal.SIGTERM)
-    output, _ = process.communicate(timeout=300)
-    assert process.returncode == REQUEUE_EXIT_CODE, output[-3000:]
-    saved = sorted(p.name for p in (run_dir / "checkpoints").iterdir() if p.name.startswith("step_"))
-    assert saved, output[-3000:]
-    rerun = subprocess.run(command[:-1] + [command[-1], "train.max_steps=" + str(int(saved[-1][5:]) + 2)],
-                           cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert rerun.returncode == 0, rerun.stderr[-3000:]
-    assert f"resumed from {run_dir / 'checkpoints' / saved[-1]}" in (run_dir / "train.log").read_text()
+    assert_sigterm_twice_then_resume(
+        [sys.executable, "-m", "finetune", "ade20k", "--config", "ade20k_demo", "--set",
+         *ade_overrides(ade_data, run_dir, **{"train.steps": 400, "data.num_workers": 2})], run_dir)
 
 
 # ----------------------------------------------------------------------------- evaluation over ranks
 
-EVAL_WORKER = textwrap.dedent('''
-    """Build the trainer (same seed: same initial weights on every rank) and evaluate once."""
-    import json, sys
-    from pretrain.config import load_config
-    from pretrain.trainer import Trainer
-
-    trainer = Trainer(load_config("ade20k_demo", json.loads(sys.argv[1])))
-    try:
-        results = trainer.evaluate()
-        if trainer.world.is_main:
-            with open(sys.argv[2], "w") as f:
-                json.dump({"results": results, "images": trainer.world.world_size}, f)
-    finally:
-        trainer.close()
-''')
-
-
 def test_two_rank_evaluation_with_uneven_work_equals_one_rank(ade_data, tmp_path):
     """9 validation images: 5 on rank 0, 4 on rank 1; sliding windows make the forward counts differ too."""
-    script = tmp_path / "eval_worker.py"
-    script.write_text(EVAL_WORKER)
-    outputs = {}
-    for ranks in (1, 2):
-        out = tmp_path / f"eval_{ranks}.json"
-        overrides = ade_overrides(ade_data, tmp_path / f"run_{ranks}", **{
-            "ade20k.eval_mode": "slide", "ade20k.eval_stride": 48, "ade20k.eval_flip": "true",
-            "data.num_workers": 1, "train.global_batch_size": 8})
-        result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                                 f"--nproc-per-node={ranks}", str(script), json.dumps(overrides), str(out)],
-                                cwd=REPO, capture_output=True, text=True, timeout=400,
-                                env={**os.environ, "PYTHONPATH": str(REPO)})
-        assert result.returncode == 0, result.stderr[-3000:]
-        outputs[ranks] = json.loads(out.read_text())["results"]
+    outputs = evaluate_on_ranks("ade20k_demo", lambda ranks: ade_overrides(ade_data, tmp_path / f"run_{ranks}", **{
+        "ade20k.eval_mode": "slide", "ade20k.eval_stride": 48, "ade20k.eval_flip": "true",
+        "data.num_workers": 1, "train.global_batch_size": 8}), tmp_path)
     assert outputs[1]["eval/pixels"] > 0
     assert outputs[1] == outputs[2]
 

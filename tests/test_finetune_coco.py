@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
 import torch
 
+from finetune_checks import (assert_predict_draws_over, assert_sigterm_twice_then_resume, assert_split_run_matches_full,
+                             evaluate_on_ranks, weights)
 from test_pretrain_train import read_scalars
 
 REPO = Path(__file__).resolve().parents[1]
@@ -45,10 +45,6 @@ def make_trainer(overrides: list[str]):
     from pretrain.trainer import Trainer
 
     return Trainer(load_config("coco_demo", overrides))
-
-
-def weights(trainer) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in trainer.engine.module.state_dict().items()}
 
 
 # ----------------------------------------------------------------------------- learning
@@ -108,47 +104,18 @@ def test_loss_terms_and_coco_metrics_reach_tensorboard_and_metrics_json(learned)
 
 
 def test_predict_draws_boxes_and_masks_over_each_image(learned, tmp_path):
-    from PIL import Image
-
     _, _, run_dir = learned
     data = Path(json.loads((run_dir / "config.json").read_text())["coco"]["data_root"])
     images = sorted(str(p) for p in (data / "val2017").iterdir())[:2]
-    result = subprocess.run([sys.executable, "-m", "finetune", "predict", str(run_dir), *images, "--out",
-                             str(tmp_path / "out"), "--min-score", "0.05"], cwd=REPO, capture_output=True, text=True,
-                            timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    written = result.stdout.split()
-    assert len(written) == 2
-    for image, drawn in zip(images, written):
-        assert Image.open(drawn).size == Image.open(image).size
-        assert Image.open(drawn).tobytes() != Image.open(image).convert("RGB").tobytes()
+    assert_predict_draws_over(run_dir, images, tmp_path / "out", "--min-score", "0.05")
 
 
 # ----------------------------------------------------------------------------- resume
 
 
 def test_a_resumed_run_ends_with_the_uninterrupted_weights(coco_data, tmp_path):
-    full = make_trainer(coco_overrides(coco_data, tmp_path / "full"))
-    try:
-        full.train()
-        expected = weights(full)
-    finally:
-        full.close()
-    first = make_trainer(coco_overrides(coco_data, tmp_path / "split", **{"train.max_steps": 3}))
-    try:
-        assert first.train().step == 3
-    finally:
-        first.close()
-    second = make_trainer(coco_overrides(coco_data, tmp_path / "split"))
-    try:
-        assert second.step == 3
-        assert second.train().step == 6
-        resumed = weights(second)
-    finally:
-        second.close()
-    assert expected.keys() == resumed.keys()
-    for name in expected:
-        assert torch.equal(expected[name], resumed[name]), name
+    assert_split_run_matches_full(make_trainer, lambda run_dir, **changes: coco_overrides(coco_data, run_dir, **changes),
+                                  tmp_path, steps=6)
 
 
 def test_ema_on_the_detector_is_evaluated_and_the_run_exports_its_whole_model(coco_data, tmp_path):
@@ -178,31 +145,10 @@ def test_ema_on_the_detector_is_evaluated_and_the_run_exports_its_whole_model(co
 
 
 def test_sigterm_to_the_process_group_twice_checkpoints_and_the_rerun_completes(coco_data, tmp_path):
-    import signal
-    import time
-
-    from pretrain.train import REQUEUE_EXIT_CODE
-
     run_dir = tmp_path / "run"
-    command = [sys.executable, "-m", "finetune", "coco", "--config", "coco_demo", "--set",
-               *coco_overrides(coco_data, run_dir, **{"train.steps": 400, "data.num_workers": 2})]
-    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                               start_new_session=True)
-    log = run_dir / "train.log"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and not (log.exists() and "step 3/" in log.read_text()):
-        time.sleep(0.5)
-    os.killpg(process.pid, signal.SIGTERM)
-    time.sleep(0.3)
-    os.killpg(process.pid, signal.SIGTERM)
-    output, _ = process.communicate(timeout=300)
-    assert process.returncode == REQUEUE_EXIT_CODE, output[-3000:]
-    saved = sorted(p.name for p in (run_dir / "checkpoints").iterdir() if p.name.startswith("step_"))
-    assert saved, output[-3000:]
-    rerun = subprocess.run(command + ["train.max_steps=" + str(int(saved[-1][5:]) + 2)], cwd=REPO,
-                           capture_output=True, text=True, timeout=300)
-    assert rerun.returncode == 0, rerun.stderr[-3000:]
-    assert f"resumed from {run_dir / 'checkpoints' / saved[-1]}" in (run_dir / "train.log").read_text()
+    assert_sigterm_twice_then_resume(
+        [sys.executable, "-m", "finetune", "coco", "--config", "coco_demo", "--set",
+         *coco_overrides(coco_data, run_dir, **{"train.steps": 400, "data.num_workers": 2})], run_dir)
 
 
 def test_torchrun_launcher_trains_two_ranks_with_zero_2_and_evaluates_every_image_once(coco_data, tmp_path):
@@ -220,39 +166,11 @@ def test_torchrun_launcher_trains_two_ranks_with_zero_2_and_evaluates_every_imag
 
 # ----------------------------------------------------------------------------- evaluation over ranks
 
-EVAL_WORKER = textwrap.dedent('''
-    """Build the trainer (same seed: same initial weights on every rank), train 4 steps, evaluate."""
-    import json, sys
-    from pretrain.config import load_config
-    from pretrain.trainer import Trainer
-
-    trainer = Trainer(load_config("coco_demo", json.loads(sys.argv[1])))
-    try:
-        results = trainer.evaluate()
-        if trainer.world.is_main:
-            with open(sys.argv[2], "w") as f:
-                json.dump(results, f)
-    finally:
-        trainer.close()
-''')
-
-
 def test_two_rank_evaluation_with_uneven_work_equals_one_rank(coco_data, tmp_path):
     """9 validation images: 5 on rank 0, 4 on rank 1, with different numbers of detections (so of mask-head
     passes) per rank; COCOeval over the gathered results equals the 1-rank evaluation."""
-    script = tmp_path / "eval_worker.py"
-    script.write_text(EVAL_WORKER)
-    outputs = {}
-    for ranks in (1, 2):
-        out = tmp_path / f"eval_{ranks}.json"
-        overrides = coco_overrides(coco_data, tmp_path / f"run_{ranks}", **{"train.global_batch_size": 4,
-                                                                             "coco.score_threshold": 0.0})
-        result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                                 f"--nproc-per-node={ranks}", str(script), json.dumps(overrides), str(out)],
-                                cwd=REPO, capture_output=True, text=True, timeout=400,
-                                env={**os.environ, "PYTHONPATH": str(REPO)})
-        assert result.returncode == 0, result.stderr[-3000:]
-        outputs[ranks] = json.loads(out.read_text())
+    outputs = evaluate_on_ranks("coco_demo", lambda ranks: coco_overrides(coco_data, tmp_path / f"run_{ranks}", **{
+        "train.global_batch_size": 4, "coco.score_threshold": 0.0}), tmp_path)
     assert outputs[1]["eval/samples"] == 9
     assert outputs[1] == pytest.approx(outputs[2], nan_ok=True)
 

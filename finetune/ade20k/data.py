@@ -19,11 +19,9 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
-from shards.loader import leave_preemption_to_the_parent, preemption_signals_held
-
-from ..loading import ResumableBatches
+from ..loading import ResumableBatches, worker_iterator
 
 __all__ = ["IGNORE_INDEX", "MEAN", "STD", "EvalLoader", "SegmentationSample", "SplitFiles", "TrainLoader",
            "class_names", "eval_resize_shape", "list_split", "photometric_distortion", "random_crop", "random_resize_shape",
@@ -323,11 +321,7 @@ class EvalLoader:
         return len(self._samples)
 
     def __iter__(self) -> Iterator[tuple[dict[str, Any], torch.Tensor]]:
-        loader = DataLoader(self._samples, batch_size=None, num_workers=self.num_workers, persistent_workers=False,
-                            worker_init_fn=leave_preemption_to_the_parent if self.num_workers else None)
-        with preemption_signals_held():
-            iterator = iter(loader)
-        for sample in iterator:
+        for sample in worker_iterator(self._samples, num_workers=self.num_workers, batch_size=None):
             if sample is None:
                 self.bad_samples += 1
                 continue

@@ -26,39 +26,15 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from ..shapes import COLOURS, shape_mask
+
 __all__ = ["CLASSES", "write_demo"]
 
 CLASSES: tuple[str, ...] = ("wall", "floor", "disk", "square", "triangle", "ring")
 """Class names in index order after ``reduce_zero_label`` (PNG value ``k`` is ``CLASSES[k - 1]``)."""
 
 _WALL, _FLOOR, _DISK, _SQUARE, _TRIANGLE, _RING = range(1, 7)
-_OBJECT_COLOURS = {
-    _DISK: (210, 50, 50),
-    _SQUARE: (50, 80, 210),
-    _TRIANGLE: (225, 195, 50),
-    _RING: (50, 170, 80),
-}
 _SPLITS = (("training", "train", 0), ("validation", "val", 1))
-
-
-def _shape_mask(kind: int, xx: np.ndarray, yy: np.ndarray, cx: float, cy: float, r: float, angle: float) -> np.ndarray:
-    dx, dy = xx - cx, yy - cy
-    if kind == _DISK:
-        return dx * dx + dy * dy <= r * r
-    if kind == _RING:
-        d2 = dx * dx + dy * dy
-        return (d2 <= r * r) & (d2 >= (0.55 * r) ** 2)
-    cos, sin = np.cos(angle), np.sin(angle)
-    u, v = cos * dx + sin * dy, -sin * dx + cos * dy
-    if kind == _SQUARE:
-        half = 0.8 * r
-        return (np.abs(u) <= half) & (np.abs(v) <= half)
-    # equilateral triangle of circumradius r: inside all three edges (distance r/2 from the centre)
-    inside = np.ones_like(u, dtype=bool)
-    for k in range(3):
-        t = 2 * np.pi * k / 3
-        inside &= np.cos(t) * u + np.sin(t) * v <= 0.5 * r
-    return inside
 
 
 def _inner_boundary(label: np.ndarray) -> np.ndarray:
@@ -90,10 +66,10 @@ def _render(rng: np.random.Generator, height: int, width: int) -> tuple[np.ndarr
         kind = int(rng.integers(_DISK, _RING + 1))
         r = rng.uniform(0.08, 0.25) * side
         cx, cy = rng.uniform(0, width), rng.uniform(0, height)
-        mask = _shape_mask(kind, xx, yy, cx, cy, r, rng.uniform(0, 2 * np.pi))
+        mask = shape_mask(CLASSES[kind - 1], xx, yy, cx, cy, r, rng.uniform(0, 2 * np.pi))
         if not mask.any():
             continue
-        colour = np.array(_OBJECT_COLOURS[kind]) + rng.integers(-25, 26, 3)
+        colour = np.array(COLOURS[CLASSES[kind - 1]]) + rng.integers(-25, 26, 3)
         gx, gy = rng.uniform(-1, 1, 2) * 30.0 / max(r, 1.0)
         shade = gx * (xx - cx) + gy * (yy - cy)
         image[mask] = colour + shade[mask][:, None]

@@ -8,11 +8,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pretrain.config import Config, OptimConfig
+from pretrain.config import Config
 from pretrain.distributed import WorldInfo
 
-from ..backbone import dense_param_groups, init_backbone, write_demo_once
-from .data import IGNORE_INDEX, MEAN, STD, EvalLoader, TrainLoader, class_names, list_split
+from ..backbone import init_backbone
+from ..dense import DenseTask
+from .data import IGNORE_INDEX, EvalLoader, TrainLoader, class_names, list_split
 
 __all__ = ["Ade20kSegmentation", "build_segmentor", "init_backbone", "segmentation_logits"]
 
@@ -75,30 +76,21 @@ def segmentation_logits(model: nn.Module, images: list[torch.Tensor], size: tupl
     return total / (len(images) * (2 if flip else 1))
 
 
-class Ade20kSegmentation:
+class Ade20kSegmentation(DenseTask):
     """UperNet fine-tuning on ADE20K (or the generated demo set in the same layout)."""
 
-    def __init__(self, config: Config):
-        self.config = config
-        self.section = config.ade20k
+    section_name, demo_layout = "ade20k", "ADE20K-layout"
 
     def build_model(self) -> nn.Module:
         return build_segmentor(self.config)
 
-    def build_param_groups(self, model: nn.Module, config: OptimConfig) -> list[dict]:
-        """The authors' dense layer-wise decay over the backbone (``optim.layer_decay_layers``); heads at full lr."""
-        return dense_param_groups(model, config)
-
-    def _root(self, world: WorldInfo) -> str:
-        if not self.section.generate_demo:
-            return self.section.data_root
+    def write_demo(self, root: str, seed: int) -> None:
         from .demo_data import write_demo
 
-        return write_demo_once(self.section.data_root, write_demo, is_main=world.is_main,
-                               seed=self.config.train.seed, what="ADE20K-layout")
+        write_demo(root, seed=seed)
 
     def build_train_loader(self, world: WorldInfo) -> TrainLoader:
-        files = list_split(self._root(world), "training")
+        files = list_split(self.data_root(world), "training")
         return TrainLoader(files, self.section, batch_size=self.config.train.micro_batch_size, rank=world.rank,
                            world_size=world.world_size, num_workers=self.config.data.num_workers,
                            seed=self.config.train.seed)
@@ -123,9 +115,6 @@ class Ade20kSegmentation:
         from .heads import UperNet
 
         return UperNet.losses(model(images), labels, aux_weight=self.section.aux_weight, ignore_index=IGNORE_INDEX)
-
-    def batch_size(self, inputs) -> int:
-        return inputs.shape[0] if isinstance(inputs, torch.Tensor) else 1
 
     def build_evaluator(self, device: torch.device):
         from .metrics import SegmentationEvaluator
@@ -154,11 +143,3 @@ class Ade20kSegmentation:
         labels = F.interpolate(predictions[:, None].float().cpu(), size=(size, size), mode="nearest")[0, 0].long()
         colours = torch.from_numpy(palette(self.section.num_classes)).float()[labels].permute(2, 0, 1) / 255
         return torch.cat([picture, 0.5 * picture + 0.5 * colours], dim=2)
-
-    def dummy_input(self, device: torch.device) -> None:
-        return None  # ZeRO-3 is refused for dense tasks at config time
-
-    def preview(self, inputs: torch.Tensor) -> torch.Tensor:
-        images = inputs.detach().float().cpu()[:, :3]
-        return ((images * torch.tensor(STD).view(1, 3, 1, 1) + torch.tensor(MEAN).view(1, 3, 1, 1)) / 255).clamp(0, 1)
-

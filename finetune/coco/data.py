@@ -24,12 +24,11 @@ import numpy as np
 import torch
 from PIL import Image
 from pycocotools import mask as mask_utils
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from finetune.ade20k.data import MEAN, STD
-from shards.loader import leave_preemption_to_the_parent, preemption_signals_held
 
-from ..loading import ResumableBatches
+from ..loading import ResumableBatches, worker_iterator
 
 __all__ = ["MEAN", "STD", "CocoSplit", "EvalLoader", "ImageRecord", "ImageSizeError", "TrainLoader", "augment",
            "decode_masks", "instance_annotations", "load_split", "pad_batch", "rescale_shape"]
@@ -52,13 +51,14 @@ class ImageRecord:
 @dataclass(frozen=True)
 class CocoSplit:
     """One split: the root URL, the annotation file, the images sorted by id and the sorted category ids
-    (contiguous label ``k`` <-> ``category_ids[k]``)."""
+    (contiguous label ``k`` <-> ``category_ids[k]``, named ``category_names[k]``)."""
 
     root: str
     split: str
     annotation_file: str
     images: tuple[ImageRecord, ...]
     category_ids: tuple[int, ...]
+    category_names: tuple[str, ...]
 
     def __len__(self) -> int:
         return len(self.images)
@@ -93,7 +93,9 @@ def load_split(root: str, split: str) -> CocoSplit:
     images = tuple(ImageRecord(int(i["id"]), str(i["file_name"]), int(i["height"]), int(i["width"]),
                                tuple(by_image.get(int(i["id"]), ())))
                    for i in sorted(data["images"], key=lambda i: int(i["id"])))
-    return CocoSplit(root, split, annotation_file, images, tuple(sorted(int(c["id"]) for c in data["categories"])))
+    categories = sorted(data["categories"], key=lambda c: int(c["id"]))
+    return CocoSplit(root, split, annotation_file, images, tuple(int(c["id"]) for c in categories),
+                     tuple(str(c.get("name", c["id"])) for c in categories))
 
 
 def instance_annotations(record: ImageRecord, category_ids: tuple[int, ...]) -> list[dict]:
@@ -233,6 +235,12 @@ class _Images(Dataset):
         return image
 
 
+def _check_classes(split: CocoSplit, config) -> None:
+    if len(split.category_ids) != config.num_classes:
+        raise ValueError(f"{split.annotation_file}: {len(split.category_ids)} categories, but "
+                         f"coco.num_classes={config.num_classes}")
+
+
 def _sample_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
     return np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, epoch, index, 0xC0C0])))
 
@@ -284,9 +292,7 @@ class TrainLoader(ResumableBatches):
 
     def __init__(self, split: CocoSplit, config, *, batch_size: int, rank: int, world_size: int, num_workers: int,
                  seed: int):
-        if config.num_classes != len(split.category_ids):
-            raise ValueError(f"{split.annotation_file}: {len(split.category_ids)} categories, the config has "
-                             f"num_classes={config.num_classes}")
+        _check_classes(split, config)
         records = [r for r in split.images if instance_annotations(r, split.category_ids)]
         _logger.info("%s: %d of %d %s images have no usable non-crowd annotation and are left out of training",
                      split.annotation_file, len(split) - len(records), len(split), split.split)
@@ -371,6 +377,7 @@ class EvalLoader:
     ``(None, [meta])`` (counted in ``bad_samples``); an image not of its annotated size raises ``ValueError``."""
 
     def __init__(self, split: CocoSplit, config, *, rank: int, world_size: int, num_workers: int):
+        _check_classes(split, config)
         self.split = split
         self._samples = _EvalSamples(split, list(split.images[rank::world_size]), config)
         self.num_workers = num_workers
@@ -384,12 +391,8 @@ class EvalLoader:
         return len(self._samples)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor | None, list[dict[str, Any]]]]:
-        loader = DataLoader(self._samples, batch_size=None, num_workers=self.num_workers, collate_fn=_as_is,
-                            persistent_workers=False,
-                            worker_init_fn=leave_preemption_to_the_parent if self.num_workers else None)
-        with preemption_signals_held():
-            iterator = iter(loader)
-        for image, meta in iterator:
+        for image, meta in worker_iterator(self._samples, num_workers=self.num_workers, batch_size=None,
+                                           collate_fn=_as_is):
             if image is None:
                 self.bad_samples += 1
             yield image, [meta]

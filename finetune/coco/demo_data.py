@@ -45,6 +45,8 @@ import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_utils
 
+from ..shapes import COLOURS, shape_mask
+
 __all__ = ["CATEGORIES", "write_demo"]
 
 CATEGORIES: tuple[dict, ...] = (
@@ -55,32 +57,11 @@ CATEGORIES: tuple[dict, ...] = (
 )
 """COCO ``categories`` entries, sorted by id (ids deliberately not contiguous)."""
 
-_DISK, _SQUARE, _TRIANGLE, _RING = (category["id"] for category in CATEGORIES)
-_COLOURS = {_DISK: (210, 50, 50), _SQUARE: (50, 80, 210), _TRIANGLE: (225, 195, 50), _RING: (50, 170, 80)}
+_NAMES = {category["id"]: category["name"] for category in CATEGORIES}
 _SPLITS = (("train2017", 1), ("val2017", 2))  # folder, split id (image id = 2 * i - 2 + split id)
 _MIN_AREA = 4
 _MAX_OBJECTS = 5
 _CROWD_PROBABILITY = 0.2
-
-
-def _shape_mask(kind: int, xx: np.ndarray, yy: np.ndarray, cx: float, cy: float, r: float, angle: float) -> np.ndarray:
-    dx, dy = xx - cx, yy - cy
-    if kind == _DISK:
-        return dx * dx + dy * dy <= r * r
-    if kind == _RING:
-        d2 = dx * dx + dy * dy
-        return (d2 <= r * r) & (d2 >= (0.55 * r) ** 2)
-    cos, sin = np.cos(angle), np.sin(angle)
-    u, v = cos * dx + sin * dy, -sin * dx + cos * dy
-    if kind == _SQUARE:
-        half = 0.8 * r
-        return (np.abs(u) <= half) & (np.abs(v) <= half)
-    # equilateral triangle of circumradius r: inside all three edges (distance r/2 from the centre)
-    inside = np.ones_like(u, dtype=bool)
-    for k in range(3):
-        t = 2 * np.pi * k / 3
-        inside &= np.cos(t) * u + np.sin(t) * v <= 0.5 * r
-    return inside
 
 
 def _background(rng: np.random.Generator, xx: np.ndarray, yy: np.ndarray) -> np.ndarray:
@@ -98,7 +79,7 @@ def _background(rng: np.random.Generator, xx: np.ndarray, yy: np.ndarray) -> np.
 
 def _paint(rng: np.random.Generator, image: np.ndarray, mask: np.ndarray, kind: int,
            xx: np.ndarray, yy: np.ndarray, cx: float, cy: float, r: float) -> None:
-    colour = np.array(_COLOURS[kind]) + rng.integers(-25, 26, 3)
+    colour = np.array(COLOURS[_NAMES[kind]]) + rng.integers(-25, 26, 3)
     gx, gy = rng.uniform(-1, 1, 2) * 30.0 / max(r, 1.0)
     stripe_angle, stripe_period = rng.uniform(0, np.pi), rng.uniform(4, 9)
     texture = 12.0 * np.sin(2 * np.pi * (np.cos(stripe_angle) * xx + np.sin(stripe_angle) * yy) / stripe_period)
@@ -121,7 +102,7 @@ def _render(rng: np.random.Generator, height: int, width: int) -> tuple[np.ndarr
         crowd = np.zeros((height, width), dtype=bool)
         for _ in range(int(rng.integers(6, 13))):
             px, py = cx + rng.normal(0, spread), cy + rng.normal(0, spread)
-            crowd |= _shape_mask(_DISK, xx, yy, px, py, rng.uniform(1.5, 3.5), 0.0)
+            crowd |= shape_mask("disk", xx, yy, px, py, rng.uniform(1.5, 3.5), 0.0)
         if crowd.any():
             _paint(rng, image, crowd, kind, xx, yy, cx, cy, spread)
             owner[crowd] = len(instances)
@@ -131,7 +112,7 @@ def _render(rng: np.random.Generator, height: int, width: int) -> tuple[np.ndarr
         kind = int(rng.choice([c["id"] for c in CATEGORIES]))
         r = float(np.exp(rng.uniform(np.log(0.05), np.log(0.6)))) * side  # log-uniform: small to large
         cx, cy = rng.uniform(0, width), rng.uniform(0, height)
-        mask = _shape_mask(kind, xx, yy, cx, cy, r, rng.uniform(0, 2 * np.pi))
+        mask = shape_mask(_NAMES[kind], xx, yy, cx, cy, r, rng.uniform(0, 2 * np.pi))
         if not mask.any():
             continue
         _paint(rng, image, mask, kind, xx, yy, cx, cy, r)

@@ -10,12 +10,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pretrain.config import Config, OptimConfig
+from pretrain.config import Config
 from pretrain.distributed import WorldInfo, all_reduce_sum, barrier
-from pretrain.task import denormalize
 
-from ..backbone import dense_param_groups, init_backbone, write_demo_once
-from .data import MEAN, STD, EvalLoader, TrainLoader, load_split
+from ..backbone import init_backbone
+from ..dense import DenseTask
+from .data import EvalLoader, TrainLoader, load_split
 from .metrics import CocoEvaluator
 
 __all__ = ["CocoInstanceSegmentation", "DetectionEvaluator", "build_detector_from_config"]
@@ -70,46 +70,30 @@ class DetectionEvaluator(CocoEvaluator):
         return results
 
 
-class CocoInstanceSegmentation:
+class CocoInstanceSegmentation(DenseTask):
     """Cascade Mask R-CNN fine-tuning on COCO 2017 (or the generated demo set in the same layout)."""
 
-    def __init__(self, config: Config):
-        self.config = config
-        self.section = config.coco
+    section_name, demo_layout = "coco", "COCO-layout"
 
     def build_model(self) -> nn.Module:
         return build_detector_from_config(self.config)
 
-    def build_param_groups(self, model: nn.Module, config: OptimConfig) -> list[dict]:
-        """The authors' dense layer-wise decay over the backbone (``optim.layer_decay_layers``); heads at full lr."""
-        return dense_param_groups(model, config)
-
-    def _root(self, world: WorldInfo) -> str:
-        if not self.section.generate_demo:
-            return self.section.data_root
+    def write_demo(self, root: str, seed: int) -> None:
         from .demo_data import write_demo
 
-        return write_demo_once(self.section.data_root, write_demo, is_main=world.is_main,
-                               seed=self.config.train.seed, what="COCO-layout")
+        write_demo(root, seed=seed)
 
     def build_train_loader(self, world: WorldInfo) -> TrainLoader:
-        split = load_split(self._root(world), "train2017")
-        self._check_classes(split)
+        split = load_split(self.data_root(world), "train2017")
         return TrainLoader(split, self.section, batch_size=self.config.train.micro_batch_size, rank=world.rank,
                            world_size=world.world_size, num_workers=self.config.data.num_workers,
                            seed=self.config.train.seed)
 
     def build_eval_loader(self, world: WorldInfo) -> EvalLoader:
         split = load_split(self.section.data_root, "val2017")
-        self._check_classes(split)
         self._annotation_file = self._local_annotations(split.annotation_file, world)
         return EvalLoader(split, self.section, rank=world.rank, world_size=world.world_size,
                           num_workers=self.config.data.num_workers)
-
-    def _check_classes(self, split) -> None:
-        if len(split.category_ids) != self.section.num_classes:
-            raise ValueError(f"{split.annotation_file}: {len(split.category_ids)} categories, but "
-                             f"coco.num_classes={self.section.num_classes}")
 
     def _local_annotations(self, url: str, world: WorldInfo) -> str:
         """COCOeval reads a local file: an fsspec annotation file is copied once into the run directory."""
@@ -139,9 +123,6 @@ class CocoInstanceSegmentation:
     def training_losses(self, model: nn.Module, images: torch.Tensor, targets: list[dict]) -> dict[str, torch.Tensor]:
         """RPN objectness and box losses, then per cascade stage classification, GIoU box and mask losses."""
         return model(images, targets)
-
-    def batch_size(self, inputs) -> int:
-        return inputs.shape[0] if isinstance(inputs, torch.Tensor) else 1
 
     def build_evaluator(self, device: torch.device) -> DetectionEvaluator:
         evaluator = DetectionEvaluator(self._annotation_file, device=device if device.type == "cuda" else "cpu")
@@ -179,9 +160,3 @@ class CocoInstanceSegmentation:
                 canvas = draw_segmentation_masks(canvas, masks[keep].cpu() >= 0.5, alpha=0.45, colors=colours)
             canvas = draw_bounding_boxes(canvas, detection["boxes"][keep].cpu(), colors=colours, width=1)
         return F.interpolate(canvas[None].float() / 255, size=(size, size), mode="bilinear", align_corners=False)[0]
-
-    def dummy_input(self, device: torch.device) -> None:
-        return None  # ZeRO-3 is refused for dense tasks at config time
-
-    def preview(self, inputs: torch.Tensor) -> torch.Tensor:
-        return denormalize(inputs, [m / 255 for m in MEAN], [s / 255 for s in STD])
