@@ -131,8 +131,8 @@ class BadSampleError(ValueError):
     """A sample that cannot be used: no image, undecodable image, no or invalid ``cls``."""
 
 
-def decode_sample(sample: Sample, num_classes: int | None) -> tuple[Image.Image, int]:
-    """Decode a sample's image to RGB and parse its ``cls`` label; raises ``BadSampleError`` naming shard and key."""
+def sample_fields(sample: Sample, num_classes: int | None) -> tuple[str, str, bytes, int]:
+    """``(where, image extension, image bytes, label)`` of a sample; raises ``BadSampleError`` naming shard and key."""
     where = f"{sample['__url__']} key {sample['__key__']!r}"
     extension = next((ext for ext in IMAGE_EXTENSIONS if ext in sample), None)
     if extension is None:
@@ -145,9 +145,20 @@ def decode_sample(sample: Sample, num_classes: int | None) -> tuple[Image.Image,
         raise BadSampleError(f"{where}: cls {sample['cls'][:20]!r} is not an integer") from exc
     if label < 0 or (num_classes is not None and label >= num_classes):
         raise BadSampleError(f"{where}: cls {label} outside [0, {num_classes})")
+    return where, extension, sample[extension], label
+
+
+def decode_image(data: bytes, where: str, extension: str) -> Image.Image:
+    """Decode image bytes to RGB (:func:`to_rgb`); raises ``BadSampleError`` naming ``where``."""
     try:
-        image = Image.open(io.BytesIO(sample[extension]))
+        image = Image.open(io.BytesIO(data))
         image.load()
-        return to_rgb(image), label
+        return to_rgb(image)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         raise BadSampleError(f"{where}: {extension} does not decode: {type(exc).__name__}: {exc}") from exc
+
+
+def decode_sample(sample: Sample, num_classes: int | None) -> tuple[Image.Image, int]:
+    """Decode a sample's image to RGB and parse its ``cls`` label; raises ``BadSampleError`` naming shard and key."""
+    where, extension, data, label = sample_fields(sample, num_classes)
+    return decode_image(data, where, extension), label
