@@ -189,11 +189,14 @@ class ImageClassification:
                                        color_jitter=data.color_jitter or None)
         mixup = shards.MixupConfig(mixup_alpha=data.mixup_alpha, cutmix_alpha=data.cutmix_alpha,
                                    label_smoothing=train.label_smoothing) if data.uses_mixup else None
+        from .trainer import pick_device
+
+        device = pick_device(self.config.launch.device, world)  # the trainer's: batches and mixup go there
         return shards.build_train_loader(
             self._train_urls, batch_size=train.micro_batch_size, img_size=data.img_size, rank=world.rank,
             world_size=world.world_size, num_workers=data.num_workers, seed=train.seed,
             samples_per_epoch=data.samples_per_epoch, augment=augment, mixup=mixup,
-            num_classes=self.config.model.num_classes)
+            num_classes=self.config.model.num_classes, device=device, pin_memory=device.type == "cuda")
 
     def build_eval_loader(self, world: WorldInfo):
         import shards

@@ -96,6 +96,8 @@ def _rng_untouched() -> Iterator[None]:
 
 
 STOP_FILE = "STOP"
+DATA_BOUND_FRACTION = 0.2
+"""A logging interval that waited this fraction of its time for data (after the first) logs a warning, once."""
 """A file in the run directory that asks a running job to checkpoint and exit for requeue, however it
 was launched (Ray Train workers run the loop off the main thread, where no signal handler can be set)."""
 
@@ -234,6 +236,8 @@ class Trainer:
         self._loss_sum, self._loss_steps = 0.0, 0
         self._loss_terms: dict[str, float] = {}
         self._preview_pending = True
+        self._intervals_logged = 0
+        self._warned_data_bound = False
         self._eval_previews: list[torch.Tensor] | None = None
         self._resume()
         if self.world.is_main:  # only once the resume worked: a refused resume leaves the run's config as it was
@@ -416,8 +420,22 @@ class Trainer:
         self.tensorboard.flush()
         self._loss_sum, self._loss_steps = 0.0, 0
         throughput.reset()
+        self._intervals_logged += 1
+        self._warn_if_data_bound(perf["data_wait_fraction"], values["perf/images_per_s_worker"])
         return {"loss": loss, "lr": max(g["lr"] for g in self.optimizer.param_groups),
                 "img/s": values["perf/images_per_s_global"], "data_wait": perf["data_wait_fraction"]}
+
+    def _warn_if_data_bound(self, wait_fraction: float, images_per_s: float) -> None:
+        """Say once when the loader, not the model, sets the pace (the first interval holds worker start-up)."""
+        if self._warned_data_bound or self._intervals_logged < 2 or wait_fraction < DATA_BOUND_FRACTION:
+            return
+        self._warned_data_bound = True
+        _logger.warning(
+            "waited for data %.0f%% of the last %d steps at %.0f images/s on this rank: the loader sets the pace; "
+            "raise data.num_workers (now %d), e.g. to the count `python -m shards bench URL --img-size %d --target %.0f` "
+            "prints (tail perf/data_wait_fraction in TensorBoard)",
+            100 * wait_fraction, self.config.train.log_every, images_per_s, self.config.data.num_workers,
+            self.config.data.img_size, images_per_s / max(1e-9, 1 - wait_fraction))
 
     def evaluate(self) -> dict[str, float]:
         """Top-1/top-5 on the validation shards (and with the EMA weights when enabled), all ranks together.

@@ -7,7 +7,7 @@ size ``num_workers``). ``compare``: this project's reader beside timm's WebDatas
 per CPU-second of loader work (the training process and its loader workers together). Each
 trial runs in a fresh process; rounds interleave the readers; medians are reported.
 
-    python -m shards bench URL --compare timm,webdataset --img-size 224 --workers 1
+    python -m shards bench URL --compare timm,webdataset --img-size 224 --workers 1 [--mixup]
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from .loader import AugmentConfig, build_train_loader
+from .loader import AugmentConfig, MixupConfig, build_train_loader
 
 __all__ = ["BenchResult", "READERS", "bench", "compare", "seeding_overhead_us", "trial"]
 
@@ -97,10 +97,33 @@ def _loader_cpu_seconds() -> float:
     return total
 
 
-def _project_batches(url: str, img_size: int, batch_size: int, num_workers: int, samples: int) -> Iterator:
+def _project_batches(url: str, img_size: int, batch_size: int, num_workers: int, samples: int, mixup: bool) -> Iterator:
     loader = build_train_loader(url, batch_size=batch_size, img_size=img_size, num_workers=num_workers,
-                                samples_per_epoch=samples, augment=AugmentConfig())
+                                samples_per_epoch=samples, augment=AugmentConfig(),
+                                mixup=MixupConfig() if mixup else None, num_classes=_num_classes(url) if mixup else None)
     return iter(loader)
+
+
+def _num_classes(url: str) -> int:
+    from .info import resolve_shard_set
+
+    classes = resolve_shard_set(url, require_counts=True).classes
+    if not classes:
+        raise ValueError(f"--mixup needs the class list of {url} (info.json has none)")
+    return len(classes)
+
+
+def _mixed(batches: Iterator, url: str) -> Iterator:
+    """timm's Mixup/CutMix (``MixupConfig()``'s settings) on a peer's batches, in the consuming process as timm's train loop does."""
+    import torch
+    from timm.data import Mixup
+
+    config = MixupConfig()
+    mixup = Mixup(mixup_alpha=config.mixup_alpha, cutmix_alpha=config.cutmix_alpha, prob=config.prob,
+                  switch_prob=config.switch_prob, mode="batch", label_smoothing=config.label_smoothing,
+                  num_classes=_num_classes(url))
+    for images, targets in batches:
+        yield mixup(images, torch.as_tensor(targets))
 
 
 def _shard_list(url: str) -> tuple[list[str], int]:
@@ -110,7 +133,7 @@ def _shard_list(url: str) -> tuple[list[str], int]:
     return list(shard_set.urls), shard_set.total
 
 
-def _timm_batches(url: str, img_size: int, batch_size: int, num_workers: int, samples: int) -> Iterator:
+def _timm_batches(url: str, img_size: int, batch_size: int, num_workers: int, samples: int, mixup: bool) -> Iterator:
     """timm's own WebDataset reader and loader, with timm's train transform for the same augmentation."""
     from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_dataset, create_loader
 
@@ -128,10 +151,10 @@ def _timm_batches(url: str, img_size: int, batch_size: int, num_workers: int, sa
         re_mode=augment.remode, re_count=augment.recount, mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD,
         num_workers=num_workers, persistent_workers=False)
     fix_posterize(dataset.transform)  # timm 1.0.31 + Pillow 13: posterize(bits=0) raises, about 5 in 3000 calls
-    return iter(loader)
+    return _mixed(iter(loader), url) if mixup else iter(loader)
 
 
-def _webdataset_batches(url: str, img_size: int, batch_size: int, num_workers: int, samples: int) -> Iterator:
+def _webdataset_batches(url: str, img_size: int, batch_size: int, num_workers: int, samples: int, mixup: bool) -> Iterator:
     """A plain OpenCLIP-style webdataset pipeline with timm's train transform."""
     import webdataset as wds
 
@@ -148,19 +171,20 @@ def _webdataset_batches(url: str, img_size: int, batch_size: int, num_workers: i
         wds.map_tuple(transform, int),
         wds.batched(batch_size, partial=False),
     )
-    return iter(wds.WebLoader(pipeline, batch_size=None, num_workers=num_workers))
+    batches = iter(wds.WebLoader(pipeline, batch_size=None, num_workers=num_workers))
+    return _mixed(batches, url) if mixup else batches
 
 
 _READER_BATCHES = {"project": _project_batches, "timm": _timm_batches, "webdataset": _webdataset_batches}
 
 
 def trial(reader: str, url: str, *, img_size: int, batch_size: int, num_workers: int, batches: int,
-          warmup: int) -> dict:
+          warmup: int, mixup: bool = False) -> dict:
     """One reader timed in this process: images per CPU-second (all loader processes) and per second."""
     if reader not in _READER_BATCHES:
         raise ValueError(f"reader must be one of {READERS}, got {reader!r}")
     samples = (batches + warmup + 2 * max(1, num_workers)) * batch_size * 2
-    iterator = _READER_BATCHES[reader](url, img_size, batch_size, num_workers, samples)
+    iterator = _READER_BATCHES[reader](url, img_size, batch_size, num_workers, samples, mixup)
     for _ in range(warmup):
         next(iterator)
     cpu_start, wall_start = _loader_cpu_seconds(), time.perf_counter()
@@ -176,12 +200,14 @@ def trial(reader: str, url: str, *, img_size: int, batch_size: int, num_workers:
 
 
 def compare(url: str, *, readers: tuple[str, ...] = READERS, img_size: int = 224, batch_size: int = 64,
-            num_workers: int = 1, batches: int = 20, warmup: int = 3, rounds: int = 3) -> dict:
-    """Every reader in ``rounds`` interleaved rounds, each trial a fresh process; medians and ratios to timm's."""
+            num_workers: int = 1, batches: int = 20, warmup: int = 3, rounds: int = 3, mixup: bool = False) -> dict:
+    """Every reader in ``rounds`` interleaved rounds, each trial a fresh process; medians and ratios to timm's.
+    ``mixup``: timm's Mixup/CutMix on every reader's batches, in the consuming process."""
     unknown = [r for r in readers if r not in READERS]
     if unknown:
         raise ValueError(f"unknown reader {unknown[0]!r}; choose from {', '.join(READERS)}")
-    settings = dict(img_size=img_size, batch_size=batch_size, num_workers=num_workers, batches=batches, warmup=warmup)
+    settings = dict(img_size=img_size, batch_size=batch_size, num_workers=num_workers, batches=batches, warmup=warmup,
+                    mixup=mixup)
     trials: dict[str, list[dict]] = {reader: [] for reader in readers}
     for _ in range(rounds):
         for reader in readers:
@@ -226,7 +252,8 @@ def seeding_overhead_us(calls: int = 2000) -> dict[str, float]:
 def format_comparison(report: dict) -> str:
     """The comparison as a small table."""
     lines = [f"{report['url']}: {report['img_size']} px, batch {report['batch_size']}, {report['num_workers']} "
-             f"worker(s), {report['batches']} batches per trial, median of {report['rounds']} rounds",
+             f"worker(s), {report['batches']} batches per trial, median of {report['rounds']} rounds"
+             + (", mixup/cutmix on" if report.get("mixup") else ""),
              f"{'reader':12s} {'img/CPU-s':>10s} {'img/s':>8s} {'vs timm':>8s}"]
     for reader, entry in report["readers"].items():
         ratio = f"{entry['vs_timm']:.2f}x" if "vs_timm" in entry else "-"

@@ -86,7 +86,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.compare:
         readers = ("project", *[r.strip() for r in args.compare.split(",") if r.strip() and r.strip() != "project"])
         report = compare(args.url, readers=readers, img_size=args.img_size, batch_size=args.batch_size,
-                         num_workers=args.workers, batches=args.batches, rounds=args.rounds)
+                         num_workers=args.workers, batches=args.batches, rounds=args.rounds, mixup=args.mixup)
         print(format_comparison(report))
         if args.json:
             with open(args.json, "w") as f:
@@ -168,6 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "augmentation, in images per CPU-second (fresh process per trial, rounds interleaved, "
                        "medians): timm (timm's WebDataset reader), webdataset (a plain webdataset pipeline); "
                        "--workers is then the worker count of every reader")
+    bench.add_argument("--mixup", action="store_true", help="--compare: timm's Mixup/CutMix (0.8/1.0, label smoothing "
+                       "0.1) on every reader's batches, in the training process")
     bench.add_argument("--rounds", type=_positive_int, default=3, metavar="N", help="--compare: rounds (default 3)")
     bench.add_argument("--json", metavar="FILE", help="--compare: also write the report (with every trial) as JSON")
     bench.set_defaults(run=cmd_bench)

@@ -655,10 +655,12 @@ class TrainLoader:
         samples_per_epoch: int,
         pin_memory: bool,
         return_keys: bool,
+        device: torch.device | None = None,
     ):
         self._stream = stream
         self._num_workers = num_workers
         self._mixup = mixup
+        self._device = device
         self._sources_signature = sources_signature
         self._samples_per_epoch = samples_per_epoch
         self._pin_memory = pin_memory
@@ -722,6 +724,9 @@ class TrainLoader:
                 meta["batch"] + 1, meta["samples_read"], meta["shard_errors"], meta["decode_errors"]
             )
             self._batches_done += 1
+            if self._device is not None:
+                images = images.to(self._device, non_blocking=self._pin_memory)
+                targets = targets.to(self._device, non_blocking=self._pin_memory)
             if self._mixup is not None:
                 with _seeded_global_rngs(_derived_seed(_MIXUP, stream.seed, self._epoch, stream.rank, index)):
                     images, targets = self._mixup(images, targets)
@@ -800,6 +805,7 @@ def build_train_loader(
     shuffle_buffer: int = 2000,
     pin_memory: bool = False,
     return_keys: bool = False,
+    device: torch.device | str | None = None,
 ) -> TrainLoader:
     """Build this rank's train loader over shards (see the module docstring for the stages).
 
@@ -809,7 +815,9 @@ def build_train_loader(
     ``samples_per_epoch`` defaults to the ``info.json`` total of all sources; every rank yields
     ``samples_per_epoch // (world_size * batch_size)`` full batches. ``augment=None`` uses
     ``AugmentConfig()``; ``mixup`` turns targets into soft ``(N, num_classes)`` rows.
-    ``num_classes`` defaults to the class count in ``info.json``.
+    ``num_classes`` defaults to the class count in ``info.json``. ``device``: batches are delivered
+    there (``non_blocking`` with ``pin_memory``) and mixup runs there: on a GPU it costs next to nothing,
+    on the CPU it is about a third of a millisecond per 224-px image in the training process.
     """
     if not 0 <= rank < world_size:
         raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
@@ -863,6 +871,7 @@ def build_train_loader(
         samples_per_epoch=samples_per_epoch,
         pin_memory=pin_memory,
         return_keys=return_keys,
+        device=torch.device(device) if device is not None else None,
     )
 
 

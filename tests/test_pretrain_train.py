@@ -6,6 +6,7 @@ Runs are real: DeepSpeed engines on CPU, generated shards, subprocesses of ``pyt
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import signal
@@ -66,6 +67,8 @@ def short_run(pretrain_shards, tmp_path_factory):
     config = load_config("demo", tiny_overrides(pretrain_shards, run_dir, **{
         "train.max_steps": 12, "train.eval_every": 6, "checkpoint.every": 5, "checkpoint.keep": 2,
         "train.ema_decay": 0.9}))
+    warnings = _Records()
+    logging.getLogger("pretrain.trainer").addHandler(warnings)
     trainer = Trainer(config)
     try:
         result = trainer.train()
@@ -74,8 +77,18 @@ def short_run(pretrain_shards, tmp_path_factory):
         steps_per_epoch = trainer.steps_per_epoch
     finally:
         trainer.close()
+        logging.getLogger("pretrain.trainer").removeHandler(warnings)
     return dict(run_dir=run_dir, config=config, result=result, live_state=live_state, ema_state=ema_state,
-                steps_per_epoch=steps_per_epoch)
+                steps_per_epoch=steps_per_epoch, warnings=[r.getMessage() for r in warnings.records])
+
+
+class _Records(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
 
 
 def test_short_run_checkpoints_and_keeps_the_last_k(short_run):
@@ -123,6 +136,36 @@ def test_tensorboard_event_files_hold_the_training_curves(short_run):
     events.Reload()
     grid = events.Images("train/augmented_inputs")
     assert len(grid) == 1 and grid[0].step == 0 and grid[0].width > 32 * 4 and grid[0].height > 32
+
+
+def test_a_data_bound_run_says_so_once_naming_num_workers(short_run):
+    """The warning appears exactly when a logging interval after the first waited >= 20% for data (read
+    back from TensorBoard), once; its threshold logic on its own: below, at, after the first interval."""
+    from types import SimpleNamespace
+
+    from pretrain.trainer import DATA_BOUND_FRACTION, Trainer
+
+    waits = [v for _, v in read_scalars(short_run["run_dir"])["perf/data_wait_fraction"]]
+    data_bound = [m for m in short_run["warnings"] if "waited for data" in m]
+    assert len(data_bound) == (1 if any(w >= DATA_BOUND_FRACTION for w in waits[1:]) else 0)
+    config = short_run["config"]
+
+    def warned(wait_fraction: float, intervals: int) -> list[str]:
+        fake = SimpleNamespace(_warned_data_bound=False, _intervals_logged=intervals, config=config)
+        records = _Records()
+        logging.getLogger("pretrain.trainer").addHandler(records)
+        try:
+            Trainer._warn_if_data_bound(fake, wait_fraction, 300.0)
+            Trainer._warn_if_data_bound(fake, wait_fraction, 300.0)
+        finally:
+            logging.getLogger("pretrain.trainer").removeHandler(records)
+        return [r.getMessage() for r in records.records]
+
+    assert warned(DATA_BOUND_FRACTION - 0.01, 5) == []
+    assert warned(0.9, 1) == []  # the first interval holds worker start-up
+    (message,) = warned(0.5, 2)  # once, not twice
+    assert "50%" in message and f"data.num_workers (now {config.data.num_workers})" in message
+    assert "--target 600" in message  # 300 images/s at half the time waiting: the model could take 600
 
 
 def test_tensorboard_server_serves_the_loss_curve(short_run):

@@ -561,3 +561,19 @@ def test_bench_compare_times_the_three_readers_per_cpu_second(tmp_path):
         assert trial["images"] == 24 and trial["cpu_s"] > 0 and entry["images_per_cpu_s"] > 0
     assert report["readers"]["timm"]["vs_timm"] == 1.0
     assert report["seeding_us_per_sample"]["loader"] < report["seeding_us_per_sample"]["torch.manual_seed"]
+
+
+def test_batches_and_mixup_are_delivered_on_the_given_device(demo_dirs):
+    """``device``: the batch is moved first and mixup runs there (on ``meta`` nothing can be computed on
+    the CPU after the move, so a mixed batch on ``meta`` shows where mixup ran); on ``cpu`` the batches
+    are bit for bit the default's."""
+    def batches(device):
+        loader = build_train_loader(str(demo_dirs["train"]), batch_size=8, img_size=32, num_workers=1,
+                                    samples_per_epoch=32, mixup=MixupConfig(), augment=SIMPLE, device=device)
+        return list(loader)
+
+    default, on_cpu, on_meta = batches(None), batches("cpu"), batches("meta")
+    for (images, targets), (cpu_images, cpu_targets), (meta_images, meta_targets) in zip(default, on_cpu, on_meta):
+        assert torch.equal(images, cpu_images) and torch.equal(targets, cpu_targets)
+        assert meta_images.device.type == "meta" and meta_targets.device.type == "meta"
+        assert meta_images.shape == images.shape and meta_targets.shape == targets.shape == (8, 10)
