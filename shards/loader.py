@@ -613,6 +613,9 @@ class TrainAugment:
             return Image.fromarray(pixels.numpy())
         crop = self.crop
         top, left, height, width = crop.get_params(pixels.permute(2, 0, 1), crop.scale, crop.ratio)
+        if height < 1 or width < 1:  # timm rounds a crop of a few-pixel image to nothing (Pillow then fails)
+            height, width = max(height, 1), max(width, 1)
+            top, left = min(top, pixels.shape[0] - height), min(left, pixels.shape[1] - width)
         mode = random.choice(crop.interpolation) if isinstance(crop.interpolation, (tuple, list)) else crop.interpolation
         region = pixels[top:top + height, left:left + width].permute(2, 0, 1).unsqueeze(0)
         # a contiguous channels-last region takes torch's vectorised uint8 path, and comes back channels-last

@@ -80,6 +80,15 @@ def reference_losses(overrides: list[str], steps: int) -> list[float]:
     return losses
 
 
+def assert_matches_reference(losses: list[float], reference: list[float]) -> None:
+    """The first steps to 1e-6: data, forward, loss and the first updates equal. Later steps to 1e-4:
+    Adam's early steps move a weight by about lr whatever its gradient's size, so the reduction-order
+    rounding of near-zero gradients (ZeRO buckets vs one process) grows step by step (measured: 1e-7
+    at steps 1-4, 4e-6 at step 5, 2e-5 at step 6 under ZeRO-1)."""
+    assert losses[:4] == pytest.approx(reference[:4], rel=1e-6), (losses, reference)
+    assert losses == pytest.approx(reference, rel=1e-4), (losses, reference)
+
+
 @pytest.fixture(scope="module")
 def reference(pretrain_shards, tmp_path_factory) -> list[float]:
     return reference_losses(distributed_overrides(pretrain_shards, tmp_path_factory.mktemp("reference")), STEPS)
@@ -97,7 +106,7 @@ def test_torchrun_zero_stages_match_the_single_process_computation(stage, pretra
     assert len(losses) == STEPS
     # the same numbers as the independent computation; learning itself is asserted by the demo test
     # (6 warm-up steps of batch 32 move the loss by less than batch-to-batch noise)
-    assert losses == pytest.approx(reference, rel=2e-5), (losses, reference)
+    assert_matches_reference(losses, reference)
 
 
 def process_tree(root: int) -> list[int]:
@@ -294,7 +303,7 @@ def test_ray_train_zero_stages_match_the_single_process_computation(stage, ray_c
         "train.zero_stage": stage, "launch.launcher": "ray", "launch.num_workers": 2, "launch.device": "cpu"}))
     assert launch(config) == 0
     losses = [v for _, v in read_scalars(run_dir)["train/loss"]]
-    assert losses == pytest.approx(reference, rel=2e-5), (losses, reference)
+    assert_matches_reference(losses, reference)
     assert (run_dir / "checkpoints" / "latest").read_text() == f"step_{STEPS:08d}"
 
 
@@ -374,7 +383,7 @@ def test_torchrun_on_two_nodes_through_a_c10d_rendezvous(pretrain_shards, refere
         _, stderr = node.communicate(timeout=400)
         assert node.returncode == 0, stderr[-4000:]
     losses = [v for _, v in read_scalars(run_dir)["train/loss"]]
-    assert losses == pytest.approx(reference, rel=2e-5), (losses, reference)
+    assert_matches_reference(losses, reference)
 
 
 def test_zero3_ema_evaluation_equals_a_single_process_evaluation_of_the_exported_ema(pretrain_shards, tmp_path):

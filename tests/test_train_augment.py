@@ -171,3 +171,16 @@ def test_tensor_side_is_timms_bit_for_bit(photos):
             _seed_transform_rngs(seed)
             augment.into(slot, pixels)
             assert torch.equal(slot, expected), seed
+
+
+def test_few_pixel_images_are_augmented_not_fatal():
+    """timm's crop of a 1- or 2-pixel image can round to zero rows or columns; one bad image in
+    millions must not end a run: the crop keeps at least one pixel."""
+    augment = TrainAugment(32, AugmentConfig())
+    slot = torch.empty(3, 32, 32)
+    for height, width in ((1, 1), (1, 3), (2, 1), (2, 2)):
+        pixels = torch.randint(0, 256, (height, width, 3), dtype=torch.uint8)
+        for seed in range(40):
+            _seed_transform_rngs(seed)
+            augment.into(slot, pixels)
+            assert torch.isfinite(slot).all()
