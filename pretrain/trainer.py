@@ -96,10 +96,10 @@ def _rng_untouched() -> Iterator[None]:
 
 
 STOP_FILE = "STOP"
-DATA_BOUND_FRACTION = 0.2
-"""A logging interval that waited this fraction of its time for data (after the first) logs a warning, once."""
 """A file in the run directory that asks a running job to checkpoint and exit for requeue, however it
 was launched (Ray Train workers run the loop off the main thread, where no signal handler can be set)."""
+DATA_BOUND_FRACTION = 0.2
+"""A logging interval that waited this fraction of its time for data (after the first) logs a warning, once."""
 
 
 class StopRequests:

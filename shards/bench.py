@@ -21,7 +21,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from .loader import AugmentConfig, MixupConfig, build_train_loader
+from .loader import AugmentConfig, MixupConfig, build_train_loader, timm_mixup
 
 __all__ = ["BenchResult", "READERS", "bench", "compare", "seeding_overhead_us", "trial"]
 
@@ -116,12 +116,8 @@ def _num_classes(url: str) -> int:
 def _mixed(batches: Iterator, url: str) -> Iterator:
     """timm's Mixup/CutMix (``MixupConfig()``'s settings) on a peer's batches, in the consuming process as timm's train loop does."""
     import torch
-    from timm.data import Mixup
 
-    config = MixupConfig()
-    mixup = Mixup(mixup_alpha=config.mixup_alpha, cutmix_alpha=config.cutmix_alpha, prob=config.prob,
-                  switch_prob=config.switch_prob, mode="batch", label_smoothing=config.label_smoothing,
-                  num_classes=_num_classes(url))
+    mixup = timm_mixup(MixupConfig(), _num_classes(url))
     for images, targets in batches:
         yield mixup(images, torch.as_tensor(targets))
 

@@ -68,8 +68,8 @@ from torchvision.transforms import InterpolationMode
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .info import ShardSet, resolve_shard_set
-from .samples import (BadSampleError, CorruptShardError, Sample, decode_image, decode_sample, iter_shard_samples,
-                      sample_fields)
+from .samples import (DECODE_ERRORS, BadSampleError, CorruptShardError, Sample, decode_image, decode_sample,
+                      iter_shard_samples, sample_fields)
 
 _logger = logging.getLogger(__name__)
 # PIL hands NumPy its pixels read-only, and sample bytes are immutable; the train path only reads both.
@@ -135,6 +135,13 @@ class MixupConfig:
         for name in ("prob", "switch_prob", "label_smoothing"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"MixupConfig.{name} must be in [0, 1], got {getattr(self, name)}")
+
+
+def timm_mixup(config: MixupConfig, num_classes: int) -> Mixup:
+    """timm's batch-mode Mixup/CutMix with ``config``'s settings."""
+    return Mixup(mixup_alpha=config.mixup_alpha, cutmix_alpha=config.cutmix_alpha, prob=config.prob,
+                 switch_prob=config.switch_prob, mode="batch", label_smoothing=config.label_smoothing,
+                 num_classes=num_classes)
 
 
 # What a derived seed is for; the first part of every derived seed, so no two uses share one.
@@ -360,13 +367,14 @@ def decode_sample_pixels(sample: Sample, num_classes: int | None) -> tuple[torch
     8-bit colour and greyscale JPEGs are decoded by torchvision's libjpeg-turbo, which gives Pillow's
     pixels (the same library and settings; tested) without Pillow's four-bytes-per-pixel image and
     its copy into NumPy. Other images (PNG, CMYK JPEGs, ...) and any JPEG torchvision refuses go
-    through :func:`decode_sample`: Pillow decides what is bad, with the same error message.
+    through Pillow (:func:`~shards.samples.decode_image`, as :func:`decode_sample` does): Pillow
+    decides what is bad, with the same error message.
     """
     where, extension, data, label = sample_fields(sample, num_classes)
     try:
         header = Image.open(io.BytesIO(data))  # reads the header only; refuses decompression bombs
         plain_jpeg = header.format == "JPEG" and header.mode in ("RGB", "L")
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+    except DECODE_ERRORS:
         plain_jpeg = False
     if plain_jpeg:
         try:
@@ -843,15 +851,7 @@ def build_train_loader(
             raise ValueError("mixup needs num_classes (no info.json with classes found next to the shards)")
         if batch_size % 2:
             raise ValueError(f"mixup needs an even batch_size, got {batch_size}")
-        mixup_fn = Mixup(
-            mixup_alpha=mixup.mixup_alpha,
-            cutmix_alpha=mixup.cutmix_alpha,
-            prob=mixup.prob,
-            switch_prob=mixup.switch_prob,
-            mode="batch",
-            label_smoothing=mixup.label_smoothing,
-            num_classes=num_classes,
-        )
+        mixup_fn = timm_mixup(mixup, num_classes)
     stream = _TrainStream(
         sources,
         weights or [1.0],

@@ -148,13 +148,17 @@ def sample_fields(sample: Sample, num_classes: int | None) -> tuple[str, str, by
     return where, extension, sample[extension], label
 
 
+DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+"""What Pillow raises for bytes it cannot decode."""
+
+
 def decode_image(data: bytes, where: str, extension: str) -> Image.Image:
     """Decode image bytes to RGB (:func:`to_rgb`); raises ``BadSampleError`` naming ``where``."""
     try:
         image = Image.open(io.BytesIO(data))
         image.load()
         return to_rgb(image)
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+    except DECODE_ERRORS as exc:
         raise BadSampleError(f"{where}: {extension} does not decode: {type(exc).__name__}: {exc}") from exc
 
 

@@ -38,7 +38,7 @@ from PIL import Image
 
 from .classes import is_wnid, resolve_classes
 from .info import CLASSES_NAME, INFO_FORMAT, INFO_NAME, INFO_VERSION
-from .samples import to_rgb
+from .samples import DECODE_ERRORS, to_rgb
 from .sources import DemoSource, ImageSource, SourceItem, in_this_process, open_source
 
 _logger = logging.getLogger(__name__)
@@ -176,7 +176,7 @@ class _ShardWriter:
             for item, key, label, data in zip(task.items, task.keys, task.labels, contents):
                 try:
                     jpeg, (width, height) = encode_image(data, self.options)
-                except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+                except DECODE_ERRORS as exc:
                     skipped.append({"source": item.path, "shard": task.name, "reason": f"{type(exc).__name__}: {exc}"})
                     continue
                 meta = {"class": item.class_name, "label": label, "source": item.path, "width": width, "height": height}
