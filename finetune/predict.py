@@ -1,26 +1,24 @@
-"""``python -m finetune predict RUN_DIR IMAGE... --out DIR``: a fine-tuned run's predictions drawn over images."""
+"""``python -m finetune predict RUN_DIR IMAGE... --out DIR``: a fine-tuned run's predictions drawn over images.
+
+The run's task (from its saved config) draws each image (``TaskSpec.predict``); this module loads the run,
+opens the images and writes the PNGs. An image that cannot be read is named and skipped; the others are drawn.
+"""
 from __future__ import annotations
 
 import logging
 import os
+from dataclasses import dataclass, field
 
-import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
-__all__ = ["load_run_model", "palette", "predict_images"]
+__all__ = ["PredictResult", "load_run_model", "predict_images"]
 
 _logger = logging.getLogger(__name__)
 
 
-def palette(num_classes: int) -> np.ndarray:
-    """A fixed colour per class (uint8, (num_classes, 3)); neighbouring indices get distant hues."""
-    rng = np.random.default_rng(20240101)
-    return rng.integers(32, 256, size=(num_classes, 3), dtype=np.uint8)
-
-
 def load_run_model(run_dir: str, checkpoint: str = "latest", ema: bool = False):
-    """(config, model in eval mode) of a fine-tuning run's checkpoint (any ZeRO stage, any world size)."""
+    """(config, model in eval mode) of a run's checkpoint (any ZeRO stage, any world size)."""
     from pretrain import checkpoint as ckpt
     from pretrain.config import config_from_dict, validate
     from pretrain.ema import consolidate_ema
@@ -33,8 +31,6 @@ def load_run_model(run_dir: str, checkpoint: str = "latest", ema: bool = False):
     if saved is None:
         raise ckpt.CheckpointError(f"{folder} holds no {ckpt.CONFIG_NAME}: cannot tell which model it is")
     config = validate(config_from_dict(saved))
-    if config.task == "classification":
-        raise ValueError(f"{run_dir} is a classification run; predict draws fine-tuned runs (task=ade20k|coco)")
     config.model.init_from = ""
     state = ckpt.consolidated_state_dict(folder)
     if ema:
@@ -48,75 +44,43 @@ def load_run_model(run_dir: str, checkpoint: str = "latest", ema: bool = False):
     return config, model.eval()
 
 
+@dataclass
+class PredictResult:
+    written: list[str] = field(default_factory=list)
+    """The PNGs written, in the order of the images."""
+    failed: dict[str, str] = field(default_factory=dict)
+    """Image -> why it was not drawn."""
+
+
 @torch.no_grad()
 def predict_images(run_dir: str, images: list[str], out_dir: str, *, checkpoint: str = "latest", ema: bool = False,
-                   alpha: float = 0.5, min_score: float = 0.3) -> list[str]:
-    """Predict each image as the run evaluates and write ``OUT/<name>.png``: for segmentation the class colours
-    blended over the image, for detection the masks blended and the boxes drawn (score >= ``min_score``,
-    labelled with the class and score); returns the written paths."""
-    from .ade20k.data import _normalized, eval_resize_shape
-    from .ade20k.task import segmentation_logits
+                   **options) -> PredictResult:
+    """Draw the run's predictions over each image into ``OUT/<name>.png`` (``options`` go to the task's
+    drawing, e.g. ``alpha``, ``min_score``). Unreadable images are skipped and reported in the result."""
+    from pretrain.registry import get_task
 
     config, model = load_run_model(run_dir, checkpoint, ema)
-    if config.task == "coco":
-        return _draw_detections(config, model, images, out_dir, min_score, alpha)
-    seg = config.ade20k
-    colours = palette(seg.num_classes)
+    spec = get_task(config.task)
+    if spec.predict is None:
+        raise ValueError(f"{run_dir} is a {config.task} run; its task draws no predictions (predict covers "
+                         f"{', '.join(n for n, s in _tasks().items() if s.predict) or 'no task'})")
     os.makedirs(out_dir, exist_ok=True)
-    written = []
+    result = PredictResult()
     for path in images:
-        image = Image.open(path).convert("RGB")
-        views = []
-        for ratio in seg.eval_ratios:
-            height, width = eval_resize_shape(image.height, image.width, seg.eval_scale, ratio)
-            views.append(_normalized(np.asarray(image.resize((width, height), Image.BILINEAR)))[None])
-        probs = segmentation_logits(model, views, (image.height, image.width), num_classes=seg.num_classes,
-                                    mode=seg.eval_mode, crop=seg.crop_size, stride=seg.eval_stride, flip=seg.eval_flip)
-        labels = probs.argmax(dim=1)[0].numpy()
-        blended = (1 - alpha) * np.asarray(image, np.float32) + alpha * colours[labels].astype(np.float32)
+        try:
+            with Image.open(path) as opened:
+                image = opened.convert("RGB")
+        except (OSError, UnidentifiedImageError, ValueError) as error:
+            result.failed[path] = f"not a readable image ({type(error).__name__}: {error})"
+            _logger.error("%s: not drawn: %s", path, result.failed[path])
+            continue
         out = os.path.join(out_dir, os.path.splitext(os.path.basename(path))[0] + ".png")
-        Image.fromarray(blended.round().astype(np.uint8)).save(out)
-        written.append(out)
-    return written
+        spec.predict(config, model, image, **options).save(out)
+        result.written.append(out)
+    return result
 
 
-def _draw_detections(config, model, images: list[str], out_dir: str, min_score: float, alpha: float) -> list[str]:
-    from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
+def _tasks():
+    from pretrain.registry import registered_tasks
 
-    from .coco.data import _normalized, pad_batch, rescale_shape
-
-    section = config.coco
-    names = _class_names(config)
-    colours = palette(section.num_classes)
-    os.makedirs(out_dir, exist_ok=True)
-    written = []
-    for path in images:
-        image = Image.open(path).convert("RGB")
-        height, width = rescale_shape(image.height, image.width, max(section.eval_scale), min(section.eval_scale))
-        pixels = np.asarray(image.resize((width, height), Image.BILINEAR))
-        meta = {"image_size": (height, width), "orig_size": (image.height, image.width),
-                "scale": (height / image.height, width / image.width)}
-        (detection,) = model(pad_batch([_normalized(pixels)], section.size_divisor), [meta])
-        keep = detection["scores"] >= min_score
-        labels = [int(label) for label in detection["labels"][keep]]
-        colour = [tuple(int(c) for c in colours[label]) for label in labels]
-        canvas = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)
-        if labels:
-            canvas = draw_segmentation_masks(canvas, detection["masks"][keep] >= 0.5, alpha=alpha, colors=colour)
-            captions = [f"{names[label]} {score:.2f}" for label, score in zip(labels, detection["scores"][keep].tolist())]
-            canvas = draw_bounding_boxes(canvas, detection["boxes"][keep], labels=captions, colors=colour, width=2)
-        out = os.path.join(out_dir, os.path.splitext(os.path.basename(path))[0] + ".png")
-        Image.fromarray(canvas.permute(1, 2, 0).numpy()).save(out)
-        written.append(out)
-    return written
-
-
-def _class_names(config) -> list[str]:
-    """The categories' names in contiguous order, from the run's val annotation file (numbers when unreadable)."""
-    from .coco.data import load_split
-
-    try:
-        return list(load_split(config.coco.data_root, "val2017").category_names)
-    except (OSError, ValueError, KeyError) as error:
-        _logger.warning("class names unavailable (%s): drawing class numbers", error)
-        return [str(i) for i in range(config.coco.num_classes)]
+    return registered_tasks()

@@ -53,6 +53,7 @@ __all__ = [
     "read_manifest",
     "read_rank_states",
     "read_saved_config",
+    "resume_rules",
     "save_checkpoint",
     "tag_of_step",
 ]
@@ -71,13 +72,19 @@ _STAGE0_MODEL_FILE = "mp_rank_00_model_states.pt"
 RESUME_MAY_CHANGE = (
     "run_dir", "launch.", "checkpoint.", "train.max_steps", "train.log_every", "train.eval_every",
     "train.deterministic", "train.label_smoothing", "optim.clip_grad", "model.grad_checkpointing",
-    "model.channels_last", "model.fused_branches", "model.sync_batchnorm", "data.val_urls", "data.img_size",
-    "data.eval_", "data.auto_augment", "data.random_erasing", "data.crop_scale_min", "data.hflip",
-    "data.color_jitter", "data.mixup_alpha", "data.cutmix_alpha", "data.demo_dir",
+    "model.channels_last", "model.fused_branches", "model.sync_batchnorm", "loader.eval_incomplete",
 )
-"""Config keys (or prefixes) a resumed run may change: they take effect from the resumed step on.
+"""Core config keys (or prefixes) a resumed run may change: they take effect from the resumed step on.
 Every other setting is restored from the checkpoint (optimizer hyper-parameters, the schedule) or
-fixes its layout (model, batch split, ZeRO stage, data order), so a change to it is refused."""
+fixes its layout (model, batch split, ZeRO stage, data order), so a change to it is refused. Each task
+adds the keys of its own sections (``TaskSpec.resume_may_change``): :func:`resume_rules`."""
+
+
+def resume_rules(task: str) -> tuple[str, ...]:
+    """The core's :data:`RESUME_MAY_CHANGE` and task ``task``'s own keys."""
+    from .registry import get_task
+
+    return RESUME_MAY_CHANGE + tuple(get_task(task).resume_may_change)
 
 
 class CheckpointError(RuntimeError):
@@ -266,9 +273,8 @@ def config_changes(saved: dict, current: dict) -> list[tuple[str, Any, Any]]:
     return [(key, old.get(key), new.get(key)) for key in sorted(set(old) | set(new)) if old.get(key) != new.get(key)]
 
 
-def _may_change(key: str) -> bool:
-    return any(key == rule or (rule.endswith(".") or rule.endswith("_")) and key.startswith(rule)
-               for rule in RESUME_MAY_CHANGE)
+def _may_change(key: str, rules: tuple[str, ...]) -> bool:
+    return any(key == rule or (rule.endswith(".") or rule.endswith("_")) and key.startswith(rule) for rule in rules)
 
 
 def _latest_folder(root: str) -> tuple[str | None, str | None]:
@@ -286,9 +292,11 @@ def _latest_folder(root: str) -> tuple[str | None, str | None]:
     return os.path.join(root, tag), None
 
 
-def _choose(root: str, resume: str, world_size: int | None, config: dict | None) -> tuple[str | None, list[str]]:
+def _choose(root: str, resume: str, world_size: int | None, config: dict | None,
+            may_change: tuple[str, ...] = RESUME_MAY_CHANGE) -> tuple[str | None, list[str]]:
     """Rank 0's decision: the folder to resume from (None: start at step 0) and warnings to log.
-    ``world_size`` / ``config`` None: any world size and settings (export)."""
+    ``world_size`` / ``config`` None: any world size and settings (export). The saved config is compared
+    with ``config`` in today's layout (:func:`pretrain.config.upgrade_config_dict`)."""
     warnings: list[str] = []
     if resume == "none":
         return None, warnings
@@ -333,8 +341,14 @@ def _choose(root: str, resume: str, world_size: int | None, config: dict | None)
                               "(python -m pretrain export) and start a new run with model.init_from")
     saved = read_saved_config(folder) if config is not None else None
     if saved is not None:
+        from .config import ConfigError, upgrade_config_dict
+
+        try:
+            saved = upgrade_config_dict(saved)
+        except ConfigError as error:
+            raise CheckpointError(f"{os.path.join(folder, CONFIG_NAME)}: {error}") from None
         changes = config_changes(saved, config)
-        refused = [change for change in changes if not _may_change(change[0])]
+        refused = [change for change in changes if not _may_change(change[0], may_change)]
         if refused:
             lines = "\n".join(f"  {key}: checkpoint {old!r}, this run {new!r}" for key, old, new in refused)
             raise CheckpointError(f"{folder} was written with other settings that exact resume cannot honour "
@@ -347,16 +361,18 @@ def _choose(root: str, resume: str, world_size: int | None, config: dict | None)
     return folder, warnings
 
 
-def choose_checkpoint(root: str, resume: str, world: WorldInfo, config: dict) -> str | None:
+def choose_checkpoint(root: str, resume: str, world: WorldInfo, config: dict,
+                      may_change: tuple[str, ...] = RESUME_MAY_CHANGE) -> str | None:
     """Every rank: the checkpoint folder to resume from (None: start at step 0), decided on rank 0.
 
-    ``resume`` is ``latest``, ``none`` or a folder. Raises :class:`CheckpointError` on every rank
-    together, with rank 0's message, when the checkpoint cannot be used.
+    ``resume`` is ``latest``, ``none`` or a folder; ``may_change`` the keys a resumed run may change
+    (:func:`resume_rules`). Raises :class:`CheckpointError` on every rank together, with rank 0's
+    message, when the checkpoint cannot be used.
     """
     decision: tuple[str | None, str | None] = (None, None)
     if world.is_main:
         try:
-            folder, warnings = _choose(root, resume, world.world_size, config)
+            folder, warnings = _choose(root, resume, world.world_size, config, may_change)
             for warning in warnings:
                 _logger.warning("%s", warning)
             decision = (folder, None)

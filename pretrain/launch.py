@@ -47,18 +47,22 @@ class WorkerEntry:
 
 
 def _absolute(config: Config) -> Config:
-    """Workers may start in another directory (Ray, other nodes): make local paths absolute."""
-    def absolute(path: str) -> str:
-        return path if not path or "://" in path or path.startswith("/") else os.path.abspath(path)
+    """Workers may start in another directory (Ray, other nodes): make local paths absolute (the core's and
+    the task's ``path_keys``). Returns a copy."""
+    from .registry import get_task
 
-    config = dataclasses.replace(config, run_dir=os.path.abspath(config.run_dir))
-    data = config.data
-    config.data = dataclasses.replace(data, demo_dir=absolute(data.demo_dir), train_urls=absolute(data.train_urls),
-                                      val_urls=absolute(data.val_urls))
-    config.model = dataclasses.replace(config.model, init_from=absolute(config.model.init_from))
-    resume = config.checkpoint.resume
-    if resume not in ("latest", "none"):
-        config.checkpoint = dataclasses.replace(config.checkpoint, resume=absolute(resume))
+    config = config_from_dict(config_to_dict(config))
+    keys = ("run_dir", "model.init_from", *get_task(config.task).path_keys)
+    if config.checkpoint.resume not in ("latest", "none"):
+        keys += ("checkpoint.resume",)
+    for key in keys:
+        *sections, name = key.split(".")
+        holder = config
+        for section in sections:
+            holder = getattr(holder, section)
+        path = getattr(holder, name)
+        if path and "://" not in path and not os.path.isabs(path):
+            setattr(holder, name, os.path.abspath(path))
     return config
 
 
@@ -148,7 +152,7 @@ def _ray_use_gpu(config: Config, cluster_gpus: float) -> bool:
 
 def launch_ray(config: Config, entry: WorkerEntry = WorkerEntry()):
     """Run ``launch.num_workers`` Ray Train workers on a Ray cluster: ``launch.ray_address``, the one this
-    process is connected to, or a new local one. Each worker reserves ``1 + data.num_workers`` CPUs (its
+    process is connected to, or a new local one. Each worker reserves ``1 + loader.num_workers`` CPUs (its
     loader processes) and a GPU unless ``launch.device=cpu``; a dead worker or node restarts the group,
     which resumes from ``latest``, up to ``launch.max_failures`` times. SIGTERM / SIGUSR1 to this process
     write ``RUN_DIR/STOP``: the workers checkpoint and the launch returns for requeue."""
@@ -158,7 +162,7 @@ def launch_ray(config: Config, entry: WorkerEntry = WorkerEntry()):
 
     config = _absolute(config)
     launch = config.launch
-    cpus = launch.cpus_per_worker or 1 + config.data.num_workers
+    cpus = launch.cpus_per_worker or 1 + config.loader.num_workers
     if not ray.is_initialized():
         address = launch.ray_address or os.environ.get("RAY_ADDRESS")
         if address:
@@ -218,27 +222,17 @@ def check_batch_split(config: Config, world_size: int) -> None:
 
 def preflight(config: Config) -> None:
     """Check what can be checked before any worker starts or any model is built: the batch splits over
-    the launch's world size, the shards exist and have ``info.json`` counts, their classes fit the
-    classifier, ``model.init_from`` exists. Raises ``ConfigError`` naming the key."""
-    check_batch_split(config, launch_world_size(config))
-    data = config.data
-    if data.source == "shards":
-        from shards.info import ShardReadError, resolve_shard_set
+    the launch's world size, ``model.init_from`` exists, and the task's own inputs (``TaskSpec.preflight``:
+    shards, dataset folders). Raises ``ConfigError`` naming the key."""
+    from .registry import get_task
 
-        for key in ("train_urls", "val_urls"):
-            spec = getattr(data, key)
-            if not spec:
-                continue
-            try:
-                shard_set = resolve_shard_set(spec, require_counts=key == "val_urls" or data.samples_per_epoch is None)
-            except (FileNotFoundError, ValueError, ShardReadError) as error:
-                raise ConfigError(f"data.{key}", str(error)) from error
-            if shard_set.classes and len(shard_set.classes) > config.model.num_classes:
-                raise ConfigError("model.num_classes", f"expected at least the {len(shard_set.classes)} classes of "
-                                  f"data.{key} ({spec}), got {config.model.num_classes}")
+    check_batch_split(config, launch_world_size(config))
     init_from = config.model.init_from
     if init_from and "://" not in init_from and not os.path.isfile(init_from):
         raise ConfigError("model.init_from", f"no such file: {init_from}")
+    spec = get_task(config.task)
+    if spec.preflight is not None:
+        spec.preflight(config)
 
 
 def launch(config: Config, entry: WorkerEntry = WorkerEntry()) -> int:

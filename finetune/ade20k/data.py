@@ -21,6 +21,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from ..dense import MEAN, STD, normalized
 from ..loading import ResumableBatches, worker_iterator
 
 __all__ = ["IGNORE_INDEX", "MEAN", "STD", "EvalLoader", "SegmentationSample", "SplitFiles", "TrainLoader",
@@ -30,9 +31,6 @@ __all__ = ["IGNORE_INDEX", "MEAN", "STD", "EvalLoader", "SegmentationSample", "S
 _logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = 255
-MEAN = (123.675, 116.28, 103.53)
-"""mmseg's normalization, RGB on the 0-255 scale (the ImageNet statistics)."""
-STD = (58.395, 57.12, 57.375)
 
 
 @dataclass(frozen=True)
@@ -164,10 +162,6 @@ def photometric_distortion(image: np.ndarray, rng: np.random.Generator) -> np.nd
     return out
 
 
-def _normalized(image: np.ndarray) -> torch.Tensor:
-    values = (image.astype(np.float32) - np.array(MEAN, np.float32)) / np.array(STD, np.float32)
-    return torch.from_numpy(np.ascontiguousarray(values.transpose(2, 0, 1)))
-
 
 @dataclass(frozen=True)
 class SegmentationSample:
@@ -238,7 +232,7 @@ class _TrainSamples(_Files):
         tensor = torch.zeros(3, cfg.crop_size, cfg.crop_size)  # padding: 0 after normalization, label 255
         target = torch.full((cfg.crop_size, cfg.crop_size), IGNORE_INDEX, dtype=torch.int64)
         h, w = label.shape
-        tensor[:, :h, :w] = _normalized(values)
+        tensor[:, :h, :w] = normalized(values)
         target[:h, :w] = torch.from_numpy(np.ascontiguousarray(label).astype(np.int64))
         return SegmentationSample(tensor, target, skipped)
 
@@ -298,7 +292,7 @@ class _EvalSamples(_Files):
         scales = []
         for ratio in self.config.eval_ratios:
             height, width = eval_resize_shape(image.height, image.width, self.config.eval_scale, ratio)
-            scales.append(_normalized(np.asarray(image.resize((width, height), Image.BILINEAR))))
+            scales.append(normalized(np.asarray(image.resize((width, height), Image.BILINEAR))))
         return {"images": scales, "label": torch.from_numpy(label.astype(np.int64)), "index": index}
 
 

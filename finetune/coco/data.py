@@ -26,7 +26,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 from torch.utils.data import Dataset
 
-from finetune.ade20k.data import MEAN, STD
+from ..dense import MEAN, STD, normalized
 
 from ..loading import ResumableBatches, worker_iterator
 
@@ -189,10 +189,6 @@ def augment(image: np.ndarray, boxes: np.ndarray, masks: np.ndarray, config,
     return np.ascontiguousarray(image), boxes.astype(np.float32), np.ascontiguousarray(masks), kept, draws
 
 
-def _normalized(image: np.ndarray) -> torch.Tensor:
-    values = (image.astype(np.float32) - np.array(MEAN, np.float32)) / np.array(STD, np.float32)
-    return torch.from_numpy(np.ascontiguousarray(values.transpose(2, 0, 1)))
-
 
 def pad_batch(images: list[torch.Tensor], size_divisor: int) -> torch.Tensor:
     """``(B, 3, H, W)``: the images zero-padded at the bottom / right to the largest size, rounded up to
@@ -279,7 +275,7 @@ class _TrainSamples(_Images):
             target = {"boxes": torch.from_numpy(boxes), "labels": torch.from_numpy(labels[kept]),
                       "masks": torch.from_numpy(masks), "image_id": record.image_id,
                       "image_size": (int(image.shape[0]), int(image.shape[1]))}
-            return _normalized(image), target, skipped
+            return normalized(image), target, skipped
         raise RuntimeError(f"{self.split.root}: no readable image in {self.split.split}")
 
 
@@ -367,7 +363,7 @@ class _EvalSamples(_Images):
             _logger.warning("evaluation skips %s: %s: %s", self.path(record), type(error).__name__, error)
             return None, meta
         pixels = np.asarray(Image.fromarray(image).resize((width, height), Image.BILINEAR))
-        return pad_batch([_normalized(pixels)], self.config.size_divisor), meta
+        return pad_batch([normalized(pixels)], self.config.size_divisor), meta
 
 
 class EvalLoader:
