@@ -6,11 +6,11 @@ Each stage is ``python -m cluster.stage NAME`` with its run directory under RUN_
 pipeline skips complete stages and resumes interrupted ones from ``latest``. Without ``RAY_ADDRESS`` a
 local Ray cluster is started for the run and every stage drives it.
 
-Pipelines:
-    demo   the demo pretraining (generated digit shards) on CPU -> export -> the ADE20K and COCO demo
-           fine-tunes (generated sets in the standard layouts); minutes on a laptop.
-    xl     XL ImageNet-22K pretraining at 384 -> export -> ADE20K UperNet 640 160k and COCO Cascade Mask
-           R-CNN 3x (shards and data from the ``cluster.stage`` environment variables).
+Pipelines (the fine-tunes are every registered fine-tuning task: ``python -m finetune presets``):
+    demo   the demo pretraining (generated digit shards) on CPU -> export -> each task's demo preset
+           (generated sets in the standard layouts); minutes on a laptop.
+    xl     XL ImageNet-22K pretraining at 384 -> export -> each task's paper-scale preset (ADE20K UperNet
+           640 160k, COCO Cascade Mask R-CNN 3x, ...; data from the ``cluster.stage`` environment variables).
 
 Exit status: 0 done, 75 a stage was preempted after checkpointing (rerun to resume), 1 a stage failed.
 """
@@ -26,7 +26,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-__all__ = ["PIPELINES", "Pipeline", "main", "run_pipeline"]
+__all__ = ["Pipeline", "headline_metrics", "main", "pipelines", "run_pipeline"]
 
 _logger = logging.getLogger(__name__)
 
@@ -42,21 +42,31 @@ class Pipeline:
     unavailable: tuple[str, ...] = ()
 
 
-PIPELINES = {
-    "demo": Pipeline(
-        pretrain=("--config", "demo", "--set", "launch.device=cpu", "launch.num_workers=1"),
-        finetunes={"finetune_ade20k": ("--config", "ade20k_demo", "--set", "launch.device=cpu",
-                                       "launch.num_workers=1"),
-                   "finetune_coco": ("--config", "coco_demo", "--set", "launch.device=cpu", "launch.num_workers=1")},
-    ),
-    "xl": Pipeline(pretrain=("--config", "xl_in22k_384"),
-                   finetunes={"finetune_ade20k": ("--config", "ade20k_xl_upernet_640_160k"),
-                              "finetune_coco": ("--config", "coco_xl_cascade_3x")}),
-}
+DEMO_OVERRIDES = ("--set", "launch.device=cpu", "launch.num_workers=1")
 
-_HEADLINE = {"pretrain_xl": ("eval/top1", "eval/top5", "eval_ema/top1"),
-             "finetune_ade20k": ("eval/mIoU", "eval/mAcc", "eval/aAcc"),
-             "finetune_coco": ("eval/bbox_AP", "eval/segm_AP")}
+
+def pipelines() -> dict[str, Pipeline]:
+    """``demo`` and ``xl``: pretraining, then every registered fine-tuning task (its demo or cluster preset)."""
+    from .stage import PRETRAIN_PRESET, finetune_stages
+
+    stages = finetune_stages()
+    return {
+        "demo": Pipeline(pretrain=("--config", "demo", *DEMO_OVERRIDES),
+                         finetunes={name: ("--config", spec.demo_preset, *DEMO_OVERRIDES) for name, spec in stages.items()}),
+        "xl": Pipeline(pretrain=("--config", PRETRAIN_PRESET),
+                       finetunes={name: ("--config", spec.cluster_preset) for name, spec in stages.items()}),
+    }
+
+
+def headline_metrics(run_dir: str) -> tuple[str, ...]:
+    """The metrics the summary shows for a training stage's run: its task's ``TaskSpec.metrics``."""
+    from pretrain.registry import UnknownTaskError, get_task
+
+    try:
+        with open(os.path.join(run_dir, "config.json")) as f:
+            return tuple(get_task(json.load(f).get("task", "")).metrics)
+    except (OSError, ValueError, UnknownTaskError):
+        return ()
 
 
 def _run(name: str, arguments: list[str], run_root: str, env: dict[str, str]) -> dict:
@@ -81,7 +91,8 @@ def _run(name: str, arguments: list[str], run_root: str, env: dict[str, str]) ->
     if os.path.isfile(metrics_file):
         with open(metrics_file) as f:
             metrics = json.load(f)
-    return {"status": status, "seconds": round(seconds, 1), "run_dir": run_dir, "metrics": metrics}
+    return {"status": status, "seconds": round(seconds, 1), "run_dir": run_dir, "metrics": metrics,
+            "headline": list(headline_metrics(run_dir))}
 
 
 def _with_overrides(arguments: tuple[str, ...], extra: list[str]) -> list[str]:
@@ -93,7 +104,7 @@ def _with_overrides(arguments: tuple[str, ...], extra: list[str]) -> list[str]:
 
 def run_pipeline(name: str, run_root: str, overrides: dict[str, list[str]] | None = None) -> tuple[int, dict]:
     """Run the pipeline ``name`` under ``run_root``; returns (exit status, summary)."""
-    pipeline, overrides = PIPELINES[name], overrides or {}
+    pipeline, overrides = pipelines()[name], overrides or {}
     run_root = os.path.abspath(run_root)
     env = {**os.environ, "UNIREPLKNET_RUN_ROOT": run_root, "RAY_DEDUP_LOGS": "0"}
     local_ray = None
@@ -150,7 +161,7 @@ def _write_summary(summary: dict, folder: str) -> None:
     try:
         for stage, result in summary["stages"].items():
             metrics = result.get("metrics") or {}
-            for key in _HEADLINE.get(stage, ()):
+            for key in result.get("headline", ()):
                 if key in metrics:
                     writer.add_scalar(f"{stage}/{key.split('/', 1)[1]}", metrics[key], metrics.get("step", 0))
             if result.get("seconds") is not None:
@@ -175,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m cluster.pipeline", description=__doc__.split("\n\n")[0],
                                      epilog=__doc__.split("\n\n", 1)[1],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="demo", choices=sorted(PIPELINES), help="which pipeline (default demo)")
+    parser.add_argument("--config", default="demo", choices=sorted(pipelines()), help="which pipeline (default demo)")
     parser.add_argument("--run-root", default=None,
                         help="where every stage's run directory goes (default: $UNIREPLKNET_RUN_ROOT, else runs/pipeline_CONFIG)")
     parser.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="STAGE:KEY=VALUE",
@@ -190,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {stage:16s} {result['note']}")
             continue
         metrics = result.get("metrics") or {}
-        shown = ", ".join(f"{k.split('/', 1)[1]} {metrics[k]:.2f}" for k in _HEADLINE.get(stage, ()) if k in metrics)
+        shown = ", ".join(f"{k.split('/', 1)[1]} {metrics[k]:.2f}" for k in result.get("headline", ()) if k in metrics)
         print(f"  {stage:16s} exit {result['status']}, {result['seconds']:.0f} s{', ' + shown if shown else ''}")
     print(f"summary: {os.path.join(summary['run_root'], 'pipeline', 'summary.json')}")
     print(f"watch it: tensorboard --logdir {summary['run_root']}")
