@@ -240,16 +240,41 @@ def preemption_signals_held() -> Iterator[None]:
 
 
 class _Counters:
-    """Bad-sample counts of one worker, sent to the main process with every batch."""
+    """Bad samples one worker met (sent to the main process with every batch) and their log lines.
+
+    A damaged shard (samples lost against its ``info.json`` count, or a stream that breaks off) is
+    logged at WARNING every time, naming the shard and the samples lost: it is the largest loss.
+    Single bad samples are logged at WARNING for the first ``_WARN_FIRST`` of a worker, then at DEBUG.
+    """
 
     def __init__(self, decode_errors: int = 0):
         self.shard_errors = 0
         self.decode_errors = decode_errors
 
-    def warn(self, message: str) -> None:
-        total = self.shard_errors + self.decode_errors
-        level = logging.WARNING if total <= _WARN_FIRST else logging.DEBUG
-        _logger.log(level, "skipping bad data (%d so far in this worker): %s", total, message)
+    @property
+    def total(self) -> int:
+        return self.shard_errors + self.decode_errors
+
+    def shard_short(self, url: str, delivered: int, expected: int, broken: str | None) -> None:
+        """``url`` delivered ``delivered`` of the ``expected`` samples asked of it (``broken``: its read error)."""
+        self.shard_errors += expected - delivered
+        _logger.warning("skipping bad data (%d so far in this worker): shard %s gave %d of the %d samples expected "
+                        "from it (info.json), %d lost: %s", self.total, url, delivered, expected, expected - delivered,
+                        broken or "it ends early (truncated?)")
+
+    def shard_broken(self, message: str) -> None:
+        """A shard without a count broke off (one bad sample: the one being read)."""
+        self.shard_errors += 1
+        _logger.warning("skipping bad data (%d so far in this worker): %s", self.total, message)
+
+    def bad_sample(self, message: str) -> None:
+        """One sample that does not decode or lacks its label."""
+        self.decode_errors += 1
+        if self.decode_errors <= _WARN_FIRST:
+            later = "; later bad samples of this worker are logged at DEBUG" if self.decode_errors == _WARN_FIRST else ""
+            _logger.warning("skipping bad data (%d so far in this worker): %s%s", self.total, message, later)
+        else:
+            _logger.debug("skipping bad data (%d so far in this worker): %s", self.total, message)
 
 
 # ----------------------------------------------------------------------------- stream stages
@@ -287,12 +312,9 @@ def shard_samples(urls: Iterator[str], counters: _Counters, num_shards: int,
             broken = str(exc)
         wanted = expected.get(url) if expected else None
         if wanted is not None and produced < wanted:
-            counters.shard_errors += wanted - produced
-            counters.warn(f"shard {url} gave {produced} of its {wanted} samples (info.json)"
-                          + (f": {broken}" if broken else ": it ends early (truncated?)"))
+            counters.shard_short(url, produced, wanted, broken)
         elif broken is not None:
-            counters.shard_errors += 1
-            counters.warn(broken)
+            counters.shard_broken(broken)
         if produced:
             empty.clear()
             continue
@@ -351,8 +373,7 @@ def decoded(
         try:
             image, label = decode(sample, num_classes)
         except BadSampleError as exc:
-            counters.decode_errors += 1
-            counters.warn(str(exc))
+            counters.bad_sample(str(exc))
             bad_in_a_row += 1
             if bad_in_a_row >= MAX_BAD_IN_A_ROW:
                 raise RuntimeError(f"{bad_in_a_row} bad samples in a row, the data looks unusable; last: {exc}") from exc
@@ -940,9 +961,7 @@ class _EvalStream(IterableDataset):
             except CorruptShardError as exc:
                 broken = str(exc)
             if delivered < len(mine):
-                counters.shard_errors += len(mine) - delivered
-                counters.warn(f"shard {url} gave {delivered} of the {len(mine)} samples expected from it"
-                              + (f": {broken}" if broken else ": it ends early (truncated?)"))
+                counters.shard_short(url, delivered, len(mine), broken)
 
 
 class EvalLoader:
