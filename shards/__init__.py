@@ -38,7 +38,9 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from .info import ShardReadError, read_info
-    from .loader import AugmentConfig, EvalLoader, MixupConfig, TrainLoader, build_eval_loader, build_train_loader
+    from .image import AugmentConfig, MixupConfig
+    from .loader import EvalLoader, TrainLoader, build_eval_loader, build_train_loader
+    from .stream import SamplePipeline, ShardSources
     from .verify import VerifyReport, verify_dataset
     from .writer import write_dataset, write_demo
 
@@ -46,12 +48,14 @@ if TYPE_CHECKING:
 _EXPORTS = {
     "ShardReadError": "info",
     "read_info": "info",
-    "AugmentConfig": "loader",
+    "AugmentConfig": "image",
     "EvalLoader": "loader",
-    "MixupConfig": "loader",
+    "MixupConfig": "image",
     "TrainLoader": "loader",
     "build_eval_loader": "loader",
     "build_train_loader": "loader",
+    "SamplePipeline": "stream",
+    "ShardSources": "stream",
     "VerifyReport": "verify",
     "verify_dataset": "verify",
     "write_dataset": "writer",

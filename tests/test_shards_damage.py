@@ -21,7 +21,7 @@ import pytest
 from PIL import Image
 
 from shards import AugmentConfig, build_eval_loader, build_train_loader, verify_dataset, write_dataset, write_demo
-from shards.loader import _Counters, shard_samples
+from shards.stream import DamageCounts, shard_samples
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLES, PER_SHARD = 60, 20
@@ -52,7 +52,7 @@ def test_a_shard_cut_anywhere_loses_no_sample_without_counting_it(clean_set, tmp
     assert len(offsets) >= 50 and sum(o % 512 == 0 for o in offsets) >= 20
     for offset in offsets:
         shard.write_bytes(original[:offset])
-        counters, intact = _Counters(), str(damaged / "shard-000002.tar")
+        counters, intact = DamageCounts(), str(damaged / "shard-000002.tar")
         samples = list(shard_samples(iter([str(shard), intact]), counters, 2, {str(shard): PER_SHARD, intact: PER_SHARD}))
         read = sum(sample["__url__"] == str(shard) for sample in samples)
         assert len(samples) - read == PER_SHARD
