@@ -30,6 +30,12 @@ Resume guarantee: a loader restored with ``load_state_dict`` under the same shar
 size, rank, num_workers, batch size, samples per epoch and shuffle buffer yields bit-identical
 remaining batches (same keys, same tensors, same mixup) as an uninterrupted one; other settings
 are refused with ``ValueError``. ``loader.bad_samples`` counts skipped bad data for logging.
+
+Any other payload (audio, video, series) streams the same way through a sample pipeline::
+
+    pipeline = SamplePipeline(decode=decode_clip, into=augment_into_slot, sample_shape=(1, 16000))
+    loader = TrainLoader(ShardSources.resolve("s3://bucket/speech"), pipeline, batch_size=256, rank=rank,
+                         world_size=world, num_workers=8)
 """
 from __future__ import annotations
 
