@@ -30,6 +30,12 @@ Resume guarantee: a loader restored with ``load_state_dict`` under the same shar
 size, rank, num_workers, batch size, samples per epoch and shuffle buffer yields bit-identical
 remaining batches (same keys, same tensors, same mixup) as an uninterrupted one; other settings
 are refused with ``ValueError``. ``loader.bad_samples`` counts skipped bad data for logging.
+
+Any other payload (audio, video, series) streams the same way through a sample pipeline::
+
+    pipeline = SamplePipeline(decode=decode_clip, into=augment_into_slot, sample_shape=(1, 16000))
+    loader = TrainLoader(ShardSources.resolve("s3://bucket/speech"), pipeline, batch_size=256, rank=rank,
+                         world_size=world, num_workers=8)
 """
 from __future__ import annotations
 
@@ -38,7 +44,9 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from .info import ShardReadError, read_info
-    from .loader import AugmentConfig, EvalLoader, MixupConfig, TrainLoader, build_eval_loader, build_train_loader
+    from .image import AugmentConfig, MixupConfig
+    from .loader import EvalLoader, TrainLoader, build_eval_loader, build_train_loader
+    from .stream import SamplePipeline, ShardSources
     from .verify import VerifyReport, verify_dataset
     from .writer import write_dataset, write_demo
 
@@ -46,12 +54,14 @@ if TYPE_CHECKING:
 _EXPORTS = {
     "ShardReadError": "info",
     "read_info": "info",
-    "AugmentConfig": "loader",
+    "AugmentConfig": "image",
     "EvalLoader": "loader",
-    "MixupConfig": "loader",
+    "MixupConfig": "image",
     "TrainLoader": "loader",
     "build_eval_loader": "loader",
     "build_train_loader": "loader",
+    "SamplePipeline": "stream",
+    "ShardSources": "stream",
     "VerifyReport": "verify",
     "verify_dataset": "verify",
     "write_dataset": "writer",

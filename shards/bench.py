@@ -21,7 +21,8 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from .loader import AugmentConfig, MixupConfig, build_train_loader, timm_mixup
+from .image import AugmentConfig, MixupConfig, timm_mixup
+from .loader import build_train_loader
 
 __all__ = ["BenchResult", "READERS", "bench", "compare", "seeding_overhead_us", "trial"]
 
@@ -133,7 +134,7 @@ def _timm_batches(url: str, img_size: int, batch_size: int, num_workers: int, sa
     """timm's own WebDataset reader and loader, with timm's train transform for the same augmentation."""
     from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_dataset, create_loader
 
-    from .loader import fix_posterize
+    from .image import fix_posterize
 
     urls, _ = _shard_list(url)
     root = os.path.dirname(urls[0])
@@ -154,7 +155,7 @@ def _webdataset_batches(url: str, img_size: int, batch_size: int, num_workers: i
     """A plain OpenCLIP-style webdataset pipeline with timm's train transform."""
     import webdataset as wds
 
-    from .loader import timm_train_transform
+    from .image import timm_train_transform
 
     urls, _ = _shard_list(url)
     transform = timm_train_transform(img_size, AugmentConfig())
@@ -229,7 +230,7 @@ def seeding_overhead_us(calls: int = 2000) -> dict[str, float]:
     import numpy as np
     import torch
 
-    from .loader import _seed_transform_rngs
+    from .seeding import seed_global_rngs
 
     def per_call(seed_fn) -> float:
         start = time.perf_counter()
@@ -242,7 +243,7 @@ def seeding_overhead_us(calls: int = 2000) -> dict[str, float]:
         np.random.seed(seed)
         torch.manual_seed(seed)
 
-    return {"loader": per_call(_seed_transform_rngs), "torch.manual_seed": per_call(full)}
+    return {"loader": per_call(seed_global_rngs), "torch.manual_seed": per_call(full)}
 
 
 def format_comparison(report: dict) -> str:

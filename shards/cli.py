@@ -81,7 +81,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     """Print decode+augment throughput per worker and in total, or (--compare) beside other readers."""
     from .bench import bench, compare, format_comparison
-    from .loader import AugmentConfig
+    from .image import AugmentConfig
 
     if args.compare:
         readers = ("project", *[r.strip() for r in args.compare.split(",") if r.strip() and r.strip() != "project"])

@@ -8,7 +8,6 @@ nothing is unpacked to disk.
 from __future__ import annotations
 
 import logging
-import os
 import posixpath
 import tarfile
 from collections.abc import Callable, Iterable, Sequence

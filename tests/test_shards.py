@@ -5,6 +5,7 @@ Shards are built at test time (tiny 32x32 images); expectations come from indepe
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -390,6 +391,62 @@ def test_resume_gives_bit_identical_batches(uneven_dir, tmp_path):
             assert keys == ref_keys
             assert torch.equal(images, ref_images) and torch.equal(targets, ref_targets)
     assert reference[0][1].shape == (8, 7) and torch.allclose(reference[0][1].sum(1), torch.ones(8))
+
+
+# Digests of what the image loaders deliver on ``uneven_dir`` (images with their shape and strides, targets, keys),
+# obtained by running these same loaders and ``loader_digest`` on the code before the loader was split by concern
+# (commit 571d9e0; torch 2.x, timm, Pillow and libjpeg-turbo of this project's environment). They pin the whole
+# path (shard order, shuffle, decode, timm's augmentation with its per-sample seeds, mixup, eval transform):
+# a refactor that keeps them keeps every batch bit for bit, for several (seed, epoch, rank, worker) settings.
+PINNED_DIGESTS = {
+    "rank 1 of 2, 2 workers, seed 5, mixup, epochs 0-1": (
+        dict(rank=1, world_size=2, num_workers=2, seed=5, mixup=MixupConfig(), shuffle_buffer=25), (0, 1),
+        "1125755c6f945b36f63c992ddae5669b"),
+    "in-process, seed 0, epoch 2": (dict(num_workers=0, seed=0, shuffle_buffer=40), (2,), "508830e5d54ea1244b850f292a1c4f3c"),
+    "rank 0 of 2, 3 workers, seed 7, epoch 1": (
+        dict(rank=0, world_size=2, num_workers=3, seed=7, shuffle_buffer=10), (1,), "d529047b3305373633872a6f7ea59c46"),
+}
+PINNED_EVAL_DIGEST = "78c6e428047377fa79ab3af59b64709b"  # rank 1 of 2, 2 workers, batch 16, 32 px
+
+
+def loader_digest(loader, epochs) -> str:
+    digest = hashlib.sha256()
+    for epoch in epochs:
+        if epoch is not None:
+            loader.set_epoch(epoch)
+        for images, targets, keys in loader:
+            digest.update(f"{tuple(images.shape)}{images.stride()}".encode())
+            digest.update(images.numpy().tobytes() + targets.numpy().tobytes() + ",".join(keys).encode())
+    return digest.hexdigest()[:32]
+
+
+def test_loader_output_is_pinned_bit_for_bit(uneven_dir):
+    for name, (settings, epochs, expected) in PINNED_DIGESTS.items():
+        loader = build_train_loader(str(uneven_dir), batch_size=8, img_size=32, return_keys=True, **settings)
+        assert loader_digest(loader, epochs) == expected, name
+    loader = build_eval_loader(str(uneven_dir), batch_size=16, img_size=32, rank=1, world_size=2, num_workers=2,
+                               return_keys=True)
+    assert loader_digest(loader, (None,)) == PINNED_EVAL_DIGEST
+
+
+def test_a_loader_state_in_the_version_1_format_still_resumes(uneven_dir):
+    """A state as the first format wrote it into checkpoints (printed by ``state_dict()`` on commit 571d9e0 after
+    7 batches of this loader) resumes at the same batch: an upgrade never strands a run."""
+    def make():
+        return build_train_loader(str(uneven_dir), batch_size=8, img_size=32, rank=1, world_size=2, num_workers=2,
+                                  seed=5, mixup=MixupConfig(), shuffle_buffer=25, return_keys=True)
+
+    shard_urls = ",".join(str(uneven_dir / f"shard-{i:06d}.tar") for i in range(5))
+    saved = {"version": 1, "seed": 5, "rank": 1, "world_size": 2, "num_workers": 2, "batch_size": 8,
+             "samples_per_epoch": 280, "shuffle_buffer": 25, "sources": [f"1.0:{shard_urls}"], "epoch": 0,
+             "batches_done": 7, "bad_samples_before_epoch": 0, "workers": [[4, 32, 0, 0], [3, 24, 0, 0]]}
+    reference = list(make())
+    resumed = make()
+    resumed.load_state_dict(saved)
+    rest = list(resumed)
+    assert len(rest) == len(reference) - 7
+    for (images, targets, keys), (ref_images, ref_targets, ref_keys) in zip(rest, reference[7:]):
+        assert keys == ref_keys and torch.equal(images, ref_images) and torch.equal(targets, ref_targets)
 
 
 def test_state_from_other_settings_is_refused(uneven_dir):

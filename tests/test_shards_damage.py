@@ -2,7 +2,13 @@
 inside JPEGs, two writers on one target, 16-bit images. Nothing may be lost silently."""
 from __future__ import annotations
 
+import io
+import logging
+import logging.handlers
+import multiprocessing
+import os
 import random
+import re
 import shutil
 import subprocess
 import sys
@@ -14,8 +20,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from shards import build_eval_loader, verify_dataset, write_dataset, write_demo
-from shards.loader import _Counters, shard_samples
+from shards import AugmentConfig, build_eval_loader, build_train_loader, verify_dataset, write_dataset, write_demo
+from shards.stream import DamageCounts, shard_samples
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLES, PER_SHARD = 60, 20
@@ -46,7 +52,7 @@ def test_a_shard_cut_anywhere_loses_no_sample_without_counting_it(clean_set, tmp
     assert len(offsets) >= 50 and sum(o % 512 == 0 for o in offsets) >= 20
     for offset in offsets:
         shard.write_bytes(original[:offset])
-        counters, intact = _Counters(), str(damaged / "shard-000002.tar")
+        counters, intact = DamageCounts(), str(damaged / "shard-000002.tar")
         samples = list(shard_samples(iter([str(shard), intact]), counters, 2, {str(shard): PER_SHARD, intact: PER_SHARD}))
         read = sum(sample["__url__"] == str(shard) for sample in samples)
         assert len(samples) - read == PER_SHARD
@@ -60,6 +66,62 @@ def test_a_shard_cut_anywhere_loses_no_sample_without_counting_it(clean_set, tmp
         scored = sum(len(labels) for _, labels in loader)
         assert scored + loader.bad_samples == SAMPLES, f"cut at {offset}, 2 workers"
 
+
+@pytest.fixture()
+def worker_warnings(caplog):
+    """``warnings()``: the messages logged at WARNING or above by the ``shards`` loggers since the last call, those
+    of forked loader workers included (call it once they have exited). The workers inherit a queue handler that
+    sends their records back to ``caplog`` (the logging cookbook's recipe for several processes)."""
+    queue = multiprocessing.get_context("fork").Queue()
+    parent = os.getpid()
+    sender = logging.handlers.QueueHandler(queue)
+    sender.addFilter(lambda record: os.getpid() != parent)  # this process's records reach caplog directly
+    listener = logging.handlers.QueueListener(queue, caplog.handler, respect_handler_level=True)
+    caplog.set_level(logging.WARNING, logger="shards")
+    logging.getLogger("shards").addHandler(sender)
+    listener.start()
+
+    def warnings() -> list[str]:
+        listener.stop()  # handles every record queued so far
+        messages = [record.getMessage() for record in caplog.records if record.levelno >= logging.WARNING]
+        caplog.clear()
+        listener.start()
+        return messages
+
+    try:
+        yield warnings
+    finally:
+        logging.getLogger("shards").removeHandler(sender)
+        listener.stop()
+
+
+def test_a_shard_short_by_many_samples_is_a_warning_naming_it_and_the_loss(clean_set, tmp_path, worker_warnings):
+    damaged = tmp_path / "val"
+    shutil.copytree(clean_set, damaged)
+    shard = damaged / "shard-000001.tar"
+    original = shard.read_bytes()
+    with tarfile.open(fileobj=io.BytesIO(original)) as archive:
+        shard_keys = {member.name.split(".")[0] for member in archive.getmembers()}
+    offset = random.Random(7).randrange(513, len(original) // 3)  # arbitrary, inside the first third of the shard
+    assert offset % 512
+    shard.write_bytes(original[:offset])
+
+    evaluation = build_eval_loader(str(damaged), batch_size=8, img_size=32, num_workers=2, return_keys=True)
+    delivered = len({key for _, _, keys in evaluation for key in keys} & shard_keys)
+    lost = PER_SHARD - delivered
+    assert lost > 10 and evaluation.bad_samples == lost
+    # each eval worker reads its own range of the shard and reports what it lost of it
+    reported = [int(want) - int(gave) for line in worker_warnings() if str(shard) in line
+                for gave, want in re.findall(r"gave (\d+) of the (\d+) samples", line)]
+    assert sum(reported) == lost, f"{lost} samples lost, WARNING lines account for {reported}"
+
+    train = build_train_loader(str(damaged), batch_size=4, img_size=32, num_workers=2, samples_per_epoch=SAMPLES,
+                               augment=AugmentConfig(auto_augment=None, reprob=0.0), shuffle_buffer=10)
+    assert sum(1 for _ in train) == len(train)
+    loud = [line for line in worker_warnings() if str(shard) in line]
+    assert loud, f"no WARNING names {shard} ({lost} samples lost)"
+    assert all(f"gave {delivered} of the {PER_SHARD} samples" in line and f"{lost} lost" in line for line in loud), loud
+    assert train.bad_samples == lost * len(loud)  # one warning each time a worker read the shard
 
 def jpeg_payload_ranges(path: Path) -> list[tuple[int, int]]:
     with tarfile.open(path) as archive:

@@ -19,8 +19,9 @@ from PIL import Image
 from timm.data.transforms import RandomResizedCropAndInterpolation
 
 from shards import AugmentConfig
-from shards.loader import TrainAugment, _seed_transform_rngs, decode_sample_pixels
+from shards.image import TrainAugment, decode_sample_pixels
 from shards.samples import BadSampleError
+from shards.seeding import seed_global_rngs
 
 pytest.importorskip("skimage")
 from shards.photos import photo_jpeg  # noqa: E402
@@ -104,10 +105,10 @@ def test_torch_crop_resamples_as_pillow_does(photos, img_size, interpolation):
     for seed in range(150):
         data = photos[seed % len(photos)]
         pixels, _ = decode_sample_pixels(_sample(data), num_classes=None)
-        _seed_transform_rngs(seed)
+        seed_global_rngs(seed)
         expected = np.asarray(reference(Image.open(io.BytesIO(data)).convert("RGB")), dtype=np.int16)
         after_reference = _rng_states()
-        _seed_transform_rngs(seed)
+        seed_global_rngs(seed)
         cropped = np.asarray(augment.cropped(pixels), dtype=np.int16)
         assert _rng_states() == after_reference, seed
         differences.append(np.abs(cropped - expected).ravel())
@@ -136,10 +137,10 @@ def test_train_augment_keeps_timms_draws_and_distribution(photos, monkeypatch):
     for seed in range(300):
         data = photos[seed % len(photos)]
         pixels, _ = decode_sample_pixels(_sample(data), num_classes=None)
-        _seed_transform_rngs(seed)
+        seed_global_rngs(seed)
         expected = augment(Image.open(io.BytesIO(data)).convert("RGB"))
         after_reference = _rng_states()
-        _seed_transform_rngs(seed)
+        seed_global_rngs(seed)
         augment.into(slot, pixels)
         assert _rng_states() == after_reference, seed
         assert crops[-1] == crops[-2], seed
@@ -165,10 +166,10 @@ def test_tensor_side_is_timms_bit_for_bit(photos):
     for seed in range(60):
         data = photos[seed % len(photos)]
         pixels, _ = decode_sample_pixels(_sample(data), num_classes=None)
-        _seed_transform_rngs(seed)
+        seed_global_rngs(seed)
         expected = augment(Image.open(io.BytesIO(data)).convert("RGB"))
         for slot in batch[0], torch.empty(3, 96, 96):  # NHWC and NCHW strides
-            _seed_transform_rngs(seed)
+            seed_global_rngs(seed)
             augment.into(slot, pixels)
             assert torch.equal(slot, expected), seed
 
@@ -181,6 +182,6 @@ def test_few_pixel_images_are_augmented_not_fatal():
     for height, width in ((1, 1), (1, 3), (2, 1), (2, 2)):
         pixels = torch.randint(0, 256, (height, width, 3), dtype=torch.uint8)
         for seed in range(40):
-            _seed_transform_rngs(seed)
+            seed_global_rngs(seed)
             augment.into(slot, pixels)
             assert torch.isfinite(slot).all()
