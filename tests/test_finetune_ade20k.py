@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from finetune_checks import (assert_predict_draws_over, assert_sigterm_twice_then_resume, assert_split_run_matches_full,
-                             evaluate_on_ranks)
+from finetune_checks import (assert_predict_draws_over, assert_predict_names_the_images_it_cannot_read,
+                             assert_sigterm_twice_then_resume, assert_split_run_matches_full, evaluate_on_ranks)
 from test_pretrain_train import read_scalars
 
 REPO = Path(__file__).resolve().parents[1]
@@ -119,6 +119,12 @@ def test_predict_draws_the_segmentation_over_each_image(learned, ade_data, tmp_p
     _, _, run_dir = learned
     images = sorted(str(p) for p in (Path(ade_data) / "images" / "validation").iterdir())[:2]
     assert_predict_draws_over(run_dir, images, tmp_path / "out")
+
+
+def test_predict_draws_the_readable_images_and_names_the_others(learned, ade_data, tmp_path):
+    _, _, run_dir = learned
+    images = sorted(str(p) for p in (Path(ade_data) / "images" / "validation").iterdir())[:2]
+    assert_predict_names_the_images_it_cannot_read(run_dir, images, tmp_path / "out")
 
 
 # ----------------------------------------------------------------------------- resume and preemption
