@@ -69,7 +69,10 @@ def predict_images(run_dir: str, images: list[str], out_dir: str, *, checkpoint:
     from shards.samples import DECODE_ERRORS
 
     config, model = load_run_model(run_dir, checkpoint, ema)
-    draw = _detections(config, model, min_score, alpha) if config.task == "coco" else _segmentation(config, model, alpha)
+    if config.task == "coco":
+        draw = _detections(config, model, min_score, alpha)
+    else:
+        draw = _segmentation(config, model, alpha)
     os.makedirs(out_dir, exist_ok=True)
     result = Predictions()
     for path in images:

@@ -1,6 +1,7 @@
 """ADE20K label files: values that are not classes (after ``reduce_zero_label``, 0..num_classes-1 and 255 are),
-labels of another size than their image and label PNGs cut at any offset are skipped and counted in training and
-in evaluation, each named. Which files are bad comes from the damage made here and from Pillow decoding them."""
+labels of another size than their image and label PNGs cut or bit-flipped at random offsets are skipped and counted
+in training and in evaluation, each named. Which files are bad comes from the damage made here and from Pillow
+decoding them."""
 from __future__ import annotations
 
 import io
@@ -41,30 +42,35 @@ def _paint(path, value: int) -> None:
     Image.fromarray(label).save(path)
 
 
-def _cut(path, rng: np.random.Generator) -> bool:
-    """Cut the file at a random offset; True when Pillow then refuses it (near the end it may still decode)."""
-    data = path.read_bytes()
-    data = data[:int(rng.integers(0, len(data)))]
-    path.write_bytes(data)
+def _damage(path, how: str, rng: np.random.Generator) -> bool:
+    """Cut the file at a random offset or flip one of its bits; True when the pair must then be skipped: Pillow
+    refuses the file, or it decodes to another size or to values that are not classes (the rule: 0..C, 255)."""
+    data = bytearray(path.read_bytes())
+    shape = np.array(Image.open(path)).shape
+    if how == "cut":
+        data = data[:int(rng.integers(0, len(data)))]
+    else:
+        data[int(rng.integers(0, len(data)))] ^= 1 << int(rng.integers(0, 8))
+    path.write_bytes(bytes(data))
     try:
-        np.array(Image.open(io.BytesIO(data)))
+        label = np.array(Image.open(io.BytesIO(bytes(data))))
     except (OSError, SyntaxError, ValueError):
         return True
-    return False
+    return label.shape != shape or bool(((label > NUM_CLASSES) & (label != 255)).any())
 
 
 def _in_range(labels: torch.Tensor) -> bool:
     return bool((((labels >= 0) & (labels < NUM_CLASSES)) | (labels == 255)).all())
 
 
-@pytest.mark.parametrize("cut_seed", [0, 1, 2])
-def test_training_skips_and_names_labels_that_are_not_classes_or_cut(ade, tmp_path, caplog, cut_seed):
+@pytest.mark.parametrize("how, seed", [("cut", 0), ("cut", 1), ("flip", 0), ("flip", 1), ("flip", 2)])
+def test_training_skips_and_names_labels_that_are_not_classes_or_damaged(ade, tmp_path, caplog, how, seed):
     root = shutil.copytree(ade, tmp_path / "ade")
     labels = _labels(root, "training")
     _paint(labels[1], NUM_CLASSES + 1)  # class 6 after reduce_zero_label: one past the last class
     _paint(labels[3], 200)  # "Target 199 is out of bounds"
     named = [labels[1], labels[3]]
-    if _cut(labels[5], np.random.default_rng(cut_seed)):
+    if _damage(labels[5], how, np.random.default_rng(seed)):
         named.append(labels[5])
     for workers in (2, 0):  # workers' warnings stay in their processes: names are checked with 0
         loader = TrainLoader(list_split(str(root), "training"), _config(), batch_size=4, rank=0, world_size=1,
@@ -77,7 +83,7 @@ def test_training_skips_and_names_labels_that_are_not_classes_or_cut(ade, tmp_pa
     for path in named:
         assert str(path) in messages
     assert f"values {NUM_CLASSES + 1}, not classes of ade20k.num_classes={NUM_CLASSES}" in messages
-    assert f"values 200, not classes" in messages
+    assert "values 200, not classes" in messages
 
 
 def test_evaluation_skips_counts_and_names_bad_pairs(ade, tmp_path, caplog):
@@ -88,8 +94,9 @@ def test_evaluation_skips_counts_and_names_bad_pairs(ade, tmp_path, caplog):
     data = images[4].read_bytes()
     images[4].write_bytes(data[:len(data) * 2 // 5])
     named = [labels[0], labels[2], images[4]]
-    if _cut(labels[6], np.random.default_rng(3)):
-        named.append(labels[6])
+    for index, how in ((6, "cut"), (8, "flip")):
+        if _damage(labels[index], how, np.random.default_rng(index)):
+            named.append(labels[index])
     files = list_split(str(root), "validation")
     for workers in (2, 0):
         loaders = [EvalLoader(files, _config(), rank=rank, world_size=2, num_workers=workers) for rank in (0, 1)]

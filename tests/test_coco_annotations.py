@@ -80,7 +80,8 @@ def test_broken_training_annotations_are_left_out_named_and_counted(demo, tmp_pa
     counts = Counter(b.rule.name for b in split.broken)
     assert counts == {rule: len(ids) for rule, ids in damage.items()}
     assert sorted(b.label for b in split.broken) == sorted(str(i) for ids in damage.values() for i in ids)
-    (warning,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and r.name == "finetune.coco.data"]
+    (warning,) = [r.getMessage() for r in caplog.records
+                  if r.levelno == logging.WARNING and r.name == "finetune.coco.data"]
     assert f"{path}: 11 of {len(anns)} annotations break the COCO format" in warning
     expected = {rule.name: rule.expected for rule in RULES}
     for rule, ids in damage.items():

@@ -28,8 +28,8 @@ from shards.samples import DECODE_ERRORS
 from ..loading import ResumableBatches, worker_iterator
 
 __all__ = ["IGNORE_INDEX", "MEAN", "STD", "EvalLoader", "SegmentationSample", "SplitFiles", "TrainLoader",
-           "check_label_values", "class_names", "eval_resize_shape", "list_split", "photometric_distortion", "random_crop", "random_resize_shape",
-           "reduce_zero_label"]
+           "check_label_values", "class_names", "eval_resize_shape", "list_split", "photometric_distortion",
+           "random_crop", "random_resize_shape", "reduce_zero_label"]
 
 _logger = logging.getLogger(__name__)
 
@@ -195,8 +195,9 @@ class SegmentationSample:
 
 
 class _Files(Dataset):
-    """Reads (image, label) pairs of a split through fsspec (opened lazily in each worker); a label of another
-    size than its image or with values that are not classes raises ``ValueError`` naming the file."""
+    """Reads (image, label) pairs of a split through fsspec (opened lazily in each worker); a missing or damaged
+    file, a label of another size than its image or with values that are not classes raises ``ValueError``
+    naming the file."""
 
     def __init__(self, files: SplitFiles, num_classes: int):
         self.files, self.num_classes = files, num_classes
@@ -216,7 +217,6 @@ class _Files(Dataset):
                              f"size {(image.height, image.width)}")
         check_label_values(label, self.num_classes, label_path)
         return image, reduce_zero_label(label)
-
 
     def _decode(self, path: str, convert: Callable[[Image.Image], Any]) -> Any:
         """``convert(Image.open(path))``; ``ValueError`` naming the file when it is missing or damaged."""

@@ -39,6 +39,9 @@ class SegmentationEvaluator:
         class_names: names for the per-class entries (default ``"0"``, ``"1"``, ...).
         device: where the 4 x C float64 state lives: the device the collective needs (CUDA for
             NCCL) and where ``update`` moves its inputs.
+
+    Attributes:
+        samples: images added on this rank (an (H, W) pair is one, an (N, H, W) pair N).
     """
 
     def __init__(self, num_classes: int, ignore_index: int = 255, class_names: Sequence[str] | None = None,
@@ -59,7 +62,6 @@ class SegmentationEvaluator:
         """Forget everything accumulated."""
         self._areas = torch.zeros(4, self.num_classes, dtype=torch.float64, device=self.device)
         self.samples = 0
-        """Images added on this rank (a (H, W) pair is one, an (N, H, W) pair N)."""
 
     @property
     def state(self) -> torch.Tensor:

@@ -23,7 +23,6 @@ when it has no usable id). What happens to it then:
 from __future__ import annotations
 
 import json
-import logging
 import math
 from collections import Counter
 from dataclasses import dataclass
@@ -31,8 +30,6 @@ from typing import Any, Callable, Literal
 
 __all__ = ["AnnotationFileError", "BrokenAnnotation", "CheckedInstances", "RULES", "Rule", "check_instances",
            "read_instances"]
-
-_logger = logging.getLogger(__name__)
 
 EXAMPLES = 5
 """Annotation ids named per rule in a summary."""
@@ -150,11 +147,6 @@ class CheckedInstances:
     def total(self) -> int:
         """Annotations in the file."""
         return len(self.annotations) + len(self.broken)
-
-    def counts(self) -> dict[str, int]:
-        """Broken annotations per rule name, in the rules' order."""
-        counted = Counter(b.rule.name for b in self.broken)
-        return {rule.name: counted[rule.name] for rule in RULES if counted[rule.name]}
 
     def summary(self, broken: tuple[BrokenAnnotation, ...] | None = None, consequence: bool = False) -> str:
         """``rule (expected): count, id ...`` per rule for ``broken`` (default: all of them), with ``consequence``

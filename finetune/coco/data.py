@@ -31,8 +31,8 @@ from finetune.ade20k.data import MEAN, STD
 from ..loading import ResumableBatches, worker_iterator
 from .annotations import AnnotationFileError, BrokenAnnotation, read_instances
 
-__all__ = ["MEAN", "STD", "AnnotationFileError", "CocoSplit", "EvalLoader", "ImageRecord", "ImageSizeError", "TrainLoader", "augment",
-           "decode_masks", "instance_annotations", "load_split", "pad_batch", "rescale_shape"]
+__all__ = ["MEAN", "STD", "AnnotationFileError", "CocoSplit", "EvalLoader", "ImageRecord", "ImageSizeError",
+           "TrainLoader", "augment", "decode_masks", "instance_annotations", "load_split", "pad_batch", "rescale_shape"]
 
 _logger = logging.getLogger(__name__)
 

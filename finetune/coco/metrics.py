@@ -76,6 +76,8 @@ class CocoEvaluator:
         contiguous_to_category: contiguous label ``0..K-1`` -> COCO category id (the annotation
             file's category ids in sorted order, as mmdet's ``cat_ids``).
         category_to_contiguous: the inverse map.
+        unscored_images: the images whose ground truth breaks a rule of ``finetune.coco.annotations``:
+            evaluated (they must be passed to :meth:`update`) but never scored.
     """
 
     def __init__(self, annotation_file: str | os.PathLike, iou_types: Sequence[str] = IOU_TYPES,
@@ -93,7 +95,6 @@ class CocoEvaluator:
         self._image_sizes: dict[int, tuple[int, int]] = {
             image["id"]: (image["height"], image["width"]) for image in self._checked.images}
         self.unscored_images: frozenset[int] = frozenset(b.image_id for b in self._checked.unscored())
-        """Images whose ground truth breaks a rule of ``finetune.coco.annotations``: never scored."""
         self._coco_gt = None  # faster_coco_eval.COCO, loaded on rank 0 by the first compute()
         self.reset()
 
