@@ -26,6 +26,7 @@ examples:
 
 Every `python -m pretrain` option works here (launchers, ZeRO 1/2, EMA, resume from RUN_DIR's latest
 checkpoint when rerun); exit status 0 done, 75 preempted after saving (rerun to resume), 2 a bad config.
+predict: stdout lists the PNGs written, stderr names each image it could not read (exit status 1), 2 a bad run.
 """
 
 
@@ -100,13 +101,15 @@ def main(argv: list[str] | None = None) -> int:
 
         try:
             with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed prints on import; stdout lists the PNGs only
-                written = predict_images(args.run_dir, args.images, args.out, checkpoint=args.checkpoint,
-                                         ema=args.ema, min_score=args.min_score)
+                result = predict_images(args.run_dir, args.images, args.out, checkpoint=args.checkpoint,
+                                        ema=args.ema, min_score=args.min_score)
         except (FileNotFoundError, ValueError) as error:
             print(f"predict error: {error}", file=sys.stderr)
             return 2
-        print("\n".join(written))
-        return 0
+        for path, why in result.failed.items():
+            print(f"predict: skipped {path}: {why}", file=sys.stderr)
+        print("\n".join(result.written))
+        return 1 if result.failed else 0
     if args.command == "make-demo-data":
         if args.task == "coco":
             from .coco.demo_data import write_demo

@@ -1,14 +1,16 @@
-"""``python -m finetune predict RUN_DIR IMAGE... --out DIR``: a fine-tuned run's predictions drawn over images."""
+"""``python -m finetune predict RUN_DIR IMAGE... --out DIR``: a fine-tuned run's predictions drawn over images;
+an image that cannot be read is named and skipped, the others are drawn."""
 from __future__ import annotations
 
 import logging
 import os
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from PIL import Image
 
-__all__ = ["load_run_model", "palette", "predict_images"]
+__all__ = ["Predictions", "load_run_model", "palette", "predict_images"]
 
 _logger = logging.getLogger(__name__)
 
@@ -48,24 +50,53 @@ def load_run_model(run_dir: str, checkpoint: str = "latest", ema: bool = False):
     return config, model.eval()
 
 
+@dataclass
+class Predictions:
+    """What :func:`predict_images` did: the PNGs ``written`` (in the order of the images) and the images that
+    ``failed`` (path -> why: not an image, damaged, missing)."""
+
+    written: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)
+
+
 @torch.no_grad()
 def predict_images(run_dir: str, images: list[str], out_dir: str, *, checkpoint: str = "latest", ema: bool = False,
-                   alpha: float = 0.5, min_score: float = 0.3) -> list[str]:
+                   alpha: float = 0.5, min_score: float = 0.3) -> Predictions:
     """Predict each image as the run evaluates and write ``OUT/<name>.png``: for segmentation the class colours
     blended over the image, for detection the masks blended and the boxes drawn (score >= ``min_score``,
-    labelled with the class and score); returns the written paths."""
-    from .ade20k.data import _normalized, eval_resize_shape
-    from .ade20k.task import segmentation_logits
+    labelled with the class and score). An image that cannot be read is named in ``failed`` and the others
+    are still drawn."""
+    from shards.samples import DECODE_ERRORS
 
     config, model = load_run_model(run_dir, checkpoint, ema)
     if config.task == "coco":
-        return _draw_detections(config, model, images, out_dir, min_score, alpha)
+        draw = _detections(config, model, min_score, alpha)
+    else:
+        draw = _segmentation(config, model, alpha)
+    os.makedirs(out_dir, exist_ok=True)
+    result = Predictions()
+    for path in images:
+        try:
+            with Image.open(path) as opened:
+                image = opened.convert("RGB")  # decodes the whole file: a damaged one fails here
+        except DECODE_ERRORS as error:
+            result.failed[path] = f"{type(error).__name__}: {error}"
+            continue
+        out = os.path.join(out_dir, os.path.splitext(os.path.basename(path))[0] + ".png")
+        Image.fromarray(draw(image)).save(out)
+        result.written.append(out)
+    return result
+
+
+def _segmentation(config, model, alpha: float):
+    """``draw(image) -> (H, W, 3) uint8``: the predicted classes' colours blended over the image."""
+    from .ade20k.data import _normalized, eval_resize_shape
+    from .ade20k.task import segmentation_logits
+
     seg = config.ade20k
     colours = palette(seg.num_classes)
-    os.makedirs(out_dir, exist_ok=True)
-    written = []
-    for path in images:
-        image = Image.open(path).convert("RGB")
+
+    def draw(image: Image.Image) -> np.ndarray:
         views = []
         for ratio in seg.eval_ratios:
             height, width = eval_resize_shape(image.height, image.width, seg.eval_scale, ratio)
@@ -74,13 +105,13 @@ def predict_images(run_dir: str, images: list[str], out_dir: str, *, checkpoint:
                                     mode=seg.eval_mode, crop=seg.crop_size, stride=seg.eval_stride, flip=seg.eval_flip)
         labels = probs.argmax(dim=1)[0].numpy()
         blended = (1 - alpha) * np.asarray(image, np.float32) + alpha * colours[labels].astype(np.float32)
-        out = os.path.join(out_dir, os.path.splitext(os.path.basename(path))[0] + ".png")
-        Image.fromarray(blended.round().astype(np.uint8)).save(out)
-        written.append(out)
-    return written
+        return blended.round().astype(np.uint8)
+
+    return draw
 
 
-def _draw_detections(config, model, images: list[str], out_dir: str, min_score: float, alpha: float) -> list[str]:
+def _detections(config, model, min_score: float, alpha: float):
+    """``draw(image) -> (H, W, 3) uint8``: the detections' masks blended and boxes drawn with class and score."""
     from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 
     from .coco.data import _normalized, pad_batch, rescale_shape
@@ -88,10 +119,8 @@ def _draw_detections(config, model, images: list[str], out_dir: str, min_score: 
     section = config.coco
     names = _class_names(config)
     colours = palette(section.num_classes)
-    os.makedirs(out_dir, exist_ok=True)
-    written = []
-    for path in images:
-        image = Image.open(path).convert("RGB")
+
+    def draw(image: Image.Image) -> np.ndarray:
         height, width = rescale_shape(image.height, image.width, max(section.eval_scale), min(section.eval_scale))
         pixels = np.asarray(image.resize((width, height), Image.BILINEAR))
         meta = {"image_size": (height, width), "orig_size": (image.height, image.width),
@@ -105,10 +134,9 @@ def _draw_detections(config, model, images: list[str], out_dir: str, min_score: 
             canvas = draw_segmentation_masks(canvas, detection["masks"][keep] >= 0.5, alpha=alpha, colors=colour)
             captions = [f"{names[label]} {score:.2f}" for label, score in zip(labels, detection["scores"][keep].tolist())]
             canvas = draw_bounding_boxes(canvas, detection["boxes"][keep], labels=captions, colors=colour, width=2)
-        out = os.path.join(out_dir, os.path.splitext(os.path.basename(path))[0] + ".png")
-        Image.fromarray(canvas.permute(1, 2, 0).numpy()).save(out)
-        written.append(out)
-    return written
+        return canvas.permute(1, 2, 0).numpy()
+
+    return draw
 
 
 def _class_names(config) -> list[str]:

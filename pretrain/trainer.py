@@ -471,8 +471,9 @@ class Trainer:
         total = all_reduce_sum(torch.tensor([float(assigned)], dtype=torch.float64, device=self.device)).item()
         if results["samples"] >= total:
             return
+        described = getattr(self.eval_loader, "description", self.config.data.val_urls or self.config.data.demo_dir)
         message = (f"evaluation at step {self.step} scored {results['samples']:.0f} of the {total:.0f} samples of "
-                   f"{self.config.data.val_urls or self.config.data.demo_dir}: {total - results['samples']:.0f} could "
+                   f"{described}: {total - results['samples']:.0f} could "
                    "not be read (damaged shards or images, named in the log; `python -m shards verify` checks a set)")
         if self.config.data.eval_incomplete == "error":
             raise EvaluationIncompleteError(message + "; data.eval_incomplete=warn evaluates what is readable")
