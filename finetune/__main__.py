@@ -31,6 +31,7 @@ Every `python -m pretrain` option works here (launchers, ZeRO 1/2, EMA, resume f
 checkpoint when rerun); exit status 0 done, 75 preempted after saving (rerun to resume), 2 a bad config.
 Tasks defined outside this project: list their modules in UNIREPLKNET_TASKS (or declare the entry point
 group "unireplknet.tasks" in their package).
+predict: stdout lists the PNGs written, stderr names each image it could not read (exit status 1), 2 a bad run.
 """
 
 
@@ -128,9 +129,9 @@ def main(argv: list[str] | None = None) -> int:
         except (FileNotFoundError, ValueError) as error:
             print(f"predict error: {error}", file=sys.stderr)
             return 2
-        print("\n".join(result.written))
         for path, why in result.failed.items():
-            print(f"predict error: {path}: {why}", file=sys.stderr)
+            print(f"predict: skipped {path}: {why}", file=sys.stderr)
+        print("\n".join(result.written))
         return 1 if result.failed else 0
     if args.command == "make-demo-data":
         spec = registered_tasks()[args.task]

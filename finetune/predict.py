@@ -10,9 +10,9 @@ import os
 from dataclasses import dataclass, field
 
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
-__all__ = ["PredictResult", "load_run_model", "predict_images"]
+__all__ = ["Predictions", "load_run_model", "predict_images"]
 
 _logger = logging.getLogger(__name__)
 
@@ -45,19 +45,21 @@ def load_run_model(run_dir: str, checkpoint: str = "latest", ema: bool = False):
 
 
 @dataclass
-class PredictResult:
+class Predictions:
+    """What :func:`predict_images` did: the PNGs ``written`` (in the order of the images) and the images that
+    ``failed`` (path -> why: not an image, damaged, missing)."""
+
     written: list[str] = field(default_factory=list)
-    """The PNGs written, in the order of the images."""
     failed: dict[str, str] = field(default_factory=dict)
-    """Image -> why it was not drawn."""
 
 
 @torch.no_grad()
 def predict_images(run_dir: str, images: list[str], out_dir: str, *, checkpoint: str = "latest", ema: bool = False,
-                   **options) -> PredictResult:
+                   **options) -> Predictions:
     """Draw the run's predictions over each image into ``OUT/<name>.png`` (``options`` go to the task's
     drawing, e.g. ``alpha``, ``min_score``). Unreadable images are skipped and reported in the result."""
     from pretrain.registry import get_task
+    from shards.samples import DECODE_ERRORS
 
     config, model = load_run_model(run_dir, checkpoint, ema)
     spec = get_task(config.task)
@@ -65,14 +67,13 @@ def predict_images(run_dir: str, images: list[str], out_dir: str, *, checkpoint:
         raise ValueError(f"{run_dir} is a {config.task} run; its task draws no predictions (predict covers "
                          f"{', '.join(n for n, s in _tasks().items() if s.predict) or 'no task'})")
     os.makedirs(out_dir, exist_ok=True)
-    result = PredictResult()
+    result = Predictions()
     for path in images:
         try:
             with Image.open(path) as opened:
-                image = opened.convert("RGB")
-        except (OSError, UnidentifiedImageError, ValueError) as error:
-            result.failed[path] = f"not a readable image ({type(error).__name__}: {error})"
-            _logger.error("%s: not drawn: %s", path, result.failed[path])
+                image = opened.convert("RGB")  # decodes the whole file: a damaged one fails here
+        except DECODE_ERRORS as error:
+            result.failed[path] = f"{type(error).__name__}: {error}"
             continue
         out = os.path.join(out_dir, os.path.splitext(os.path.basename(path))[0] + ".png")
         spec.predict(config, model, image, **options).save(out)

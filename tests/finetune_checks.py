@@ -116,3 +116,26 @@ def assert_predict_draws_over(run_dir: Path, images: list[str], out_dir: Path, *
     for image, drawn in zip(images, written):
         assert Image.open(drawn).size == Image.open(image).size
         assert Image.open(drawn).tobytes() != Image.open(image).convert("RGB").tobytes()
+
+
+def assert_predict_names_the_images_it_cannot_read(run_dir: Path, images: list[str], out_dir: Path) -> None:
+    """``predict`` over two good ``images`` with a text file, a truncated JPEG and a missing file among them: the
+    good ones are drawn (stdout lists their PNGs, nothing else), each bad one is named on stderr with the reason,
+    exit status 1."""
+    not_an_image = out_dir.parent / "notes.jpg"
+    not_an_image.write_text("not an image\n")
+    truncated = out_dir.parent / "cut.jpg"
+    data = Path(images[0]).read_bytes()
+    truncated.write_bytes(data[:len(data) // 3])
+    missing = out_dir.parent / "absent.jpg"
+    batch = [images[0], str(not_an_image), str(truncated), images[1], str(missing)]
+    result = subprocess.run([sys.executable, "-m", "finetune", "predict", str(run_dir), *batch, "--out", str(out_dir)],
+                            cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert result.stdout.split() == [str(out_dir / (Path(i).stem + ".png")) for i in images[:2]]
+    for image in images[:2]:
+        assert Image.open(out_dir / (Path(image).stem + ".png")).size == Image.open(image).size
+    for bad, why in ((not_an_image, "UnidentifiedImageError"), (truncated, "truncated"),
+                     (missing, "FileNotFoundError")):
+        line = next((line for line in result.stderr.splitlines() if line.startswith(f"predict: skipped {bad}: ")), "")
+        assert why in line, result.stderr[-3000:]

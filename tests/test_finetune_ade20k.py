@@ -3,16 +3,19 @@ checks, schedules, layer decay, backbone init, the XL preset. Real DeepSpeed run
 from __future__ import annotations
 
 import json
+import logging
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
-from finetune_checks import (assert_predict_draws_over, assert_sigterm_twice_then_resume, assert_split_run_matches_full,
-                             evaluate_on_ranks)
+from finetune_checks import (assert_predict_draws_over, assert_predict_names_the_images_it_cannot_read,
+                             assert_sigterm_twice_then_resume, assert_split_run_matches_full, evaluate_on_ranks)
 from test_pretrain_train import read_scalars
 
 REPO = Path(__file__).resolve().parents[1]
@@ -118,6 +121,12 @@ def test_predict_draws_the_segmentation_over_each_image(learned, ade_data, tmp_p
     assert_predict_draws_over(run_dir, images, tmp_path / "out")
 
 
+def test_predict_draws_the_readable_images_and_names_the_others(learned, ade_data, tmp_path):
+    _, _, run_dir = learned
+    images = sorted(str(p) for p in (Path(ade_data) / "images" / "validation").iterdir())[:2]
+    assert_predict_names_the_images_it_cannot_read(run_dir, images, tmp_path / "out")
+
+
 # ----------------------------------------------------------------------------- resume and preemption
 
 
@@ -204,6 +213,39 @@ def test_a_truncated_training_image_is_skipped_and_counted_with_workers(ade_data
     assert len(batches) == len(loader) == 12
     assert all(images.shape == (4, 3, 64, 64) and torch.isfinite(images).all() for images, _ in batches)
     assert loader.bad_samples == 1
+
+
+def test_an_evaluation_short_of_damaged_validation_pairs_is_reported_incomplete(ade_data, tmp_path, caplog):
+    """An unreadable image, a label of another size and one with a value past the classes: 6 of the 9 validation
+    images are scored; data.eval_incomplete=error stops naming the validation folder, warn logs it and reports."""
+    import shutil
+
+    from PIL import Image
+
+    from pretrain.trainer import EvaluationIncompleteError
+
+    root = tmp_path / "damaged"
+    shutil.copytree(ade_data, root)
+    images = sorted((root / "images" / "validation").iterdir())
+    labels = sorted((root / "annotations" / "validation").iterdir())
+    data = images[1].read_bytes()
+    images[1].write_bytes(data[:len(data) // 3])
+    Image.open(labels[4]).resize((48, 40), Image.NEAREST).save(labels[4])
+    label = np.array(Image.open(labels[7]))
+    label[:3, :3] = 200
+    Image.fromarray(label).save(labels[7])
+    trainer = make_trainer(ade_overrides(str(root), tmp_path / "run", **{"data.num_workers": 2}))
+    try:
+        shortfall = f"scored 6 of the 9 samples of {root}/images/validation: 3 could not be read"
+        with pytest.raises(EvaluationIncompleteError, match=re.escape(shortfall)):
+            trainer.evaluate()
+        trainer.config.data.eval_incomplete = "warn"
+        with caplog.at_level(logging.WARNING, logger="pretrain.trainer"):
+            results = trainer.evaluate()
+    finally:
+        trainer.close()
+    assert results["eval/samples"] == 6 and results["eval/pixels"] > 0 and math.isfinite(results["eval/mIoU"])
+    assert any(shortfall in r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
 
 
 def test_dense_tasks_refuse_zero_3_with_the_reason(ade_data, tmp_path):

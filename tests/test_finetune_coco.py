@@ -3,7 +3,9 @@ evaluation, the model's cascade mechanics, data checks, the XL preset. Real Deep
 from __future__ import annotations
 
 import json
+import logging
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -304,6 +306,41 @@ def test_missing_annotation_file_fails_before_training_naming_the_path(coco_data
     assert result.returncode == 2, result.stderr[-2000:]
     assert "instances_train2017.json" in result.stderr
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_an_evaluation_short_of_an_unreadable_image_and_a_broken_annotation_is_reported_incomplete(
+        coco_data, tmp_path, caplog):
+    """A truncated val image and a two-point polygon in another val image's ground truth: 7 of the 9 images are
+    scored; data.eval_incomplete=error stops naming the annotation file, warn logs it (and the broken annotation)
+    and reports what was scored."""
+    import shutil
+
+    from pretrain.trainer import EvaluationIncompleteError
+
+    root = tmp_path / "damaged"
+    shutil.copytree(coco_data, root)
+    annotation_file = root / "annotations" / "instances_val2017.json"
+    data = json.loads(annotation_file.read_text())
+    images = sorted(data["images"], key=lambda i: i["id"])
+    victim = next(a for a in data["annotations"] if a["image_id"] != images[2]["id"] and not a["iscrowd"])
+    victim["segmentation"] = [[10.0, 10.0, 30.0, 12.0]]
+    annotation_file.write_text(json.dumps(data))
+    image = root / "val2017" / images[2]["file_name"]
+    image.write_bytes(image.read_bytes()[:image.stat().st_size // 3])
+    trainer = make_trainer(coco_overrides(str(root), tmp_path / "run", **{"data.num_workers": 2}))
+    try:
+        shortfall = f"scored 7 of the 9 samples of {annotation_file}: 2 could not be read"
+        with pytest.raises(EvaluationIncompleteError, match=re.escape(shortfall)):
+            trainer.evaluate()
+        trainer.config.data.eval_incomplete = "warn"
+        with caplog.at_level(logging.WARNING):
+            results = trainer.evaluate()
+    finally:
+        trainer.close()
+    assert results["eval/samples"] == 7 and math.isfinite(results["eval/bbox_AP"])
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any(shortfall in w for w in warnings)
+    assert any(f"{annotation_file}: 1 of 9 images are not scored" in w and f"id {victim['id']}" in w for w in warnings)
 
 
 def test_dense_task_refuses_zero_3_and_class_count_mismatch(coco_data, tmp_path):

@@ -4,6 +4,8 @@ Train: load -> ``reduce_zero_label`` (0 -> 255, k -> k-1) -> random resize (rati
 keeping the aspect) -> random crop with ``cat_max_ratio`` -> flip -> photometric distortion ->
 normalize -> pad to the crop (label 255). Every sample's randomness comes from (seed, epoch,
 index), so a resumed run sees exactly the batches an uninterrupted one sees, with any worker count.
+An unreadable pair (a damaged image or label, a label of another size than its image or with values
+that are not classes) is replaced by the next one and counted in ``bad_samples``, named in a warning.
 Eval: resize keeping the aspect to ``eval_scale`` x ratio, sides rounded up to a multiple of 32; the
 label stays at the original size (predictions are resized to it).
 """
@@ -14,7 +16,7 @@ import logging
 import math
 import os
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -22,11 +24,13 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from ..dense import MEAN, STD, normalized
+from shards.samples import DECODE_ERRORS
+
 from ..loading import ResumableBatches, worker_iterator
 
 __all__ = ["IGNORE_INDEX", "MEAN", "STD", "EvalLoader", "SegmentationSample", "SplitFiles", "TrainLoader",
-           "class_names", "eval_resize_shape", "list_split", "photometric_distortion", "random_crop", "random_resize_shape",
-           "reduce_zero_label"]
+           "check_label_values", "class_names", "eval_resize_shape", "list_split", "photometric_distortion",
+           "random_crop", "random_resize_shape", "reduce_zero_label"]
 
 _logger = logging.getLogger(__name__)
 
@@ -85,6 +89,18 @@ def class_names(root: str, num_classes: int) -> list[str] | None:
         rows = [line.rstrip("\n").split("\t") for line in f if line.strip()][1:]
     names = [row[-1].split(",")[0].strip() for row in rows]
     return names if len(names) == num_classes else None
+
+
+def check_label_values(label: np.ndarray, num_classes: int, path: str) -> None:
+    """``ValueError`` naming ``path`` unless every value of the label file is 0..``num_classes`` or 255: after
+    ``reduce_zero_label``, a class 0..num_classes-1 or 255 (ignored)."""
+    bad = (label > num_classes) & (label != 255) | (label < 0)
+    if bad.any():
+        values = np.unique(label[bad])
+        shown = ", ".join(str(int(v)) for v in values[:5]) + (", ..." if len(values) > 5 else "")
+        raise ValueError(f"{path}: {int(bad.sum())} pixels of label values {shown}, not classes of "
+                         f"ade20k.num_classes={num_classes}: expected 0..{num_classes} or 255 in the file "
+                         f"(0..{num_classes - 1} and 255 ignored after reduce_zero_label)")
 
 
 def reduce_zero_label(label: np.ndarray) -> np.ndarray:
@@ -173,10 +189,12 @@ class SegmentationSample:
 
 
 class _Files(Dataset):
-    """Reads (image, label) pairs of a split through fsspec (opened lazily in each worker)."""
+    """Reads (image, label) pairs of a split through fsspec (opened lazily in each worker); a missing or damaged
+    file, a label of another size than its image or with values that are not classes raises ``ValueError``
+    naming the file."""
 
-    def __init__(self, files: SplitFiles):
-        self.files = files
+    def __init__(self, files: SplitFiles, num_classes: int):
+        self.files, self.num_classes = files, num_classes
         self._fs = None
 
     def __len__(self) -> int:
@@ -186,15 +204,21 @@ class _Files(Dataset):
         if self._fs is None:
             self._fs, self._base = _filesystem(self.files.root)
         image_path, label_path = (f"{self._base.rstrip('/')}/{p}" for p in self.files.pairs[index])
-        with self._fs.open(image_path, "rb") as f:
-            image = Image.open(io.BytesIO(f.read()))
-            image = image.convert("RGB")
-        with self._fs.open(label_path, "rb") as f:
-            label = np.array(Image.open(io.BytesIO(f.read())))
+        image = self._decode(image_path, lambda opened: opened.convert("RGB"))
+        label = self._decode(label_path, np.array)
         if label.ndim != 2 or label.shape != (image.height, image.width):
             raise ValueError(f"{label_path}: label of shape {label.shape}, expected one channel of the image's "
                              f"size {(image.height, image.width)}")
+        check_label_values(label, self.num_classes, label_path)
         return image, reduce_zero_label(label)
+
+    def _decode(self, path: str, convert: Callable[[Image.Image], Any]) -> Any:
+        """``convert(Image.open(path))``; ``ValueError`` naming the file when it is missing or damaged."""
+        try:
+            with self._fs.open(path, "rb") as f:
+                return convert(Image.open(io.BytesIO(f.read())))
+        except DECODE_ERRORS as error:
+            raise ValueError(f"{path}: {type(error).__name__}: {error}") from error
 
 
 def _sample_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
@@ -203,7 +227,7 @@ def _sample_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
 
 class _TrainSamples(_Files):
     def __init__(self, files: SplitFiles, config, seed: int):
-        super().__init__(files)
+        super().__init__(files, config.num_classes)
         self.config, self.seed = config, seed
 
     def __getitem__(self, item: tuple[int, int]) -> SegmentationSample:
@@ -276,7 +300,7 @@ class TrainLoader(ResumableBatches):
 
 class _EvalSamples(_Files):
     def __init__(self, files: SplitFiles, config, indices: Sequence[int]):
-        super().__init__(files)
+        super().__init__(files, config.num_classes)
         self.config, self.indices = config, list(indices)
 
     def __len__(self) -> int:
@@ -299,10 +323,14 @@ class _EvalSamples(_Files):
 class EvalLoader:
     """This rank's share of the validation images (``rank::world``, so every image is scored once), one image
     per batch: ``({"images": [one tensor per eval ratio]}, label at the original size)``. Ranks may hold one
-    image more than others."""
+    image more than others. An unreadable pair (damaged image or label, a label of another size or with values
+    that are not classes) is skipped, named in a warning and counted in ``bad_samples``; ``num_samples`` (this
+    rank's images) against the evaluator's ``samples`` tells the trainer the evaluation is incomplete.
+    ``description`` names the set in the trainer's messages."""
 
     def __init__(self, files: SplitFiles, config, *, rank: int, world_size: int, num_workers: int):
         self.files = files
+        self.description = f"{files.root.rstrip('/')}/images/{files.split}"
         self._samples = _EvalSamples(files, config, range(rank, len(files), world_size))
         self.num_workers = num_workers
         self.bad_samples = 0

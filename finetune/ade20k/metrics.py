@@ -39,6 +39,9 @@ class SegmentationEvaluator:
         class_names: names for the per-class entries (default ``"0"``, ``"1"``, ...).
         device: where the 4 x C float64 state lives: the device the collective needs (CUDA for
             NCCL) and where ``update`` moves its inputs.
+
+    Attributes:
+        samples: images added on this rank (an (H, W) pair is one, an (N, H, W) pair N).
     """
 
     def __init__(self, num_classes: int, ignore_index: int = 255, class_names: Sequence[str] | None = None,
@@ -58,6 +61,7 @@ class SegmentationEvaluator:
     def reset(self) -> None:
         """Forget everything accumulated."""
         self._areas = torch.zeros(4, self.num_classes, dtype=torch.float64, device=self.device)
+        self.samples = 0
 
     @property
     def state(self) -> torch.Tensor:
@@ -65,7 +69,7 @@ class SegmentationEvaluator:
         return self._areas.clone()
 
     def load_state(self, state: torch.Tensor) -> None:
-        """Replace the accumulated areas with ``state`` (a tensor from :attr:`state`)."""
+        """Replace the accumulated areas with ``state`` (a tensor from :attr:`state`); ``samples`` stays."""
         if tuple(state.shape) != (4, self.num_classes):
             raise ValueError(f"state must have shape (4, {self.num_classes}), got {tuple(state.shape)}")
         self._areas = state.to(device=self.device, dtype=torch.float64).clone()
@@ -89,6 +93,7 @@ class SegmentationEvaluator:
             pairs = list(zip(predictions, labels))
         for prediction, label in pairs:
             self._add(prediction, label)
+            self.samples += label.shape[0] if label.ndim == 3 else 1
 
     def _add(self, prediction: torch.Tensor, label: torch.Tensor) -> None:
         if prediction.shape != label.shape:
@@ -120,8 +125,9 @@ class SegmentationEvaluator:
     @torch.no_grad()
     def compute(self, world: WorldInfo | None = None) -> dict[str, float]:
         """Sum the areas over ranks (one ``all_reduce``; every rank must call this) and return
-        ``mIoU``, ``mAcc``, ``aAcc`` (percent), ``IoU.<name>`` / ``Acc.<name>`` where defined, and
-        ``pixels`` (labelled pixels over all ranks). The local state is left as it was.
+        ``mIoU``, ``mAcc``, ``aAcc`` (percent), ``IoU.<name>`` / ``Acc.<name>`` where defined,
+        ``pixels`` (labelled pixels over all ranks) and ``samples`` (images over all ranks: the trainer
+        compares it with the images of the eval set). The local state is left as it was.
 
         ``world`` is only checked: with ``world_size > 1`` the default process group must exist,
         otherwise each rank would silently report its own shard.
@@ -132,8 +138,9 @@ class SegmentationEvaluator:
             if not (dist.is_available() and dist.is_initialized()):
                 raise RuntimeError(
                     f"compute() with world_size={world.world_size} needs an initialized process group")
-        areas = all_reduce_sum(self._areas.clone()).cpu()
-        intersect, union, _, label_area = areas
+        local = torch.cat([self._areas.flatten(), self._areas.new_tensor([self.samples])])
+        reduced = all_reduce_sum(local).cpu()
+        intersect, union, _, label_area = reduced[:-1].reshape(4, self.num_classes)
         iou_defined = union > 0
         acc_defined = label_area > 0
         iou = intersect / union.clamp_min(1)
@@ -150,4 +157,5 @@ class SegmentationEvaluator:
             if acc_defined[index]:
                 results[f"Acc.{name}"] = 100.0 * acc[index].item()
         results["pixels"] = float(total.item())
+        results["samples"] = float(reduced[-1].item())
         return results

@@ -13,10 +13,10 @@ Eval: every image, resized keeping the aspect to ``eval_scale`` (long, short), o
 from __future__ import annotations
 
 import io
-import json
 import logging
 import math
 import warnings
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Iterator
 
@@ -29,9 +29,10 @@ from torch.utils.data import Dataset
 from ..dense import MEAN, STD, normalized
 
 from ..loading import ResumableBatches, worker_iterator
+from .annotations import AnnotationFileError, BrokenAnnotation, read_instances
 
-__all__ = ["MEAN", "STD", "CocoSplit", "EvalLoader", "ImageRecord", "ImageSizeError", "TrainLoader", "augment",
-           "decode_masks", "instance_annotations", "load_split", "pad_batch", "rescale_shape"]
+__all__ = ["MEAN", "STD", "AnnotationFileError", "CocoSplit", "EvalLoader", "ImageRecord", "ImageSizeError",
+           "TrainLoader", "augment", "decode_masks", "instance_annotations", "load_split", "pad_batch", "rescale_shape"]
 
 _logger = logging.getLogger(__name__)
 
@@ -39,7 +40,7 @@ _logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class ImageRecord:
-    """One image of the annotation file and its raw COCO annotation dicts."""
+    """One image of the annotation file and its COCO annotation dicts (those that follow every rule)."""
 
     image_id: int
     file_name: str
@@ -50,8 +51,8 @@ class ImageRecord:
 
 @dataclass(frozen=True)
 class CocoSplit:
-    """One split: the root URL, the annotation file, the images sorted by id and the sorted category ids
-    (contiguous label ``k`` <-> ``category_ids[k]``, named ``category_names[k]``)."""
+    """One split: the root URL, the annotation file, the images sorted by id with their valid annotations and
+    the sorted category ids (contiguous label ``k`` <-> ``category_ids[k]``, named ``category_names[k]``)."""
 
     root: str
     split: str
@@ -59,6 +60,8 @@ class CocoSplit:
     images: tuple[ImageRecord, ...]
     category_ids: tuple[int, ...]
     category_names: tuple[str, ...]
+    broken: tuple[BrokenAnnotation, ...] = ()
+    """The file's annotations that break a rule (left out of ``images``)."""
 
     def __len__(self) -> int:
         return len(self.images)
@@ -72,7 +75,9 @@ def _filesystem(root: str):
 
 def load_split(root: str, split: str) -> CocoSplit:
     """``ROOT/annotations/instances_SPLIT.json`` with the images of ``ROOT/SPLIT/``; a missing file or folder
-    raises ``FileNotFoundError`` naming the path, a json without images / annotations / categories ``ValueError``."""
+    raises ``FileNotFoundError`` naming the path, a damaged file or one without images / annotations /
+    categories ``AnnotationFileError``. Annotations that break a rule of ``finetune.coco.annotations.RULES``
+    are left out of the images' annotations (counted in ``broken``, one warning)."""
     fs, base = _filesystem(root)
     base = base.rstrip("/")
     annotation_path, image_dir = f"{base}/annotations/instances_{split}.json", f"{base}/{split}"
@@ -82,20 +87,18 @@ def load_split(root: str, split: str) -> CocoSplit:
                                 "annotations/instances_{train,val}2017.json, {train,val}2017/*.jpg")
     if not fs.isdir(image_dir):
         raise FileNotFoundError(f"{root.rstrip('/')}/{split}: no image folder ({image_dir})")
-    with fs.open(annotation_path, "rb") as f:
-        data = json.load(f)
-    for key in ("images", "annotations", "categories"):
-        if not isinstance(data, dict) or not isinstance(data.get(key), list):
-            raise ValueError(f"{annotation_file}: no {key!r} list; not a COCO instances file")
+    checked = read_instances(annotation_file)
+    if checked.broken:
+        _logger.warning("%s: %d of %d annotations break the COCO format: %s", annotation_file, len(checked.broken),
+                        checked.total, checked.summary(consequence=True))
     by_image: dict[int, list[dict]] = {}
-    for annotation in data["annotations"]:
-        by_image.setdefault(int(annotation["image_id"]), []).append(annotation)
-    images = tuple(ImageRecord(int(i["id"]), str(i["file_name"]), int(i["height"]), int(i["width"]),
-                               tuple(by_image.get(int(i["id"]), ())))
-                   for i in sorted(data["images"], key=lambda i: int(i["id"])))
-    categories = sorted(data["categories"], key=lambda c: int(c["id"]))
-    return CocoSplit(root, split, annotation_file, images, tuple(int(c["id"]) for c in categories),
-                     tuple(str(c.get("name", c["id"])) for c in categories))
+    for annotation in checked.annotations:
+        by_image.setdefault(annotation["image_id"], []).append(annotation)
+    images = tuple(ImageRecord(i["id"], i["file_name"], i["height"], i["width"], tuple(by_image.get(i["id"], ())))
+                   for i in sorted(checked.images, key=lambda i: i["id"]))
+    categories = sorted(checked.categories, key=lambda c: c["id"])
+    return CocoSplit(root, split, annotation_file, images, tuple(c["id"] for c in categories),
+                     tuple(str(c.get("name", c["id"])) for c in categories), checked.broken)
 
 
 def instance_annotations(record: ImageRecord, category_ids: tuple[int, ...]) -> list[dict]:
@@ -290,8 +293,11 @@ class TrainLoader(ResumableBatches):
                  seed: int):
         _check_classes(split, config)
         records = [r for r in split.images if instance_annotations(r, split.category_ids)]
-        _logger.info("%s: %d of %d %s images have no usable non-crowd annotation and are left out of training",
-                     split.annotation_file, len(split) - len(records), len(split), split.split)
+        broken = Counter(b.rule.name for b in split.broken)
+        _logger.info("%s: %d of %d %s images have no usable non-crowd annotation and are left out of training; "
+                     "%d annotations break the COCO format and are left out%s", split.annotation_file,
+                     len(split) - len(records), len(split), split.split, len(split.broken),
+                     f" ({', '.join(f'{rule} {n}' for rule, n in broken.items())})" if broken else "")
         self._groups = [int(r.width >= r.height) for r in records]
         self._samples = _TrainSamples(split, records, self._groups, config, seed)
         self.split, self.config, self.batch_size = split, config, batch_size
@@ -370,11 +376,13 @@ class EvalLoader:
     """This rank's share of the split's images (``rank::world``, all of them, so every image is scored once),
     one per batch: ``(image (1, 3, H, W) padded, [meta])`` with ``meta`` = ``image_id``, ``orig_size`` (H0, W0),
     ``image_size`` (h, w) resized and unpadded, ``scale`` (h / H0, w / W0). An unreadable image yields
-    ``(None, [meta])`` (counted in ``bad_samples``); an image not of its annotated size raises ``ValueError``."""
+    ``(None, [meta])`` (counted in ``bad_samples``); an image not of its annotated size raises ``ValueError``.
+    ``description`` names the set (the annotation file) in the trainer's messages."""
 
     def __init__(self, split: CocoSplit, config, *, rank: int, world_size: int, num_workers: int):
         _check_classes(split, config)
         self.split = split
+        self.description = split.annotation_file
         self._samples = _EvalSamples(split, list(split.images[rank::world_size]), config)
         self.num_workers = num_workers
         self.bad_samples = 0

@@ -26,12 +26,17 @@ the last batch by repeating images, or a loader that drops the last partial batc
 ``compute`` raise ``ValueError`` (on every rank) instead of reporting a number for a different
 image set. Images without annotations count as evaluated images (their detections are false
 positives), as in COCO.
+
+Images evaluated but not scored, so left out of ``samples`` (the trainer then reports the evaluation
+incomplete): an image the loader could not read (:meth:`CocoEvaluator.update_unreadable`: scored as
+an image with no detections), and an image whose ground truth breaks a rule of
+``finetune.coco.annotations`` (left out of COCOeval's ``imgIds`` with its detections; named in a
+warning; that module's docstring says why).
 """
 from __future__ import annotations
 
 import contextlib
 import copy
-import json
 import logging
 import math
 import os
@@ -43,6 +48,8 @@ import torch
 import torch.distributed as dist
 
 from pretrain.distributed import WorldInfo
+
+from .annotations import read_instances
 
 __all__ = ["CocoEvaluator", "IOU_TYPES", "STAT_NAMES"]
 
@@ -59,8 +66,8 @@ class CocoEvaluator:
     """Collects per-image detections as COCO result records and evaluates them once in :meth:`compute`.
 
     Args:
-        annotation_file: the COCO ``instances_*.json`` to evaluate against; its images are the
-            images that must be evaluated, each exactly once.
+        annotation_file: the COCO ``instances_*.json`` to evaluate against (a local path or an
+            fsspec URL); its images are the images that must be evaluated, each exactly once.
         iou_types: any of ``"bbox"``, ``"segm"`` (``"segm"`` needs ``masks`` in every prediction).
         device: the device the object collectives stage their bytes on: this rank's CUDA device
             under NCCL, CPU (default) under gloo. Predictions are moved to the CPU in any case.
@@ -69,6 +76,8 @@ class CocoEvaluator:
         contiguous_to_category: contiguous label ``0..K-1`` -> COCO category id (the annotation
             file's category ids in sorted order, as mmdet's ``cat_ids``).
         category_to_contiguous: the inverse map.
+        unscored_images: the images whose ground truth breaks a rule of ``finetune.coco.annotations``:
+            evaluated (they must be passed to :meth:`update`) but never scored.
     """
 
     def __init__(self, annotation_file: str | os.PathLike, iou_types: Sequence[str] = IOU_TYPES,
@@ -79,13 +88,13 @@ class CocoEvaluator:
         self.annotation_file = str(annotation_file)
         self.iou_types = iou_types
         self.device = torch.device(device)
-        with open(self.annotation_file) as file:
-            dataset = json.load(file)
-        category_ids = sorted(int(category["id"]) for category in dataset["categories"])
+        self._checked = read_instances(self.annotation_file)
+        category_ids = sorted(category["id"] for category in self._checked.categories)
         self.contiguous_to_category: dict[int, int] = dict(enumerate(category_ids))
         self.category_to_contiguous: dict[int, int] = {c: i for i, c in self.contiguous_to_category.items()}
         self._image_sizes: dict[int, tuple[int, int]] = {
-            int(image["id"]): (int(image["height"]), int(image["width"])) for image in dataset["images"]}
+            image["id"]: (image["height"], image["width"]) for image in self._checked.images}
+        self.unscored_images: frozenset[int] = frozenset(b.image_id for b in self._checked.unscored())
         self._coco_gt = None  # faster_coco_eval.COCO, loaded on rank 0 by the first compute()
         self.reset()
 
@@ -97,6 +106,7 @@ class CocoEvaluator:
         """Forget every prediction added."""
         self._records: list[dict] = []
         self._image_ids: list[int] = []
+        self._unreadable: list[int] = []
 
     @property
     def records(self) -> list[dict]:
@@ -109,6 +119,13 @@ class CocoEvaluator:
     def image_ids(self) -> list[int]:
         """The image ids passed to :meth:`update` on this rank, in order."""
         return list(self._image_ids)
+
+    def update_unreadable(self, image_id: int) -> None:
+        """An image the loader could not read: evaluated as an image with no detections (so every image is
+        still evaluated once), and left out of ``samples``."""
+        self.update([{"image_id": image_id, "boxes": torch.zeros(0, 4), "scores": torch.zeros(0),
+                      "labels": torch.zeros(0, dtype=torch.int64)}])
+        self._unreadable.append(int(image_id))
 
     @torch.no_grad()
     def update(self, predictions: Sequence[dict]) -> None:
@@ -176,7 +193,8 @@ class CocoEvaluator:
         """Gather all ranks' results to rank 0 (one ``gather_object``; every rank must call this),
         evaluate there and return the same dict on every rank (one ``broadcast_object_list``):
         ``<iou type>_<AP|AP50|AP75|APs|APm|APl>`` in percent (NaN where COCO has -1) and
-        ``samples``, the number of images evaluated. The local state is left as it was.
+        ``samples``, the number of images scored: those evaluated, less the unreadable ones and
+        those whose ground truth is broken (module docstring). The local state is left as it was.
 
         Raises ``ValueError`` on every rank when the images evaluated over all ranks are not the
         annotation file's images each exactly once (naming how many are duplicated / missing and
@@ -188,7 +206,7 @@ class CocoEvaluator:
         if world is not None and distributed and world.world_size != dist.get_world_size():
             raise ValueError(f"world.world_size={world.world_size} but the process group has "
                              f"{dist.get_world_size()} ranks")
-        local = (self._image_ids, self._records)
+        local = (self._image_ids, self._records, self._unreadable)
         if not distributed:
             return self._evaluate([local])
 
@@ -218,17 +236,24 @@ class CocoEvaluator:
             return torch.cuda.device(self.device)
         return contextlib.nullcontext()
 
-    def _evaluate(self, shards: list[tuple[list[int], list[dict]]]) -> dict[str, float]:
-        image_ids = [image_id for ids, _ in shards for image_id in ids]
+    def _evaluate(self, shards: list[tuple[list[int], list[dict], list[int]]]) -> dict[str, float]:
+        image_ids = [image_id for ids, _, _ in shards for image_id in ids]
         self._check_exactly_once(image_ids)
+        unscored = self.unscored_images
+        if unscored:
+            _logger.warning("%s: %d of %d images are not scored, their ground truth breaks the COCO format: %s; "
+                            "the AP is over the other images", self.annotation_file, len(unscored),
+                            len(self._image_sizes), self._checked.summary(self._checked.unscored()))
         # per image, the records keep their order; images in id order whatever the sharding
-        records = sorted((record for _, shard in shards for record in shard), key=lambda r: r["image_id"])
+        records = sorted((record for _, shard, _ in shards for record in shard if record["image_id"] not in unscored),
+                         key=lambda r: r["image_id"])
         results: dict[str, float] = {}
         for iou_type in self.iou_types:
             stats = self._stats(iou_type, records)
             for name, value in zip(STAT_NAMES, stats):
                 results[f"{iou_type}_{name}"] = 100.0 * float(value) if value > -1 else math.nan
-        results["samples"] = float(len(image_ids))
+        unreadable = {image_id for _, _, ids in shards for image_id in ids}
+        results["samples"] = float(len(set(image_ids) - unscored - unreadable))
         return results
 
     def _check_exactly_once(self, image_ids: list[int]) -> None:
@@ -255,7 +280,7 @@ class CocoEvaluator:
         if self._coco_gt is None:
             from faster_coco_eval import COCO
 
-            self._coco_gt = COCO(self.annotation_file, print_function=_logger.debug)
+            self._coco_gt = COCO(self._checked.ground_truth(), use_deepcopy=True, print_function=_logger.debug)
         return self._coco_gt
 
     def _stats(self, iou_type: str, records: list[dict]) -> np.ndarray:
@@ -273,7 +298,7 @@ class CocoEvaluator:
                                "categories": copy.deepcopy(coco_gt.dataset["categories"])}
             coco_dt.createIndex()
         evaluator = COCOeval_faster(coco_gt, coco_dt, iou_type, print_function=_logger.debug)
-        evaluator.params.imgIds = sorted(self._image_sizes)
+        evaluator.params.imgIds = sorted(set(self._image_sizes) - self.unscored_images)
         evaluator.evaluate()
         evaluator.accumulate()
         evaluator.summarize()

@@ -12,7 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from pretrain.config import ConfigError
-from pretrain.distributed import WorldInfo, all_reduce_sum, barrier
+from pretrain.distributed import WorldInfo, barrier
 
 from ..backbone import init_backbone
 from ..dense import DenseTask, palette
@@ -20,7 +20,7 @@ from .config import CocoRunConfig
 from .data import EvalLoader, TrainLoader, load_split
 from .metrics import CocoEvaluator
 
-__all__ = ["CocoInstanceSegmentation", "DetectionEvaluator", "build_detector_from_config", "preflight"]
+__all__ = ["CocoInstanceSegmentation", "build_detector_from_config", "preflight"]
 
 _logger = logging.getLogger(__name__)
 
@@ -48,28 +48,6 @@ def build_detector_from_config(config: CocoRunConfig) -> nn.Module:
         init_backbone(model.backbone, m.init_from)
     model.backbone.set_fused_branches(m.fused_branches)
     return model
-
-
-class DetectionEvaluator(CocoEvaluator):
-    """``CocoEvaluator`` that also records unreadable val images (no detections, so every image is still
-    evaluated once) and leaves them out of ``samples``, so the trainer reports the evaluation incomplete."""
-
-    def reset(self) -> None:
-        super().reset()
-        self.unreadable = 0
-
-    def update_unreadable(self, image_id: int) -> None:
-        self.unreadable += 1
-        self.update([{"image_id": image_id, "boxes": torch.zeros(0, 4), "scores": torch.zeros(0),
-                      "labels": torch.zeros(0, dtype=torch.int64)}])
-
-    def compute(self, world: WorldInfo | None = None) -> dict[str, float]:
-        results = super().compute(world)
-        unreadable = float(self.unreadable)
-        if world is not None and world.world_size > 1:
-            unreadable = all_reduce_sum(torch.tensor([unreadable], dtype=torch.float64, device=self.device)).item()
-        results["samples"] -= unreadable
-        return results
 
 
 class CocoInstanceSegmentation(DenseTask):
@@ -127,13 +105,13 @@ class CocoInstanceSegmentation(DenseTask):
         """RPN objectness and box losses, then per cascade stage classification, GIoU box and mask losses."""
         return model(images, targets)
 
-    def build_evaluator(self, device: torch.device) -> DetectionEvaluator:
-        evaluator = DetectionEvaluator(self._annotation_file, device=device if device.type == "cuda" else "cpu")
+    def build_evaluator(self, device: torch.device) -> CocoEvaluator:
+        evaluator = CocoEvaluator(self._annotation_file, device=device if device.type == "cuda" else "cpu")
         evaluator.previews = []  # the trainer shows them in TensorBoard (eval/predictions)
         return evaluator
 
     def evaluation_step(self, model: nn.Module, images: torch.Tensor | None, metas: list[dict],
-                        evaluator: DetectionEvaluator) -> None:
+                        evaluator: CocoEvaluator) -> None:
         if images is None:  # unreadable: counted, and evaluated as an image with no detections
             for meta in metas:
                 evaluator.update_unreadable(meta["image_id"])
