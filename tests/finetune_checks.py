@@ -1,4 +1,4 @@
-"""Checks the COCO and ADE20K fine-tuning tests run the same way (imported by both test modules)."""
+"""Checks several test modules run the same way (the task conformance suite, the fine-tuning tests)."""
 from __future__ import annotations
 
 import json
@@ -89,8 +89,10 @@ def assert_sigterm_twice_then_resume(command: list[str], run_dir: Path) -> None:
     assert f"resumed from {run_dir / 'checkpoints' / saved[-1]}" in (run_dir / "train.log").read_text()
 
 
-def evaluate_on_ranks(preset: str, overrides: Callable[[int], list[str]], tmp_path: Path) -> dict[int, dict]:
-    """Results of one evaluation under torchrun with 1 and with 2 ranks (``overrides(ranks)``)."""
+def evaluate_on_ranks(preset: str, overrides: Callable[[int], list[str]], tmp_path: Path,
+                      env: dict[str, str] | None = None) -> dict[int, dict]:
+    """Results of one evaluation under torchrun with 1 and with 2 ranks (``overrides(ranks)``; ``env``: the
+    workers' environment, default this process's with the checkout on PYTHONPATH)."""
     script = tmp_path / "eval_worker.py"
     script.write_text(EVAL_WORKER)
     outputs = {}
@@ -99,7 +101,7 @@ def evaluate_on_ranks(preset: str, overrides: Callable[[int], list[str]], tmp_pa
         result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
                                  f"--nproc-per-node={ranks}", str(script), preset, json.dumps(overrides(ranks)),
                                  str(out)], cwd=REPO, capture_output=True, text=True, timeout=400,
-                                env={**os.environ, "PYTHONPATH": str(REPO)})
+                                env=env or {**os.environ, "PYTHONPATH": str(REPO)})
         assert result.returncode == 0, result.stderr[-3000:]
         outputs[ranks] = json.loads(out.read_text())
     return outputs
