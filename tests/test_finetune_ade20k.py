@@ -14,8 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from finetune_checks import (assert_predict_draws_over, assert_predict_names_the_images_it_cannot_read,
-                             assert_sigterm_twice_then_resume, assert_split_run_matches_full, evaluate_on_ranks)
+from finetune_checks import assert_predict_draws_over, assert_predict_names_the_images_it_cannot_read, evaluate_on_ranks
 from test_pretrain_train import read_scalars
 
 REPO = Path(__file__).resolve().parents[1]
@@ -129,20 +128,6 @@ def test_predict_draws_the_readable_images_and_names_the_others(learned, ade_dat
 
 # ----------------------------------------------------------------------------- resume and preemption
 
-
-def test_a_resumed_run_ends_with_the_uninterrupted_weights(ade_data, tmp_path):
-    assert_split_run_matches_full(make_trainer, lambda run_dir, **changes: ade_overrides(ade_data, run_dir, **changes),
-                                  tmp_path, steps=8)
-
-
-def test_sigterm_to_the_process_group_twice_checkpoints_and_the_rerun_completes(ade_data, tmp_path):
-    run_dir = tmp_path / "run"
-    assert_sigterm_twice_then_resume(
-        [sys.executable, "-m", "finetune", "ade20k", "--config", "ade20k_demo", "--set",
-         *ade_overrides(ade_data, run_dir, **{"train.steps": 400, "loader.num_workers": 2})], run_dir)
-
-
-# ----------------------------------------------------------------------------- evaluation over ranks
 
 def test_two_rank_evaluation_with_uneven_work_equals_one_rank(ade_data, tmp_path):
     """9 validation images: 5 on rank 0, 4 on rank 1; sliding windows make the forward counts differ too."""

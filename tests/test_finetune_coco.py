@@ -13,8 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from finetune_checks import (assert_predict_draws_over, assert_sigterm_twice_then_resume, assert_split_run_matches_full,
-                             evaluate_on_ranks, weights)
+from finetune_checks import assert_predict_draws_over, evaluate_on_ranks, weights
 from test_pretrain_train import read_scalars
 
 REPO = Path(__file__).resolve().parents[1]
@@ -115,11 +114,6 @@ def test_predict_draws_boxes_and_masks_over_each_image(learned, tmp_path):
 # ----------------------------------------------------------------------------- resume
 
 
-def test_a_resumed_run_ends_with_the_uninterrupted_weights(coco_data, tmp_path):
-    assert_split_run_matches_full(make_trainer, lambda run_dir, **changes: coco_overrides(coco_data, run_dir, **changes),
-                                  tmp_path, steps=6)
-
-
 def test_ema_on_the_detector_is_evaluated_and_the_run_exports_its_whole_model(coco_data, tmp_path):
     from finetune.coco.task import build_detector_from_config
     from pretrain.checkpoint import find_checkpoint, read_saved_config
@@ -144,13 +138,6 @@ def test_ema_on_the_detector_is_evaluated_and_the_run_exports_its_whole_model(co
     build_detector_from_config(config).load_state_dict(state, strict=True)
     with pytest.raises(ValueError, match="task=coco"):
         export_checkpoint(str(run_dir), str(tmp_path / "official.pth"), official=True)
-
-
-def test_sigterm_to_the_process_group_twice_checkpoints_and_the_rerun_completes(coco_data, tmp_path):
-    run_dir = tmp_path / "run"
-    assert_sigterm_twice_then_resume(
-        [sys.executable, "-m", "finetune", "coco", "--config", "coco_demo", "--set",
-         *coco_overrides(coco_data, run_dir, **{"train.steps": 400, "loader.num_workers": 2})], run_dir)
 
 
 def test_torchrun_launcher_trains_two_ranks_with_zero_2_and_evaluates_every_image_once(coco_data, tmp_path):

@@ -207,8 +207,13 @@ def test_sigterm_twice_to_the_process_group_exits_75_and_the_rerun_resumes_exact
 def test_two_rank_evaluation_equals_one_rank(name, reference, data_dirs, tmp_path):
     from finetune_checks import evaluate_on_ranks
 
+    from pretrain.config import load_config
+
     spec = registered_tasks()[name]
-    outputs = evaluate_on_ranks(spec.demo_preset, lambda ranks: overrides(name, data_dirs, tmp_path / f"run_{ranks}"),
+    micro = load_config(spec.demo_preset, overrides(name, data_dirs, tmp_path)).train.micro_batch_size
+    split = {"train.global_batch_size": 2 * micro}  # a batch that splits over 2 ranks (evaluation uses micro-batches)
+    outputs = evaluate_on_ranks(spec.demo_preset,
+                                lambda ranks: overrides(name, data_dirs, tmp_path / f"run_{ranks}", **split),
                                 tmp_path, env=plugin_env())
     assert outputs[1]["eval/samples"] == reference[1]["eval/samples"]
     assert outputs[1] == outputs[2]
