@@ -228,7 +228,10 @@ def check_batch_split(config: Config, world_size: int) -> None:
 def preflight(config: Config) -> None:
     """Check what can be checked before any worker starts or any model is built: the batch splits over
     the launch's world size, the shards exist and have ``info.json`` counts, their classes fit the
-    classifier, ``model.init_from`` exists. Raises ``ConfigError`` naming the key."""
+    classifier, ``model.init_from`` exists, the task's own inputs (:func:`pretrain.task.preflight_task`).
+    Raises ``ConfigError`` naming the key."""
+    from .task import preflight_task
+
     check_batch_split(config, launch_world_size(config))
     data = config.data
     if data.source == "shards":
@@ -248,6 +251,7 @@ def preflight(config: Config) -> None:
     init_from = config.model.init_from
     if init_from and "://" not in init_from and not os.path.isfile(init_from):
         raise ConfigError("model.init_from", f"no such file: {init_from}")
+    preflight_task(config)
 
 
 def launch(config: Config, entry: WorkerEntry = WorkerEntry()) -> int:

@@ -1,6 +1,6 @@
-"""``python -m cluster.stage``: the environment it reads, dry runs, a stage on its own local Ray cluster preempted
-by a group SIGTERM (skipping complete stages and resuming changed ones: ``test_pipeline.py``);
-``python -m cluster.ray_nodes`` naming nodes that never joined."""
+"""``python -m cluster.stage``: the environment it reads, dry runs, missing inputs refused before any worker starts,
+a stage on its own local Ray cluster preempted by a group SIGTERM (skipping complete stages and resuming changed
+ones: ``test_pipeline.py``); ``python -m cluster.ray_nodes`` naming nodes that never joined."""
 from __future__ import annotations
 
 import json
@@ -85,6 +85,27 @@ def test_ray_nodes_names_the_nodes_that_never_joined():
                             capture_output=True, text=True, timeout=120, env={**os.environ, "RAY_AUTH_MODE": "disabled"})
     assert result.returncode == 1
     assert "gpu07 (127.0.0.8), gpu08 (127.0.0.9)" in result.stderr
+
+
+def test_a_fine_tune_whose_data_is_missing_fails_in_one_line_before_any_worker_starts(tmp_path):
+    """The task's preflight runs in the driver: exit 2 naming the missing folder or file, no Ray, no worker."""
+    backbone = tmp_path / "backbone.pth"
+    backbone.write_bytes(b"")  # only its existence matters before the workers
+    env = {"UNIREPLKNET_RUN_ROOT": str(tmp_path / "runs")}
+    finetune = subprocess.run([sys.executable, "-m", "finetune", "ade20k", "--data", "/nonexistent/ade", "--init",
+                               str(backbone), "--run-dir", str(tmp_path / "runs" / "finetune")], cwd=REPO,
+                              capture_output=True, text=True, timeout=120)
+    ade = stage("finetune_ade20k", "--data", "/nonexistent/ade", "--init", str(backbone), "--set",
+                "launch.num_workers=1", "launch.device=cpu", env=env)
+    coco = stage("finetune_coco", "--data", str(tmp_path / "coco"), "--init", str(backbone), "--set",
+                 "launch.num_workers=1", "launch.device=cpu", env=env)
+    missing = {"ade20k": "/nonexistent/ade/images/training", "coco": f"{tmp_path / 'coco'}/annotations/instances_train2017.json"}
+    for result, task in ((finetune, "ade20k"), (ade, "ade20k"), (coco, "coco")):
+        assert result.returncode == 2, result.stderr[-3000:]
+        (line,) = result.stderr.strip().splitlines()
+        assert f"{task}.data_root: " in line and missing[task] in line, line
+    for name in ("finetune", "finetune_ade20k", "finetune_coco"):  # no Ray cluster, no worker, no training log
+        assert not (tmp_path / "runs" / name / "ray").exists() and not (tmp_path / "runs" / name / "train.log").exists()
 
 
 def test_a_driver_keeps_a_stop_signal_from_its_start_up_and_removes_a_stale_stop_file(tmp_path):

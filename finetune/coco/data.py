@@ -31,7 +31,7 @@ from finetune.ade20k.data import MEAN, STD
 from ..loading import ResumableBatches, worker_iterator
 
 __all__ = ["MEAN", "STD", "CocoSplit", "EvalLoader", "ImageRecord", "ImageSizeError", "TrainLoader", "augment",
-           "decode_masks", "instance_annotations", "load_split", "pad_batch", "rescale_shape"]
+           "check_layout", "decode_masks", "instance_annotations", "load_split", "pad_batch", "rescale_shape"]
 
 _logger = logging.getLogger(__name__)
 
@@ -70,18 +70,25 @@ def _filesystem(root: str):
     return fsspec.core.url_to_fs(root)
 
 
-def load_split(root: str, split: str) -> CocoSplit:
-    """``ROOT/annotations/instances_SPLIT.json`` with the images of ``ROOT/SPLIT/``; a missing file or folder
-    raises ``FileNotFoundError`` naming the path, a json without images / annotations / categories ``ValueError``."""
+def check_layout(root: str, split: str):
+    """(filesystem, annotation path, image folder) of ``ROOT/annotations/instances_SPLIT.json`` and ``ROOT/SPLIT/``;
+    a missing file or folder raises ``FileNotFoundError`` naming the path."""
     fs, base = _filesystem(root)
     base = base.rstrip("/")
     annotation_path, image_dir = f"{base}/annotations/instances_{split}.json", f"{base}/{split}"
-    annotation_file = f"{root.rstrip('/')}/annotations/instances_{split}.json"
     if not fs.isfile(annotation_path):
-        raise FileNotFoundError(f"{annotation_file}: no annotation file; expected the COCO 2017 layout "
-                                "annotations/instances_{train,val}2017.json, {train,val}2017/*.jpg")
+        raise FileNotFoundError(f"{root.rstrip('/')}/annotations/instances_{split}.json: no annotation file; expected "
+                                "the COCO 2017 layout annotations/instances_{train,val}2017.json, {train,val}2017/*.jpg")
     if not fs.isdir(image_dir):
         raise FileNotFoundError(f"{root.rstrip('/')}/{split}: no image folder ({image_dir})")
+    return fs, annotation_path, image_dir
+
+
+def load_split(root: str, split: str) -> CocoSplit:
+    """``ROOT/annotations/instances_SPLIT.json`` with the images of ``ROOT/SPLIT/``; a missing file or folder
+    raises ``FileNotFoundError`` naming the path, a json without images / annotations / categories ``ValueError``."""
+    fs, annotation_path, _ = check_layout(root, split)
+    annotation_file = f"{root.rstrip('/')}/annotations/instances_{split}.json"
     with fs.open(annotation_path, "rb") as f:
         data = json.load(f)
     for key in ("images", "annotations", "categories"):
