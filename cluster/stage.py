@@ -36,6 +36,8 @@ import os
 import sys
 import time
 
+from pretrain.driver_signals import catch_stop_signals
+
 __all__ = ["ENVIRONMENT", "STAGES", "main", "run_stage", "stage_run_dir"]
 
 _logger = logging.getLogger(__name__)
@@ -96,10 +98,16 @@ def _finetune_config(name: str, args: argparse.Namespace, run_dir: str):
 
 
 def _cluster_gpus() -> int:
+    """The GPUs of the cluster ``RAY_ADDRESS`` names, else this machine's (the launch then starts a local
+    cluster of this machine)."""
+    if not os.environ.get("RAY_ADDRESS"):
+        import torch
+
+        return torch.cuda.device_count()
     import ray
 
     if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS") or None)
+        ray.init(address=os.environ["RAY_ADDRESS"])
     return int(ray.cluster_resources().get("GPU", 0))
 
 
@@ -239,6 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    catch_stop_signals()  # first, before the slow imports: a stop request while starting is kept, not fatal
     from pretrain.checkpoint import CheckpointError
     from pretrain.config import ConfigError
     from pretrain.metrics import init_logging

@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from .config import Config, OptimConfig
 from .distributed import WorldInfo, all_reduce_sum, barrier
 
-__all__ = ["Evaluator", "ImageClassification", "SumsEvaluator", "Task", "build_model", "build_task", "denormalize"]
+__all__ = ["Evaluator", "ImageClassification", "SumsEvaluator", "Task", "build_model", "build_task", "denormalize",
+           "preflight_task"]
 
 _logger = logging.getLogger(__name__)
 
@@ -81,6 +82,18 @@ def build_task(config: Config) -> Task:
     if config.task != "classification":
         raise ValueError(f"task: {config.task!r} is not available")
     return ImageClassification(config)
+
+
+def preflight_task(config: Config) -> None:
+    """The task's own input checks (a dense task's data layout), run by the launch before any worker starts or
+    any model is built: ``ConfigError`` naming the key. Classification's shards are checked by the launch."""
+    if config.task == "ade20k":
+        from finetune.ade20k.task import preflight
+    elif config.task == "coco":
+        from finetune.coco.task import preflight
+    else:
+        return
+    preflight(config)
 
 
 def denormalize(images: torch.Tensor, mean=None, std=None) -> torch.Tensor:

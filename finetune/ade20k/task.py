@@ -8,19 +8,31 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pretrain.config import Config
+from pretrain.config import Config, ConfigError
 from pretrain.distributed import WorldInfo
 
 from ..backbone import init_backbone
 from ..dense import DenseTask
 from .data import IGNORE_INDEX, EvalLoader, TrainLoader, class_names, list_split
 
-__all__ = ["Ade20kSegmentation", "build_segmentor", "init_backbone", "segmentation_logits"]
+__all__ = ["Ade20kSegmentation", "build_segmentor", "init_backbone", "preflight", "segmentation_logits"]
 
 _logger = logging.getLogger(__name__)
 
 PREVIEWS = 4
 """Validation images (per evaluation, rank 0's first) drawn with their predictions in TensorBoard."""
+
+
+def preflight(config: Config) -> None:
+    """Before any worker starts: ``ade20k.data_root`` holds both splits in the ADEChallengeData2016 layout (unless
+    ``ade20k.generate_demo`` writes it); ``ConfigError`` naming the missing path."""
+    if config.ade20k.generate_demo:
+        return
+    for split in ("training", "validation"):
+        try:
+            list_split(config.ade20k.data_root, split)
+        except FileNotFoundError as error:
+            raise ConfigError("ade20k.data_root", str(error)) from error
 
 
 def build_segmentor(config: Config) -> nn.Module:

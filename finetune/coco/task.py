@@ -10,15 +10,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pretrain.config import Config
+from pretrain.config import Config, ConfigError
 from pretrain.distributed import WorldInfo, barrier
 
 from ..backbone import init_backbone
 from ..dense import DenseTask
-from .data import EvalLoader, TrainLoader, load_split
+from .data import EvalLoader, TrainLoader, check_layout, load_split
 from .metrics import CocoEvaluator
 
-__all__ = ["CocoInstanceSegmentation", "build_detector_from_config"]
+__all__ = ["CocoInstanceSegmentation", "build_detector_from_config", "preflight"]
 
 _logger = logging.getLogger(__name__)
 
@@ -26,6 +26,18 @@ PREVIEWS = 4
 """Validation images (per evaluation, rank 0's first) drawn with their detections in TensorBoard."""
 PREVIEW_SCORE = 0.3
 """Detections drawn in previews score at least this."""
+
+
+def preflight(config: Config) -> None:
+    """Before any worker starts: ``coco.data_root`` holds both splits' annotation files and image folders (unless
+    ``coco.generate_demo`` writes them); ``ConfigError`` naming the missing path."""
+    if config.coco.generate_demo:
+        return
+    for split in ("train2017", "val2017"):
+        try:
+            check_layout(config.coco.data_root, split)
+        except FileNotFoundError as error:
+            raise ConfigError("coco.data_root", str(error)) from error
 
 
 def build_detector_from_config(config: Config) -> nn.Module:
