@@ -4,7 +4,8 @@ pretrain -> export -> the fine-tunes (in parallel, on the same Ray cluster) -> o
 (``RUN_ROOT/pipeline/summary.json`` and TensorBoard scalars under ``RUN_ROOT/pipeline/tensorboard``).
 Each stage is ``python -m cluster.stage NAME`` with its run directory under RUN_ROOT, so rerunning the
 pipeline skips complete stages and resumes interrupted ones from ``latest``. Without ``RAY_ADDRESS`` a
-local Ray cluster is started for the run and every stage drives it.
+local Ray cluster is started for the run (outside the pipeline's process group, stopped at the end) and
+every stage drives it. A stage's output goes to ``RUN_ROOT/NAME/stage.log`` as it comes.
 
 Pipelines (the fine-tunes are every registered fine-tuning task: ``python -m finetune presets``):
     demo   the demo pretraining (generated digit shards) on CPU -> export -> each task's demo preset
@@ -12,7 +13,9 @@ Pipelines (the fine-tunes are every registered fine-tuning task: ``python -m fin
     xl     XL ImageNet-22K pretraining at 384 -> export -> each task's paper-scale preset (ADE20K UperNet
            640 160k, COCO Cascade Mask R-CNN 3x, ...; data from the ``cluster.stage`` environment variables).
 
-Exit status: 0 done, 75 a stage was preempted after checkpointing (rerun to resume), 1 a stage failed.
+Exit status: 0 done; 75 preempted (rerun to resume): SIGTERM / SIGUSR1 to the pipeline or its process group,
+any number of times, reach every running stage, which checkpoints; no further stage starts, and the summary
+says "preempted"; 1 a stage failed; 2 bad arguments.
 """
 from __future__ import annotations
 
@@ -20,17 +23,19 @@ import argparse
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+from pretrain.preemption import PREEMPTION_SIGNALS, REQUEUE_EXIT_CODE
+
 __all__ = ["Pipeline", "headline_metrics", "main", "pipelines", "run_pipeline"]
 
 _logger = logging.getLogger(__name__)
 
-REQUEUE_EXIT_CODE = 75
 
 
 @dataclass(frozen=True)
@@ -69,21 +74,65 @@ def headline_metrics(run_dir: str) -> tuple[str, ...]:
         return ()
 
 
-def _run(name: str, arguments: list[str], run_root: str, env: dict[str, str]) -> dict:
-    """Run one stage as a child process (its own Ray driver); its output goes to RUN_ROOT/NAME/stage.log."""
+class _Stop:
+    """SIGTERM / SIGUSR1 to the pipeline (its PID, or its whole process group as Slurm and a pod stop send
+    them; any number of times): forwarded to the running stages, which checkpoint and exit 75 (each stage
+    driver catches them too, so a stage that also got the group's signal just sees it twice); no further
+    stage starts. The pipeline itself keeps running until its stages are done."""
+
+    def __init__(self) -> None:
+        self.signal: str | None = None
+        self.children: set[subprocess.Popen] = set()
+        self._previous: dict[int, object] = {}
+
+    def install(self) -> "_Stop":
+        self._previous = {sig: signal.signal(sig, self._handle) for sig in PREEMPTION_SIGNALS}
+        return self
+
+    def uninstall(self) -> None:
+        """The previous handlers back, unless a signal came: then the rest of its volley is ignored (the
+        pipeline is exiting for requeue)."""
+        for sig, handler in self._previous.items():
+            signal.signal(sig, signal.SIG_IGN if self.signal else handler)
+        self._previous.clear()
+
+    def _handle(self, signum, frame) -> None:
+        name = signal.Signals(signum).name
+        running = [child for child in list(self.children) if child.poll() is None]
+        _logger.warning("%s received: asking %d running stage(s) to checkpoint and stop; no further stage starts",
+                        name, len(running))
+        self.signal = self.signal or name
+        for child in running:
+            try:
+                child.send_signal(signum)
+            except ProcessLookupError:
+                pass
+
+
+def _run(name: str, arguments: list[str], run_root: str, env: dict[str, str], stop: _Stop) -> dict:
+    """Run one stage as a child process (its own Ray driver); its output goes to RUN_ROOT/NAME/stage.log as it
+    comes."""
+    if stop.signal:
+        return {"status": None, "note": f"not started: the pipeline was asked to stop ({stop.signal})"}
     run_dir = os.path.join(run_root, name)
     os.makedirs(run_dir, exist_ok=True)
     command = [sys.executable, "-m", "cluster.stage", name, "--run-dir", run_dir, *arguments]
     started = time.monotonic()
     _logger.info("stage %s: %s", name, " ".join(command[1:]))
-    with open(os.path.join(run_dir, "stage.log"), "a") as log:
+    with open(os.path.join(run_dir, "stage.log"), "a", buffering=1) as log:  # line-buffered: readable while it runs
         child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True,
                                  bufsize=1)
-        for line in child.stdout:  # everything to the stage's log; the trainer's own lines to the console too
-            log.write(line)
-            if "[rank0]" in line:
-                sys.stderr.write(f"[{name}] {line}")
-        status = child.wait()
+        stop.children.add(child)
+        if stop.signal:  # it came between the check above and now: the handler did not see this child
+            child.send_signal(getattr(signal, stop.signal))
+        try:
+            for line in child.stdout:  # everything to the stage's log; the trainer's own lines to the console too
+                log.write(line)
+                if "[rank0]" in line:
+                    sys.stderr.write(f"[{name}] {line}")
+            status = child.wait()
+        finally:
+            stop.children.discard(child)
     seconds = time.monotonic() - started
     _logger.info("stage %s: exit %d after %.0f s (log: %s)", name, status, seconds, os.path.join(run_dir, "stage.log"))
     metrics_file = os.path.join(run_dir, "metrics.json")
@@ -102,33 +151,47 @@ def _with_overrides(arguments: tuple[str, ...], extra: list[str]) -> list[str]:
     return arguments + (extra if "--set" in arguments else ["--set", *extra])
 
 
-def run_pipeline(name: str, run_root: str, overrides: dict[str, list[str]] | None = None) -> tuple[int, dict]:
-    """Run the pipeline ``name`` under ``run_root``; returns (exit status, summary)."""
+def _pipeline_status(pipeline: Pipeline, stages: dict[str, dict], stop_signal: str | None) -> int:
+    """0 when every stage completed; 75 when the rest is a rerun away (stages preempted, or, once the
+    pipeline was asked to stop, not started or ended by the stop signal); else 1."""
+    if all(stages.get(stage, {}).get("status") == 0 for stage in ("pretrain_xl", "export", *pipeline.finetunes)):
+        return 0
+    statuses = [result["status"] for result in stages.values() if result.get("status") is not None]
+    stopped = {0, REQUEUE_EXIT_CODE} | ({-sig for sig in PREEMPTION_SIGNALS} if stop_signal else set())
+    if (stop_signal or REQUEUE_EXIT_CODE in statuses) and all(s in stopped for s in statuses):
+        return REQUEUE_EXIT_CODE
+    return 1
+
+
+def run_pipeline(name: str, run_root: str, overrides: dict[str, list[str]] | None = None,
+                 stop: _Stop | None = None) -> tuple[int, dict]:
+    """Run the pipeline ``name`` under ``run_root``; returns (exit status, summary). Without ``RAY_ADDRESS`` the
+    stages share a :class:`~pretrain.local_ray.LocalRayCluster` (outside this process group, so a signal to
+    the group leaves the Ray Train workers alive to checkpoint), stopped at the end. ``stop``: the stop
+    signal handlers, if the caller installed them already (``main`` does, first thing)."""
+    from pretrain.local_ray import LocalRayCluster
+
     pipeline, overrides = pipelines()[name], overrides or {}
     run_root = os.path.abspath(run_root)
-    env = {**os.environ, "UNIREPLKNET_RUN_ROOT": run_root, "RAY_DEDUP_LOGS": "0"}
-    local_ray = None
-    if not env.get("RAY_ADDRESS"):
-        import ray
-
-        local_ray = ray.init(log_to_driver=False)  # with its dashboard: Ray Train asks the state API
-        env["RAY_ADDRESS"] = local_ray.address_info["gcs_address"]
-        # a new local cluster has token auth on unless RAY_AUTH_MODE says otherwise; the stages must then
-        # present the token (~/.ray/auth_token), which they only do when told the mode
-        env.setdefault("RAY_AUTH_MODE", "token")
-        _logger.info("started a local Ray cluster at %s for the pipeline", env["RAY_ADDRESS"])
+    env = {**os.environ, "UNIREPLKNET_RUN_ROOT": run_root, "RAY_DEDUP_LOGS": "0", "PYTHONUNBUFFERED": "1"}
+    own_handlers = stop is None
+    stop = stop or _Stop().install()
     summary: dict = {"pipeline": name, "run_root": run_root, "stages": {}}
+    local_ray = None
     try:
+        if not env.get("RAY_ADDRESS"):
+            local_ray = LocalRayCluster(log_path=os.path.join(run_root, "pipeline", "ray_head.log")).start()
+            env.update(local_ray.environment)
         stages = summary["stages"]
         stages["pretrain_xl"] = _run("pretrain_xl", _with_overrides(pipeline.pretrain, overrides.get("pretrain_xl", [])),
-                                     run_root, env)
+                                     run_root, env, stop)
         if stages["pretrain_xl"]["status"] == 0:
-            stages["export"] = _run("export", ["--source", os.path.join(run_root, "pretrain_xl")], run_root, env)
+            stages["export"] = _run("export", ["--source", os.path.join(run_root, "pretrain_xl")], run_root, env, stop)
         if stages.get("export", {}).get("status") == 0:
             backbone = os.path.join(run_root, "export", "export", "backbone.pth")
             with ThreadPoolExecutor(max_workers=max(1, len(pipeline.finetunes))) as pool:
                 futures = {stage: pool.submit(_run, stage, ["--init", backbone, *_with_overrides(arguments,
-                                              overrides.get(stage, []))], run_root, env)
+                                              overrides.get(stage, []))], run_root, env, stop)
                            for stage, arguments in pipeline.finetunes.items()}
                 for stage, future in futures.items():
                     stages[stage] = future.result()
@@ -136,14 +199,13 @@ def run_pipeline(name: str, run_root: str, overrides: dict[str, list[str]] | Non
             stages[stage] = {"status": None, "note": "not available yet"}
     finally:
         if local_ray is not None:
-            import ray
-
-            ray.shutdown()
-    statuses = [s["status"] for s in summary["stages"].values() if s.get("status") is not None]
-    status = 0 if all(s == 0 for s in statuses) and "export" in summary["stages"] else (
-        REQUEUE_EXIT_CODE if REQUEUE_EXIT_CODE in statuses and all(s in (0, REQUEUE_EXIT_CODE) for s in statuses)
-        else 1)
+            local_ray.stop()
+        if own_handlers:
+            stop.uninstall()
+    status = _pipeline_status(pipeline, summary["stages"], stop.signal)
     summary["status"] = {0: "complete", REQUEUE_EXIT_CODE: "preempted"}.get(status, "failed")
+    if stop.signal:
+        summary["stop_signal"] = stop.signal
     _write_summary(summary, os.path.join(run_root, "pipeline"))
     return status, summary
 
@@ -170,19 +232,24 @@ def _write_summary(summary: dict, folder: str) -> None:
         writer.close()
 
 
-def _parse_overrides(items: list[str]) -> dict[str, list[str]]:
+def _parse_overrides(parser: argparse.ArgumentParser, pipeline: str, items: list[str]) -> dict[str, list[str]]:
+    """``STAGE:key=value`` items by stage; a malformed item or a stage the pipeline does not configure is a usage
+    error (exit 2) before anything starts."""
+    configurable = ("pretrain_xl", *pipelines()[pipeline].finetunes)
     parsed: dict[str, list[str]] = {}
     for item in items:
         stage, sep, override = item.partition(":")
         if not sep or "=" not in override:
-            raise SystemExit(f"--set {item!r}: expected STAGE:key=value (e.g. finetune_ade20k:train.steps=100)")
+            parser.error(f"--set {item!r}: expected STAGE:key=value (e.g. pretrain_xl:train.max_steps=100)")
+        if stage not in configurable:
+            parser.error(f"--set {item!r}: the {pipeline} pipeline has no stage {stage!r} to configure; expected "
+                         f"one of {', '.join(configurable)}")
         parsed.setdefault(stage, []).append(override)
     return parsed
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pretrain.metrics import init_logging
-
+    stop = _Stop().install()  # first: a signal while the pipeline starts is kept, not fatal
     parser = argparse.ArgumentParser(prog="python -m cluster.pipeline", description=__doc__.split("\n\n")[0],
                                      epilog=__doc__.split("\n\n", 1)[1],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -190,11 +257,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--run-root", default=None,
                         help="where every stage's run directory goes (default: $UNIREPLKNET_RUN_ROOT, else runs/pipeline_CONFIG)")
     parser.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="STAGE:KEY=VALUE",
-                        help="override a stage's config, e.g. finetune_ade20k:train.steps=100")
+                        help="override a stage's config, e.g. pretrain_xl:train.max_steps=100 (stages: pretrain_xl and finetune_TASK)")
     args = parser.parse_args(argv)
+    overrides = _parse_overrides(parser, args.config, args.overrides)
+    from pretrain.metrics import init_logging
+
     init_logging(0)
     run_root = args.run_root or os.environ.get("UNIREPLKNET_RUN_ROOT") or os.path.join("runs", f"pipeline_{args.config}")
-    status, summary = run_pipeline(args.config, run_root, _parse_overrides(args.overrides))
+    status, summary = run_pipeline(args.config, run_root, overrides, stop=stop)
     print(f"\npipeline {args.config}: {summary['status']}")
     for stage, result in summary["stages"].items():
         if result.get("status") is None:

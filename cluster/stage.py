@@ -29,6 +29,7 @@ import time
 from typing import Callable
 
 from pretrain.config import ConfigError
+from pretrain.driver_signals import catch_stop_signals
 from pretrain.registry import TaskSpec, find_preset, get_task, registered_tasks
 
 __all__ = ["CORE_ENVIRONMENT", "environment", "main", "run_stage", "stage_run_dir", "stages"]
@@ -100,10 +101,16 @@ def _stage_config(args: argparse.Namespace, run_dir: str, default_preset: str, *
 
 
 def _cluster_gpus() -> int:
+    """The GPUs of the cluster ``RAY_ADDRESS`` names, else this machine's (the launch then starts a local
+    cluster of this machine)."""
+    if not os.environ.get("RAY_ADDRESS"):
+        import torch
+
+        return torch.cuda.device_count()
     import ray
 
     if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS") or None)
+        ray.init(address=os.environ["RAY_ADDRESS"])
     return int(ray.cluster_resources().get("GPU", 0))
 
 
@@ -241,6 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    catch_stop_signals()  # first, before the slow imports: a stop request while starting is kept, not fatal
     from pretrain.checkpoint import CheckpointError
     from pretrain.config import ConfigError
     from pretrain.metrics import init_logging

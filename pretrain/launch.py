@@ -24,17 +24,19 @@ from typing import Callable
 
 from .config import Config, ConfigError, config_from_dict, config_to_dict, save_config, validate
 from .distributed import inside_launched_worker, world_info_from_env
+from .driver_signals import reclaim_stop_signals, stop_file_requests
+from .local_ray import LocalRayCluster
 from .metrics import init_logging
-from .train import REQUEUE_EXIT_CODE, REQUEUE_MARKER, run_worker
-from .trainer import STOP_FILE, TrainResult
+from .preemption import PREEMPTION_SIGNALS, REQUEUE_EXIT_CODE, REQUEUE_MARKER, STOP_FILE
+from .train import run_worker
+from .trainer import TrainResult
 
 __all__ = ["WorkerEntry", "check_batch_split", "launch", "launch_ray", "launch_torchrun", "launch_world_size",
            "preflight", "run_local"]
 
 _logger = logging.getLogger(__name__)
 
-_FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
-_STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+_FORWARDED_SIGNALS = (*PREEMPTION_SIGNALS, signal.SIGINT)
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,23 +154,44 @@ def _ray_use_gpu(config: Config, cluster_gpus: float) -> bool:
 
 def launch_ray(config: Config, entry: WorkerEntry = WorkerEntry()):
     """Run ``launch.num_workers`` Ray Train workers on a Ray cluster: ``launch.ray_address``, the one this
-    process is connected to, or a new local one. Each worker reserves ``1 + loader.num_workers`` CPUs (its
-    loader processes) and a GPU unless ``launch.device=cpu``; a dead worker or node restarts the group,
-    which resumes from ``latest``, up to ``launch.max_failures`` times. SIGTERM / SIGUSR1 to this process
-    write ``RUN_DIR/STOP``: the workers checkpoint and the launch returns for requeue."""
+    process is connected to, ``RAY_ADDRESS``, or a :class:`~pretrain.local_ray.LocalRayCluster` started for
+    this launch (outside this process group, stopped when the launch ends). Each worker reserves
+    ``1 + loader.num_workers`` CPUs (its loader processes) and a GPU unless ``launch.device=cpu``; a dead
+    worker or node restarts the group, which resumes from ``latest``, up to ``launch.max_failures`` times.
+    SIGTERM / SIGUSR1 to this process write ``RUN_DIR/STOP`` (:mod:`pretrain.driver_signals`; a stop file
+    an earlier run left is removed first): the workers checkpoint and the launch returns for requeue."""
+    config = _absolute(config)
+    with stop_file_requests(os.path.join(config.run_dir, STOP_FILE)):
+        import ray
+
+        launch = config.launch
+        cpus = launch.cpus_per_worker or 1 + config.loader.num_workers
+        local_cluster = None
+        try:
+            if not ray.is_initialized():
+                address = launch.ray_address or os.environ.get("RAY_ADDRESS")
+                if address:
+                    ray.init(address=address)
+                else:  # enough logical CPUs for every worker's reservation
+                    local_cluster = LocalRayCluster(num_cpus=max(os.cpu_count() or 1, cpus * launch.num_workers),
+                                                    log_path=os.path.join(config.run_dir, "ray", "local_cluster.log"))
+                    local_cluster.start()
+                    local_cluster.connect()
+            reclaim_stop_signals()  # ray.init put Ray's abort-on-SIGTERM handler in their place
+            return _fit_on_ray(config, entry, cpus)
+        finally:
+            if local_cluster is not None:
+                ray.shutdown()
+                local_cluster.stop()
+
+
+def _fit_on_ray(config: Config, entry: WorkerEntry, cpus: int):
+    """The Ray Train fit on the cluster this process is connected to."""
     import ray
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    config = _absolute(config)
     launch = config.launch
-    cpus = launch.cpus_per_worker or 1 + config.loader.num_workers
-    if not ray.is_initialized():
-        address = launch.ray_address or os.environ.get("RAY_ADDRESS")
-        if address:
-            ray.init(address=address)
-        else:  # a local cluster for this launch: enough logical CPUs for every worker's reservation
-            ray.init(num_cpus=max(os.cpu_count() or 1, cpus * launch.num_workers))
     resources = ray.cluster_resources()
     use_gpu = _ray_use_gpu(config, resources.get("GPU", 0))
     config.launch = dataclasses.replace(launch, device="cuda" if use_gpu else "cpu")
@@ -187,20 +210,7 @@ def launch_ray(config: Config, entry: WorkerEntry = WorkerEntry()):
         run_config=RunConfig(name=f"ray_train-{fit_id[:8]}", storage_path=os.path.join(config.run_dir, "ray"),
                              failure_config=FailureConfig(max_failures=launch.max_failures)),
     )
-    stop_file = os.path.join(config.run_dir, STOP_FILE)
-
-    def request_stop(signum, frame) -> None:
-        _logger.warning("%s received: asking the Ray Train workers to checkpoint and stop (%s)",
-                        signal.Signals(signum).name, stop_file)
-        with open(stop_file, "a") as f:
-            f.write(f"{signal.Signals(signum).name}\n")
-
-    previous = {sig: signal.signal(sig, request_stop) for sig in _STOP_SIGNALS}
-    try:
-        return trainer.fit()
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+    return trainer.fit()
 
 
 def launch_world_size(config: Config) -> int:

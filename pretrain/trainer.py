@@ -26,6 +26,7 @@ from .distributed import WorldInfo, all_reduce_batchnorm_buffers, all_reduce_sum
 from .ema import ModelEMA
 from .metrics import Progress, TensorBoard, Throughput, init_logging, memory_stats
 from .optim import build_optimizer, build_scheduler
+from .preemption import PREEMPTION_SIGNALS, STOP_FILE
 from .task import Task, build_task
 
 __all__ = ["EvaluationIncompleteError", "NonFiniteLossError", "STOP_FILE", "StopRequests", "TrainResult", "Trainer", "capture_rng", "restore_rng",
@@ -96,9 +97,6 @@ def _rng_untouched() -> Iterator[None]:
         restore_rng(state)
 
 
-STOP_FILE = "STOP"
-"""A file in the run directory that asks a running job to checkpoint and exit for requeue, however it
-was launched (Ray Train workers run the loop off the main thread, where no signal handler can be set)."""
 DATA_BOUND_FRACTION = 0.2
 """A logging interval that waited this fraction of its time for data (after the first) logs a warning, once."""
 
@@ -108,7 +106,7 @@ class StopRequests:
     however many arrive) and ``RUN_DIR/STOP``. Handlers stay installed until the run's last save is done,
     and once a signal came those signals stay ignored (the process is then exiting for requeue)."""
 
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+    SIGNALS = PREEMPTION_SIGNALS
 
     def __init__(self, stop_file: str | None = None):
         self.stop_file = stop_file

@@ -7,10 +7,13 @@
 #                      instance of the user on the node)
 #   run_stage NAME ARGS... / run_pipeline ARGS...
 #                      runs `python -m cluster.stage NAME ARGS...` (or `python -m cluster.pipeline`) as
-#                      the driver; USR1 (sbatch
-#                      --signal=B:USR1@...) asks the stage to checkpoint (RUN_DIR/STOP); a stage that
-#                      exits 75 (preempted after its checkpoint) requeues the job, which resumes from
-#                      `latest` with no flag; any other failure is not requeued.
+#                      the driver; USR1 (sbatch --signal=B:USR1@...) is passed to the driver, whose
+#                      running stages checkpoint (each writes its RUN_DIR/STOP); a USR1 before the driver
+#                      started keeps it from starting; a driver that exits 75 (preempted after its
+#                      checkpoint) requeues the job, which resumes from `latest` with no flag; any other
+#                      failure is not requeued.
+# A node whose Slurm address is loopback (NodeAddr=127.0.0.1, a workstation install) is registered
+# by Ray under the machine's own address; the head's is taken from Ray.
 # Ports and the Ray temp dir derive from the job id, so two jobs sharing a node do not collide.
 # Knobs (environment): UNIREPLKNET_HOME (the project checkout; default: the submit directory),
 # UNIREPLKNET_PYTHON, UNIREPLKNET_RUN_ROOT, RAY_CPUS_PER_NODE, RAY_GPUS_PER_NODE,
@@ -61,16 +64,23 @@ ray_cluster_up() {
     ips=()
     for i in "${!nodes[@]}"; do ips+=("$(_node_ip "${nodes[$i]}")"); done
     RAY_HEAD_IP=${ips[0]}
-    export RAY_ADDRESS=$RAY_HEAD_IP:$RAY_HEAD_PORT
-    echo "ray: head ${nodes[0]} ($RAY_ADDRESS), ${#nodes[@]} nodes, logs in $RAY_LOG_DIR"
+    echo "ray: head ${nodes[0]} ($RAY_HEAD_IP:$RAY_HEAD_PORT), ${#nodes[@]} nodes, logs in $RAY_LOG_DIR"
     # shellcheck disable=SC2046
     srun --nodes=1 --ntasks=1 --overlap -w "${nodes[0]}" --output="$RAY_LOG_DIR/${nodes[0]}.log" \
         "$RAY_BIN" start --head --node-ip-address="$RAY_HEAD_IP" --port="$RAY_HEAD_PORT" \
         --ray-client-server-port=$((RAY_JOB_BASE_PORT + 1)) --include-dashboard=false \
         "${resources[@]}" $(_ray_node_args 0) &
     RAY_STEP_PIDS+=($!)
-    "$UNIREPLKNET_PYTHON" -m cluster.ray_nodes --address "$RAY_ADDRESS" --ips "$RAY_HEAD_IP" \
-        --names "${nodes[0]}" --timeout "${RAY_NODE_TIMEOUT:-300}" || return 1
+    # the address Ray registered the head under: its own for a loopback NodeAddr (127.0.0.1 on a workstation)
+    local registered
+    registered=$("$UNIREPLKNET_PYTHON" -m cluster.ray_nodes --address "$RAY_HEAD_IP:$RAY_HEAD_PORT" --head \
+        --names "${nodes[0]}" --timeout "${RAY_NODE_TIMEOUT:-300}" | tail -n 1) && [[ -n "$registered" ]] || return 1
+    if [[ "$registered" != "$RAY_HEAD_IP" ]]; then
+        echo "ray: Ray registered the head ${nodes[0]} as $registered (Slurm's address: $RAY_HEAD_IP); using $registered"
+        RAY_HEAD_IP=$registered
+        ips[0]=$registered
+    fi
+    export RAY_ADDRESS=$RAY_HEAD_IP:$RAY_HEAD_PORT
     for i in "${!nodes[@]}"; do
         (( i == 0 )) && continue
         # shellcheck disable=SC2046
@@ -98,27 +108,34 @@ ray_cluster_down() {
     echo "ray: this job's nodes stopped"
 }
 
-_request_stop() {  # USR1: every running stage of this driver checkpoints and stops (RUN_DIR/STOP)
-    local dir
-    for dir in "${STOP_DIRS[@]}"; do
-        [[ -d "$dir" && ! -e "$dir/COMPLETE" ]] || continue
-        echo "USR1: asking $dir to checkpoint and stop ($dir/STOP)"
-        echo "slurm USR1" >> "$dir/STOP"
-    done
+_request_stop() {  # USR1: passed to the driver, whose running stages checkpoint and stop (each its RUN_DIR/STOP)
+    STOP_REQUESTED=1
+    if [[ -n "${DRIVER_PID:-}" ]] && kill -0 "$DRIVER_PID" 2>/dev/null; then
+        echo "USR1: asking $DRIVER_NAME (pid $DRIVER_PID) to checkpoint and stop"
+        kill -USR1 "$DRIVER_PID"
+    else
+        echo "USR1 before $DRIVER_NAME started: it will not start"
+    fi
 }
 
 _drive() {  # start the Ray cluster, run the driver command "$@", stop the cluster; requeue on 75
     local status=0
+    STOP_REQUESTED=0
+    DRIVER_PID=
     trap ray_cluster_down EXIT
     trap _request_stop USR1
     ray_cluster_up || { echo "ray: the cluster did not come up" >&2; return 1; }
     cd "$UNIREPLKNET_HOME" || return 1
-    "$@" &
-    local driver=$!
-    while true; do  # a trapped signal interrupts `wait`; keep waiting for the driver itself
-        wait "$driver" && status=0 || status=$?
-        kill -0 "$driver" 2>/dev/null || break
-    done
+    if (( STOP_REQUESTED )); then
+        status=75
+    else
+        "$@" &
+        DRIVER_PID=$!
+        while true; do  # a trapped signal interrupts `wait`; keep waiting for the driver itself
+            wait "$DRIVER_PID" && status=0 || status=$?
+            kill -0 "$DRIVER_PID" 2>/dev/null || break
+        done
+    fi
     ray_cluster_down
     if (( status == 75 )); then
         echo "$DRIVER_NAME preempted after its checkpoint: requeueing job $SLURM_JOB_ID"
@@ -138,13 +155,11 @@ run_stage() {  # run_stage NAME ARGS...: `python -m cluster.stage NAME --run-dir
     export UNIREPLKNET_NUM_WORKERS
     STAGE_RUN_DIR=${STAGE_RUN_DIR:-$UNIREPLKNET_RUN_ROOT/$name}
     mkdir -p "$STAGE_RUN_DIR"
-    STOP_DIRS=("$STAGE_RUN_DIR")
     DRIVER_NAME="stage $name"
     _drive "$UNIREPLKNET_PYTHON" -m cluster.stage "$name" --run-dir "$STAGE_RUN_DIR" "$@"
 }
 
 run_pipeline() {  # run_pipeline ARGS...: `python -m cluster.pipeline --run-root RUN_ROOT ARGS...`
-    STOP_DIRS=("$UNIREPLKNET_RUN_ROOT/pretrain_xl" "$UNIREPLKNET_RUN_ROOT/finetune_ade20k" "$UNIREPLKNET_RUN_ROOT/finetune_coco")
     DRIVER_NAME="pipeline"
     _drive "$UNIREPLKNET_PYTHON" -m cluster.pipeline --run-root "$UNIREPLKNET_RUN_ROOT" "$@"
 }

@@ -4,6 +4,7 @@ Every daemon runs in the foreground under this process, with its config, state, 
 munge socket in a temporary directory, and is stopped by its PID. n1 and n2 listen on the
 loopback addresses 127.0.0.2 and 127.0.0.3 (the whole of 127/8 is loopback), which a Ray
 cluster inside a job then uses as its node IPs (Ray replaces 127.0.0.1 by the machine's address).
+``SlurmCluster(root, WORKSTATION)`` is the one-node install of a workstation instead: n1 at 127.0.0.1.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import time
 from pathlib import Path
 
 NODES = {"n1": "127.0.0.2", "n2": "127.0.0.3"}
+WORKSTATION = {"n1": "127.0.0.1"}
 CPUS_PER_NODE = 2
 DAEMONS = ("munged", "slurmctld", "slurmd", "sbatch", "scontrol", "squeue", "srun")
 
@@ -36,8 +38,8 @@ def _binary(name: str) -> str:
 class SlurmCluster:
     """Start with :meth:`start`, stop with :meth:`stop`; :attr:`env` is what client commands need."""
 
-    def __init__(self, root: Path):
-        self.root = root
+    def __init__(self, root: Path, nodes: dict[str, str] = NODES):
+        self.root, self.nodes = root, dict(nodes)
         self.processes: dict[str, subprocess.Popen] = {}
         self.conf = root / "slurm.conf"
         self.munge_socket = root / "munge" / "munge.socket"
@@ -45,7 +47,7 @@ class SlurmCluster:
 
     def _write_config(self) -> None:
         root = self.root
-        for sub in ("state", "munge", "logs", *(f"spool-{n}" for n in NODES)):
+        for sub in ("state", "munge", "logs", *(f"spool-{n}" for n in self.nodes)):
             (root / sub).mkdir(parents=True, exist_ok=True)
         lines = [
             "ClusterName=unireplknet-test",
@@ -62,10 +64,10 @@ class SlurmCluster:
             "JobCompType=jobcomp/none", "ReturnToService=2", "JobRequeue=1", "SchedulerType=sched/builtin",
             "SlurmdTimeout=60", "MinJobAge=600", "KillWait=30",
         ]
-        for name, address in NODES.items():
+        for name, address in self.nodes.items():
             lines.append(f"NodeName={name} NodeHostname=localhost NodeAddr={address} Port={_free_port()} "
                          f"CPUs={CPUS_PER_NODE} RealMemory=8000 State=UNKNOWN")
-        lines.append(f"PartitionName=test Nodes={','.join(NODES)} Default=YES MaxTime=INFINITE State=UP")
+        lines.append(f"PartitionName=test Nodes={','.join(self.nodes)} Default=YES MaxTime=INFINITE State=UP")
         self.conf.write_text("\n".join(lines) + "\n")
 
     def _start(self, name: str, command: list[str]) -> None:
@@ -85,7 +87,7 @@ class SlurmCluster:
             assert time.time() < deadline, "munged did not create its socket"
             time.sleep(0.1)
         self._start("slurmctld", [_binary("slurmctld"), "-D", "-i", "-f", str(self.conf)])
-        for name in NODES:
+        for name in self.nodes:
             self._start(f"slurmd-{name}", [_binary("slurmd"), "-D", "-N", name, "-f", str(self.conf)])
         while True:
             self._check_alive()

@@ -1,12 +1,18 @@
-"""``python -m cluster.stage``: the environment it reads, dry runs, the stage not built yet (skipping complete
-stages and resuming changed ones: ``test_pipeline.py``); ``python -m cluster.ray_nodes`` naming nodes that never joined."""
+"""``python -m cluster.stage``: the environment it reads, dry runs, missing inputs refused before any worker starts,
+a stage on its own local Ray cluster preempted by a group SIGTERM (skipping complete stages and resuming changed
+ones: ``test_pipeline.py``); ``python -m cluster.ray_nodes`` naming nodes that never joined."""
 from __future__ import annotations
 
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
+
+import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -79,3 +85,95 @@ def test_ray_nodes_names_the_nodes_that_never_joined():
                             capture_output=True, text=True, timeout=120, env={**os.environ, "RAY_AUTH_MODE": "disabled"})
     assert result.returncode == 1
     assert "gpu07 (127.0.0.8), gpu08 (127.0.0.9)" in result.stderr
+
+
+def test_a_fine_tune_whose_data_is_missing_fails_in_one_line_before_any_worker_starts(tmp_path):
+    """The task's preflight runs in the driver: exit 2 naming the missing folder or file, no Ray, no worker."""
+    backbone = tmp_path / "backbone.pth"
+    backbone.write_bytes(b"")  # only its existence matters before the workers
+    env = {"UNIREPLKNET_RUN_ROOT": str(tmp_path / "runs")}
+    finetune = subprocess.run([sys.executable, "-m", "finetune", "ade20k", "--data", "/nonexistent/ade", "--init",
+                               str(backbone), "--run-dir", str(tmp_path / "runs" / "finetune")], cwd=REPO,
+                              capture_output=True, text=True, timeout=120)
+    ade = stage("finetune_ade20k", "--data", "/nonexistent/ade", "--init", str(backbone), "--set",
+                "launch.num_workers=1", "launch.device=cpu", env=env)
+    coco = stage("finetune_coco", "--data", str(tmp_path / "coco"), "--init", str(backbone), "--set",
+                 "launch.num_workers=1", "launch.device=cpu", env=env)
+    missing = {"ade20k": "/nonexistent/ade/images/training", "coco": f"{tmp_path / 'coco'}/annotations/instances_train2017.json"}
+    for result, task in ((finetune, "ade20k"), (ade, "ade20k"), (coco, "coco")):
+        assert result.returncode == 2, result.stderr[-3000:]
+        (line,) = result.stderr.strip().splitlines()
+        assert f"{task}.data_root: " in line and missing[task] in line, line
+    for name in ("finetune", "finetune_ade20k", "finetune_coco"):  # no Ray cluster, no worker, no training log
+        assert not (tmp_path / "runs" / name / "ray").exists() and not (tmp_path / "runs" / name / "train.log").exists()
+
+
+def test_a_driver_keeps_a_stop_signal_from_its_start_up_and_removes_a_stale_stop_file(tmp_path):
+    """What a stage driver does with SIGTERM / SIGUSR1 (its process group's, twice) before and during its run."""
+    stop_file = tmp_path / "run" / "STOP"
+    stop_file.parent.mkdir()
+    stop_file.write_text("SIGTERM\n")  # left by an earlier run
+    script = f"""
+import os, signal
+from pretrain.driver_signals import catch_stop_signals, stop_file_requests
+catch_stop_signals()
+os.killpg(0, signal.SIGTERM)  # while starting: kept, not fatal
+os.killpg(0, signal.SIGTERM)
+with stop_file_requests({str(stop_file)!r}):
+    print("started:", open({str(stop_file)!r}).read().split())
+    os.kill(os.getpid(), signal.SIGUSR1)
+print("ran:", open({str(stop_file)!r}).read().split())
+os.killpg(0, signal.SIGTERM)  # after the run: the rest of the volley must not kill it either
+print("done")
+"""
+    result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=60,
+                            start_new_session=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == ["started: ['SIGTERM', 'SIGTERM']", "ran: ['SIGTERM', 'SIGTERM', 'SIGUSR1']",
+                                          "done"]
+    assert f"removed {stop_file} (SIGTERM), left by an earlier run" in result.stderr
+
+
+def session_members(session: int) -> list[str]:
+    """``ps``'s view of the live processes of a session."""
+    rows = subprocess.run(["ps", "-e", "-o", "sid=,stat=,pid=,args="], capture_output=True, text=True).stdout
+    return [row.strip() for row in rows.splitlines()
+            if int(row.split()[0]) == session and not row.split()[1].startswith("Z")]
+
+
+@pytest.mark.slow
+def test_a_stage_on_its_own_ray_cluster_checkpoints_on_a_group_sigterm_and_leaves_nothing(tmp_path):
+    """Without RAY_ADDRESS the stage starts its own Ray cluster, outside its process group: SIGTERM to the group,
+    twice, reaches the driver only, the Ray Train worker checkpoints, the stage exits 75 and stops that cluster."""
+    import torch
+
+    import unireplknet
+
+    backbone = unireplknet.UniRepLKNet(depths=(1, 1, 2, 1), dims=(16, 32, 64, 128),
+                                       kernel_sizes=((3,), (13,), (13, 3), (13,)), num_classes=10)
+    torch.save(unireplknet.export_official(backbone), tmp_path / "backbone.pth")
+    run_dir, output = tmp_path / "ade", tmp_path / "stage.out"
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "UNIREPLKNET_RUN_ROOT")}
+    with open(output, "w") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "cluster.stage", "finetune_ade20k", "--run-dir", str(run_dir), "--config",
+             "ade20k_demo", "--init", str(tmp_path / "backbone.pth"), "--set", f"ade20k.data_root={tmp_path / 'data'}",
+             "ade20k.crop_size=64", "launch.device=cpu", "launch.num_workers=1", "train.log_every=1",
+             "train.max_steps=100000"], cwd=REPO, stdout=out, stderr=subprocess.STDOUT, env=env,
+            start_new_session=True)
+    deadline = time.time() + 400
+    while not ((run_dir / "train.log").exists() and "step 1/" in (run_dir / "train.log").read_text()):
+        assert process.poll() is None and time.time() < deadline, output.read_text()[-4000:]
+        time.sleep(0.2)
+    for _ in range(2):
+        os.killpg(process.pid, signal.SIGTERM)
+        time.sleep(0.3)
+    assert process.wait(timeout=300) == 75, output.read_text()[-4000:]
+    step = int((run_dir / "REQUEUE").read_text())
+    assert (run_dir / "checkpoints" / "latest").read_text() == f"step_{step:08d}"
+    assert f"stop requested ({run_dir / 'STOP'})" in (run_dir / "train.log").read_text()
+    (ray_session,) = re.findall(r"started a local Ray cluster at \S+ \(session (\d+)", output.read_text())
+    deadline = time.time() + 15
+    while (left := session_members(process.pid) + session_members(int(ray_session))) and time.time() < deadline:
+        time.sleep(0.5)
+    assert not left, f"processes of the stage outlived it: {left}"

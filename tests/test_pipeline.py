@@ -1,50 +1,170 @@
 """``python -m cluster.pipeline --config demo`` end to end on a local Ray cluster it starts itself: demo pretraining
--> export -> ADE20K demo fine-tune -> summary; a rerun skips what is complete and resumes what changed."""
+-> export -> the ADE20K and COCO demo fine-tunes -> summary; preempted by SIGTERM (to its process group, twice, as
+Slurm and a pod stop send it; to its PID alone), every running stage checkpoints and the pipeline exits 75 with
+nothing of it left running; a rerun resumes every stage, skips what is complete and resumes what changed."""
 from __future__ import annotations
 
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import pytest
 from test_pretrain_train import read_scalars
 
 REPO = Path(__file__).resolve().parents[1]
+REQUEUE = 75
+FINETUNES = ("finetune_ade20k", "finetune_coco")
+
+
+def pipeline_env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "UNIREPLKNET_RUN_ROOT")}
 
 
 def pipeline(run_root: Path, *overrides: str) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "UNIREPLKNET_RUN_ROOT")}
     return subprocess.run([sys.executable, "-m", "cluster.pipeline", "--config", "demo", "--run-root", str(run_root),
-                           "--set", *overrides], cwd=REPO, capture_output=True, text=True, timeout=900, env=env)
+                           "--set", *overrides], cwd=REPO, capture_output=True, text=True, timeout=900,
+                          env=pipeline_env())
 
 
-def test_demo_pipeline_runs_every_stage_then_skips_and_resumes_on_rerun(pretrain_shards, tmp_path):
+def start_pipeline(run_root: Path, output: Path, *overrides: str) -> subprocess.Popen:
+    """The pipeline as the leader of a new session and process group (``setsid``, as a batch step or a pod's
+    command runs), its output to ``output``."""
+    with open(output, "w") as out:
+        return subprocess.Popen([sys.executable, "-m", "cluster.pipeline", "--config", "demo", "--run-root",
+                                 str(run_root), "--set", *overrides], cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
+                                env=pipeline_env(), start_new_session=True)
+
+
+def wait_for_text(process: subprocess.Popen, path: Path, text: str, since: int = 0, timeout: float = 400) -> None:
+    """Until ``text`` appears in ``path`` after its first ``since`` characters (the process must keep running)."""
+    deadline = time.time() + timeout
+    while not (path.exists() and text in path.read_text()[since:]):
+        assert process.poll() is None, f"exited {process.returncode} before {text!r} appeared in {path}"
+        assert time.time() < deadline, f"{text!r} never appeared in {path}"
+        time.sleep(0.2)
+
+
+def session_members(session: int) -> list[str]:
+    """``ps``'s view of the live processes of a session."""
+    rows = subprocess.run(["ps", "-e", "-o", "sid=,stat=,pid=,args="], capture_output=True, text=True).stdout
+    return [row.strip() for row in rows.splitlines()
+            if int(row.split()[0]) == session and not row.split()[1].startswith("Z")]
+
+
+def assert_nothing_left(process: subprocess.Popen, output: Path) -> None:
+    """No process of the pipeline's session, nor of the local Ray cluster's (named in its log), is alive."""
+    (ray_session,) = re.findall(r"started a local Ray cluster at \S+ \(session (\d+)", output.read_text())
+    deadline = time.time() + 15
+    while (left := session_members(process.pid) + session_members(int(ray_session))) and time.time() < deadline:
+        time.sleep(0.5)
+    assert not left, f"processes of the run outlived it: {left}"
+
+
+def stopped_step(run_dir: Path) -> int:
+    """The step a preempted run checkpointed at, which ``latest`` must name."""
+    step = int((run_dir / "REQUEUE").read_text())
+    assert (run_dir / "checkpoints" / "latest").read_text() == f"step_{step:08d}"
+    return step
+
+
+@pytest.fixture
+def started():
+    """Pipelines a test started; any still running at its end (a failed test) is SIGKILLed with its process group
+    (its Ray head then gets SIGTERM as its parent dies, and stops its node)."""
+    processes: list[subprocess.Popen] = []
+    yield processes
+    for process in processes:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+def test_demo_pipeline_preempted_by_signals_resumes_every_stage_then_skips_complete_ones(started, tmp_path):
     runs = tmp_path / "runs"
-    overrides = [f"finetune_coco:coco.data_root={tmp_path / 'coco'}", "finetune_coco:train.max_steps=8",
-                 f"pretrain_xl:data.demo_dir={tmp_path / 'digits'}", "pretrain_xl:data.demo_train_samples=512",
-                 "pretrain_xl:data.demo_val_samples=128", "pretrain_xl:train.epochs=1",
-                 f"finetune_ade20k:ade20k.data_root={tmp_path / 'ade20k'}", "finetune_ade20k:train.max_steps=16",
-                 "finetune_ade20k:ade20k.crop_size=96"]
-    first = pipeline(runs, *overrides)
-    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    # each Ray Train worker reserves 1 CPU (not 1 + data.num_workers), so both fine-tunes run at once on 2 cores
+    common = [f"pretrain_xl:data.demo_dir={tmp_path / 'digits'}", "pretrain_xl:data.demo_train_samples=512",
+              "pretrain_xl:data.demo_val_samples=128", "pretrain_xl:train.epochs=1",
+              f"finetune_ade20k:ade20k.data_root={tmp_path / 'ade20k'}", "finetune_ade20k:ade20k.crop_size=96",
+              "finetune_ade20k:train.steps=100000", f"finetune_coco:coco.data_root={tmp_path / 'coco'}",
+              *(f"{stage}:{key}" for stage in FINETUNES for key in ("train.log_every=1", "launch.cpus_per_worker=1"))]
+    train_logs = {stage: runs / stage / "train.log" for stage in FINETUNES}
+
+    # 1. SIGTERM to the whole process group, twice, once both fine-tunes train
+    output = tmp_path / "first.out"
+    first = start_pipeline(runs, output, *common, *(f"{stage}:train.max_steps=100000" for stage in FINETUNES))
+    started.append(first)
+    for stage in FINETUNES:
+        wait_for_text(first, train_logs[stage], "step 1/")
+    os.killpg(first.pid, signal.SIGTERM)
+    time.sleep(0.3)
+    os.killpg(first.pid, signal.SIGTERM)
+    assert first.wait(timeout=400) == REQUEUE, output.read_text()[-4000:]
+    assert_nothing_left(first, output)
+    summary = json.loads((runs / "pipeline" / "summary.json").read_text())
+    assert (summary["status"], summary["stop_signal"]) == ("preempted", "SIGTERM")
+    assert [summary["stages"][s]["status"] for s in ("pretrain_xl", "export", *FINETUNES)] == [0, 0, REQUEUE, REQUEUE]
+    stopped = {stage: stopped_step(runs / stage) for stage in FINETUNES}
+    for stage in FINETUNES:
+        assert "SIGTERM received: asking the workers to checkpoint and stop" in (runs / stage / "stage.log").read_text()
+        assert f"stop requested ({runs / stage / 'STOP'})" in train_logs[stage].read_text()
+
+    # 2. the rerun skips what is complete and resumes both fine-tunes; a stop file left behind (by a signal after
+    # the checkpoint, or by a run whose workers died before serving it) is removed, not obeyed
+    for stage in FINETUNES:
+        (runs / stage / "STOP").write_text("SIGTERM\n")
+    targets = {stage: stopped[stage] + 2 for stage in FINETUNES}
+    second = pipeline(runs, *common, *(f"{stage}:train.max_steps={targets[stage]}" for stage in FINETUNES))
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    for stage in FINETUNES:
+        assert f"removed {runs / stage / 'STOP'} (SIGTERM), left by an earlier run" in \
+            (runs / stage / "stage.log").read_text()
+    for stage in ("pretrain_xl", "export"):  # the first run's output has no such line
+        assert f"stage {stage} is complete" in (runs / stage / "stage.log").read_text(), stage
+    for stage in FINETUNES:
+        assert f"resumed from {runs / stage / 'checkpoints' / f'step_{stopped[stage]:08d}'}" in \
+            train_logs[stage].read_text(), stage
     summary = json.loads((runs / "pipeline" / "summary.json").read_text())
     stages = summary["stages"]
     assert summary["status"] == "complete"
-    assert [stages[s]["status"] for s in ("pretrain_xl", "export", "finetune_ade20k", "finetune_coco")] == [0, 0, 0, 0]
-    assert stages["finetune_coco"]["metrics"]["step"] == 8 and "eval/segm_AP" in stages["finetune_coco"]["metrics"]
+    assert [stages[s]["status"] for s in ("pretrain_xl", "export", *FINETUNES)] == [0, 0, 0, 0]
     assert stages["pretrain_xl"]["metrics"]["eval/top1"] > 10.0  # 10 classes: chance is 10 %
-    assert stages["finetune_ade20k"]["metrics"]["step"] == 16 and stages["finetune_ade20k"]["metrics"]["eval/mIoU"] > 0
-    assert (runs / "export" / "export" / "backbone.pth").is_file()
-    assert f"backbone from {runs / 'export' / 'export' / 'backbone.pth'}" in (runs / "finetune_ade20k" / "train.log").read_text()
+    assert stages["finetune_coco"]["metrics"]["step"] == targets["finetune_coco"]
+    assert "eval/segm_AP" in stages["finetune_coco"]["metrics"]
+    assert stages["finetune_ade20k"]["metrics"]["step"] == targets["finetune_ade20k"]
+    assert stages["finetune_ade20k"]["metrics"]["eval/mIoU"] > 0
+    backbone = runs / "export" / "export" / "backbone.pth"
+    assert backbone.is_file() and f"backbone from {backbone}" in train_logs["finetune_ade20k"].read_text()
     scalars = read_scalars(runs / "pipeline")
     assert "finetune_ade20k/mIoU" in scalars and "pretrain_xl/top1" in scalars and "finetune_coco/bbox_AP" in scalars
-    assert f"tensorboard --logdir {runs}" in first.stdout and "mIoU" in first.stdout
+    assert f"tensorboard --logdir {runs}" in second.stdout and "mIoU" in second.stdout
 
-    again = pipeline(runs, *overrides[:-2], "finetune_ade20k:train.max_steps=20", overrides[-1])
-    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
-    for stage in ("pretrain_xl", "export"):  # the first run's output has no such line
-        assert f"stage {stage} is complete" in (runs / stage / "stage.log").read_text(), stage
-    ade_log = (runs / "finetune_ade20k" / "train.log").read_text()
-    assert "resumed from" in ade_log and "step_00000016" in ade_log
-    assert json.loads((runs / "pipeline" / "summary.json").read_text())["stages"]["finetune_ade20k"]["metrics"]["step"] == 20
+    # 3. a changed stage resumes from its last checkpoint; SIGTERM to the pipeline's PID alone reaches it too
+    output = tmp_path / "third.out"
+    ade_log = train_logs["finetune_ade20k"]
+    since = len(ade_log.read_text())
+    third = start_pipeline(runs, output, *common, "finetune_ade20k:train.max_steps=100000",
+                           f"finetune_coco:train.max_steps={targets['finetune_coco']}")
+    started.append(third)
+    wait_for_text(third, ade_log, f"step {targets['finetune_ade20k'] + 1}/", since=since)
+    third.send_signal(signal.SIGTERM)
+    assert third.wait(timeout=400) == REQUEUE, output.read_text()[-4000:]
+    assert_nothing_left(third, output)
+    assert f"step_{targets['finetune_ade20k']:08d}" in ade_log.read_text()[since:].split("resumed from", 1)[1][:200]
+    assert stopped_step(runs / "finetune_ade20k") > targets["finetune_ade20k"]
+    summary = json.loads((runs / "pipeline" / "summary.json").read_text())
+    assert summary["status"] == "preempted" and summary["stages"]["finetune_ade20k"]["status"] == REQUEUE
+    assert summary["stages"]["finetune_coco"]["status"] == 0
+    assert (runs / "finetune_coco" / "stage.log").read_text().count("stage finetune_coco is complete") == 1
+
+
+def test_a_misspelt_stage_in_set_is_refused_before_anything_starts(tmp_path):
+    result = pipeline(tmp_path / "runs", "finetune_ade:train.max_steps=2")
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "'finetune_ade'" in result.stderr
+    assert "expected one of pretrain_xl, finetune_ade20k, finetune_coco" in result.stderr
+    assert not (tmp_path / "runs").exists()

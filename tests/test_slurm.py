@@ -14,27 +14,43 @@ from pathlib import Path
 
 import pytest
 
-from slurm_cluster import NODES, SlurmCluster, missing_binaries
+from slurm_cluster import NODES, WORKSTATION, SlurmCluster, missing_binaries
 
 REPO = Path(__file__).resolve().parents[1]
 
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def slurm(tmp_path_factory):
+def started_slurm(root: Path, nodes: dict[str, str], workers: int):
+    """A Slurm of ``nodes`` for a test, with the environment the stage scripts read (CPU, ``workers`` Ray Train
+    workers); skipped (failed in CI) where Slurm is not installed."""
     missing = missing_binaries()
     if missing:
         message = f"Slurm/munge not installed ({', '.join(missing)}): `make system-deps` installs them"
         if os.environ.get("UNIREPLKNET_REQUIRE_SLURM") == "1":
             pytest.fail(message)
         pytest.skip(message)
-    root = tmp_path_factory.mktemp("slurm")
-    cluster = SlurmCluster(root / "daemons")
+    cluster = SlurmCluster(root / "daemons", nodes)
     cluster.start()
     cluster.env.update(RAY_AUTH_MODE="disabled", OMP_NUM_THREADS="1", RAY_GPUS_PER_NODE="0",
-                       UNIREPLKNET_NUM_WORKERS="2", UNIREPLKNET_RUN_ROOT=str(root / "runs"),
+                       UNIREPLKNET_NUM_WORKERS=str(workers), UNIREPLKNET_RUN_ROOT=str(root / "runs"),
                        UNIREPLKNET_HOME=str(REPO), TORCH_EXTENSIONS_DIR=os.environ["TORCH_EXTENSIONS_DIR"])
+    return cluster
+
+
+@pytest.fixture(scope="module")
+def slurm(tmp_path_factory):
+    cluster = started_slurm(tmp_path_factory.mktemp("slurm"), NODES, workers=2)
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture
+def workstation_slurm(tmp_path):
+    """One node, ``NodeAddr=127.0.0.1``: a Slurm installed on a workstation."""
+    cluster = started_slurm(tmp_path / "slurm", WORKSTATION, workers=1)
     try:
         yield cluster
     finally:
@@ -42,8 +58,8 @@ def slurm(tmp_path_factory):
 
 
 def sbatch(slurm: SlurmCluster, out: Path, *stage_args: str, wait: bool, script: str = "slurm/pretrain_xl.sh") -> str:
-    """Submit a stage script with CPU overrides (2 nodes, 2 CPUs each, no GPU); returns the job id."""
-    command = ["sbatch", "--parsable", "--nodes=2", "--cpus-per-task=2", "--gpus-per-node=0", "--time=30",
+    """Submit a stage script with CPU overrides (every node of ``slurm``, 2 CPUs each, no GPU); returns the job id."""
+    command = ["sbatch", "--parsable", f"--nodes={len(slurm.nodes)}", "--cpus-per-task=2", "--gpus-per-node=0", "--time=30",
                "--exclusive", f"--output={out}", *(["--wait"] if wait else []), script, *stage_args]
     result = subprocess.run(command, cwd=REPO, env=slurm.env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, f"{result.stderr}\n{out.read_text() if out.exists() else ''}"
@@ -77,6 +93,22 @@ def processes_mentioning(text: str) -> list[str]:
         if text in command and "pytest" not in command:
             found.append(f"{pid} {command[:160]}")
     return found
+
+
+def test_a_workstation_slurm_with_nodeaddr_127_0_0_1_runs_a_stage(workstation_slurm, pretrain_shards, tmp_path):
+    """Ray registers a node started on 127.0.0.1 under the machine's own address: the bootstrap takes the head's
+    address from Ray instead of waiting for 127.0.0.1 until it gives up."""
+    out = tmp_path / "job.out"
+    workstation_slurm.env["RAY_NODE_TIMEOUT"] = "60"  # the default 300 s is a long time for a test to fail in
+    job = sbatch(workstation_slurm, out, *demo_args(pretrain_shards, **{"train.max_steps": 2}), wait=True)
+    output = out.read_text()
+    assert "Ray registered the head n1 as " in output and "(Slurm's address: 127.0.0.1)" in output, output[-3000:]
+    assert "all 1 nodes joined" in output and "stage pretrain_xl finished with status 0" in output, output[-3000:]
+    run_dir = Path(workstation_slurm.env["UNIREPLKNET_RUN_ROOT"]) / "pretrain_xl"
+    assert (run_dir / "checkpoints" / "latest").read_text() == "step_00000002"
+    temp_dir = f"/tmp/ray-j{job}"
+    wait_for(lambda: not processes_mentioning(f"{temp_dir}/") + processes_mentioning(f"{temp_dir} "), 60,
+             "the job's Ray processes to end")
 
 
 def test_pretrain_xl_runs_on_two_nodes_resumes_and_requeues_on_usr1(slurm, pretrain_shards, tmp_path):
@@ -116,7 +148,7 @@ def test_pretrain_xl_runs_on_two_nodes_resumes_and_requeues_on_usr1(slurm, pretr
     output = third.read_text()
     assert state["JobState"] == "COMPLETED", output[-4000:]
     assert state.get("Restarts") == "1", state
-    assert f"USR1: asking {run_dir} to checkpoint and stop ({run_dir / 'STOP'})" in output
+    assert "USR1: asking stage pretrain_xl (pid " in output
     assert f"requeueing job {job}" in output
     text = log.read_text()
     assert f"stop requested ({run_dir / 'STOP'})" in text

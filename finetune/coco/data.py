@@ -32,7 +32,8 @@ from ..loading import ResumableBatches, worker_iterator
 from .annotations import AnnotationFileError, BrokenAnnotation, read_instances
 
 __all__ = ["MEAN", "STD", "AnnotationFileError", "CocoSplit", "EvalLoader", "ImageRecord", "ImageSizeError",
-           "TrainLoader", "augment", "decode_masks", "instance_annotations", "load_split", "pad_batch", "rescale_shape"]
+           "TrainLoader", "augment", "check_layout", "decode_masks", "instance_annotations", "load_split", "pad_batch",
+           "rescale_shape"]
 
 _logger = logging.getLogger(__name__)
 
@@ -73,20 +74,27 @@ def _filesystem(root: str):
     return fsspec.core.url_to_fs(root)
 
 
+def check_layout(root: str, split: str):
+    """(filesystem, annotation path, image folder) of ``ROOT/annotations/instances_SPLIT.json`` and ``ROOT/SPLIT/``;
+    a missing file or folder raises ``FileNotFoundError`` naming the path."""
+    fs, base = _filesystem(root)
+    base = base.rstrip("/")
+    annotation_path, image_dir = f"{base}/annotations/instances_{split}.json", f"{base}/{split}"
+    if not fs.isfile(annotation_path):
+        raise FileNotFoundError(f"{root.rstrip('/')}/annotations/instances_{split}.json: no annotation file; expected "
+                                "the COCO 2017 layout annotations/instances_{train,val}2017.json, {train,val}2017/*.jpg")
+    if not fs.isdir(image_dir):
+        raise FileNotFoundError(f"{root.rstrip('/')}/{split}: no image folder ({image_dir})")
+    return fs, annotation_path, image_dir
+
+
 def load_split(root: str, split: str) -> CocoSplit:
     """``ROOT/annotations/instances_SPLIT.json`` with the images of ``ROOT/SPLIT/``; a missing file or folder
     raises ``FileNotFoundError`` naming the path, a damaged file or one without images / annotations /
     categories ``AnnotationFileError``. Annotations that break a rule of ``finetune.coco.annotations.RULES``
     are left out of the images' annotations (counted in ``broken``, one warning)."""
-    fs, base = _filesystem(root)
-    base = base.rstrip("/")
-    annotation_path, image_dir = f"{base}/annotations/instances_{split}.json", f"{base}/{split}"
+    check_layout(root, split)
     annotation_file = f"{root.rstrip('/')}/annotations/instances_{split}.json"
-    if not fs.isfile(annotation_path):
-        raise FileNotFoundError(f"{annotation_file}: no annotation file; expected the COCO 2017 layout "
-                                "annotations/instances_{train,val}2017.json, {train,val}2017/*.jpg")
-    if not fs.isdir(image_dir):
-        raise FileNotFoundError(f"{root.rstrip('/')}/{split}: no image folder ({image_dir})")
     checked = read_instances(annotation_file)
     if checked.broken:
         _logger.warning("%s: %d of %d annotations break the COCO format: %s", annotation_file, len(checked.broken),

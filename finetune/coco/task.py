@@ -17,7 +17,7 @@ from pretrain.distributed import WorldInfo, barrier
 from ..backbone import init_backbone
 from ..dense import DenseTask, palette
 from .config import CocoRunConfig
-from .data import EvalLoader, TrainLoader, load_split
+from .data import EvalLoader, TrainLoader, check_layout, load_split
 from .metrics import CocoEvaluator
 
 __all__ = ["CocoInstanceSegmentation", "build_detector_from_config", "preflight"]
@@ -28,6 +28,18 @@ PREVIEWS = 4
 """Validation images (per evaluation, rank 0's first) drawn with their detections in TensorBoard."""
 PREVIEW_SCORE = 0.3
 """Detections drawn in previews score at least this."""
+
+
+def preflight(config: CocoRunConfig) -> None:
+    """Before any worker starts: ``coco.data_root`` holds both splits' annotation files and image folders (unless
+    ``coco.generate_demo`` writes them); ``ConfigError`` naming the missing path."""
+    if config.coco.generate_demo:
+        return
+    for split in ("train2017", "val2017"):
+        try:
+            check_layout(config.coco.data_root, split)
+        except FileNotFoundError as error:
+            raise ConfigError("coco.data_root", str(error)) from error
 
 
 def build_detector_from_config(config: CocoRunConfig) -> nn.Module:
@@ -168,22 +180,3 @@ class CocoInstanceSegmentation(DenseTask):
                             "labels": torch.randint(0, coco.num_classes, (objects,), generator=generator).to(device),
                             "masks": masks.to(device), "image_size": (height, width)})
         return images.to(device), targets
-
-
-def preflight(config: CocoRunConfig) -> None:
-    """Before any worker starts: ``coco.data_root`` holds both splits' annotation files and image folders,
-    unless the demo set is to be generated there. Raises ``ConfigError`` naming the key and the path."""
-    import fsspec
-
-    coco = config.coco
-    if coco.generate_demo:
-        return
-    fs, base = fsspec.core.url_to_fs(coco.data_root)
-    base = base.rstrip("/")
-    for split in ("train2017", "val2017"):
-        annotations, images = f"{base}/annotations/instances_{split}.json", f"{base}/{split}"
-        if not fs.isfile(annotations):
-            raise ConfigError("coco.data_root", f"{coco.data_root}: no annotations/instances_{split}.json; expected "
-                              "the COCO 2017 layout annotations/instances_{train,val}2017.json, {train,val}2017/*.jpg")
-        if not fs.isdir(images):
-            raise ConfigError("coco.data_root", f"{coco.data_root}: no {split}/ image folder")
