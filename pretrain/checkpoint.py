@@ -3,23 +3,30 @@
 Layout under ``RUN_DIR/checkpoints``::
 
     step_00001000/                 a complete checkpoint: only ever renamed into place whole
-        manifest.json              step, world size, ZeRO stage, every file with its size
+        manifest.json              step, world size, ZeRO stage, every file with its size and sha256
         config.json                the run's config when it was written
         mp_rank_00_model_states.pt DeepSpeed: model, optimizer (ZeRO: partitions), lr scheduler
         ...
         trainer_rank00000.pt       per rank: step, data-loader position, RNG states, EMA (plain
         ...                        tensors and Python values: loads with ``weights_only=True``)
-    .incomplete-step_00001000/     a save in progress; never resumed from, cleared by the next save
+    .incomplete-step_00001000/     a save in progress; never resumed from, removed when a run starts
     latest                         the tag of the newest complete checkpoint
 
-A save writes into ``.incomplete-TAG``, flushes, and rank 0 renames it to ``TAG`` and then
-replaces ``latest`` (temporary file, fsync, rename): a kill at any moment leaves ``latest``
-pointing at a whole checkpoint and no ``step_N`` folder holds files of two saves.
+A save writes into ``.incomplete-TAG`` (every file hashed while it is written, then flushed), and
+rank 0 renames it to ``TAG`` and then replaces ``latest`` (temporary file, fsync, rename): a kill
+at any moment leaves ``latest`` pointing at a whole checkpoint and no ``step_N`` folder holds files
+of two saves. A save that fails (no space left, a read-only file system) removes its folder and
+raises :class:`CheckpointWriteError` on every rank, naming the directory and the OS error;
+``latest`` still names the previous checkpoint.
 
-Resuming is decided on rank 0 and broadcast, so every rank takes the same checkpoint or fails
-with the same message: ``latest`` when it names a complete checkpoint, otherwise (with a warning)
-the newest complete ``step_N``; a checkpoint written by another world size, or with settings
-that exact resume cannot honour, is refused naming them. A damaged file is named.
+When a run starts (:func:`choose_checkpoint`, on rank 0, broadcast so every rank takes the same
+checkpoint or fails with the same message): leftovers of interrupted saves are removed; the
+directory must take a file, and as many bytes as the checkpoint resumed from holds; with
+``checkpoint.resume=none`` an earlier run's checkpoints are moved aside, so that no fallback ever
+resumes from them. Then ``latest`` is taken when it names a complete checkpoint whose files match
+their manifest (size and sha256), otherwise (with a warning naming the damaged file) the newest
+complete ``step_N``; a checkpoint written by another world size, or with settings that exact
+resume cannot honour, is refused naming them. Manifests of version 1 (sizes only) still resume.
 
 DeepSpeed reads its own files with full pickle loading: resume or export only run directories
 you trust. The trainer's own rank files load with ``weights_only=True``.
@@ -27,22 +34,27 @@ you trust. The trainer's own rank files load with ``weights_only=True``.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import logging
 import os
 import re
 import shutil
+import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
-from .distributed import WorldInfo, all_reduce_sum, barrier, broadcast_object
+from unireplknet.files import fsync_path
+
+from .distributed import WorldInfo, all_gather_object, all_reduce_sum, barrier, broadcast_object
 
 __all__ = [
     "CHECKPOINT_PREFIX",
     "CheckpointError",
+    "CheckpointWriteError",
     "Manifest",
     "RESUME_MAY_CHANGE",
     "choose_checkpoint",
@@ -56,18 +68,25 @@ __all__ = [
     "resume_rules",
     "save_checkpoint",
     "tag_of_step",
+    "verify_checkpoint",
 ]
 
 _logger = logging.getLogger(__name__)
 
 CHECKPOINT_PREFIX = "step_"
 INCOMPLETE_PREFIX = ".incomplete-"
+SET_ASIDE_INFIX = ".set-aside-"
 MANIFEST_NAME = "manifest.json"
 CONFIG_NAME = "config.json"
 MANIFEST_FORMAT = "unireplknet-trainer-checkpoint"
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2
+"""Version 2: every file's size and sha256, and the manifest's own sha256. Version 1 (sizes only) is still read."""
+_READABLE_MANIFEST_VERSIONS = (1, 2)
 _RANK_FILE = "trainer_rank{rank:05d}.pt"
 _STAGE0_MODEL_FILE = "mp_rank_00_model_states.pt"
+_HASH_CHUNK = 8 << 20
+_SLOW_HASH_S = 5.0
+"""Hashing or verifying that takes longer than this is logged as a warning (it delays every save or resume)."""
 
 RESUME_MAY_CHANGE = (
     "run_dir", "launch.", "checkpoint.", "train.max_steps", "train.log_every", "train.eval_every",
@@ -91,6 +110,11 @@ class CheckpointError(RuntimeError):
     """A checkpoint cannot be used: incomplete, damaged, another world size, or incompatible settings."""
 
 
+class CheckpointWriteError(CheckpointError):
+    """Checkpoints cannot be written where the run keeps them (read-only, full, missing): names the
+    directory and the OS error."""
+
+
 @dataclass(frozen=True, slots=True)
 class Manifest:
     """What ``manifest.json`` records about one complete checkpoint."""
@@ -99,6 +123,10 @@ class Manifest:
     world_size: int
     zero_stage: int
     files: dict[str, int]
+    """Every file of the checkpoint (path relative to its folder) with its size in bytes."""
+    sha256: dict[str, str]
+    """Every file's sha256 (hex); empty in a version-1 manifest, which recorded sizes only."""
+    version: int = MANIFEST_VERSION
 
 
 def tag_of_step(step: int) -> str:
@@ -117,83 +145,223 @@ def checkpoint_steps(root: str) -> list[int]:
     return sorted(step for step in map(_step_of_tag, os.listdir(root)) if step is not None)
 
 
+def _size_text(size: float) -> str:
+    if size < 1024:
+        return f"{size:.0f} bytes"
+    for unit in ("KiB", "MiB", "GiB"):
+        size /= 1024
+        if size < 1024 or unit == "GiB":
+            break
+    return f"{size:.1f} {unit}"
+
+
+def _os_error_text(error: OSError) -> str:
+    """``[Errno 28] No space left on device`` (without the file name, which the caller names)."""
+    if error.errno is not None and error.strerror:
+        return f"[Errno {error.errno}] {error.strerror}"
+    return str(error)
+
+
+# ----------------------------------------------------------------------------- writing files
+
+
+class _HashingFile:
+    """A write-only file object over an unbuffered file that hashes what it writes (what torch.save and
+    json.dump call). The first OS error is kept: torch's zip writer reports it as its own RuntimeError."""
+
+    def __init__(self, file):
+        self._file, self.sha256, self.size = file, hashlib.sha256(), 0
+        self.os_error: OSError | None = None
+
+    def write(self, data) -> int:
+        view = memoryview(data).cast("B")
+        try:
+            done = 0
+            while done < len(view):  # a short write (the disk filling up) is followed by the OS error
+                done += self._file.write(view[done:])
+        except OSError as error:
+            self.os_error = self.os_error or error
+            raise
+        self.sha256.update(view)
+        self.size += len(view)
+        return len(view)
+
+    def flush(self) -> None:
+        pass
+
+
+def _write_hashed(path: str, write: Callable[[_HashingFile], None]) -> tuple[int, str]:
+    """Write ``path`` through ``write``, then fsync it; (size, sha256) of what was written. A failed
+    write raises the OS error (with its errno) and leaves no partial file."""
+    hashed = None
+    try:
+        with open(path, "wb", buffering=0) as raw:
+            hashed = _HashingFile(raw)
+            write(hashed)
+            os.fsync(raw.fileno())
+    except BaseException as error:
+        with contextlib.suppress(OSError):
+            os.remove(path)
+        if hashed is not None and hashed.os_error is not None and not isinstance(error, OSError):
+            raise hashed.os_error from error
+        raise
+    return hashed.size, hashed.sha256.hexdigest()
+
+
+def _write_json(path: str, value: Any) -> tuple[int, str]:
+    return _write_hashed(path, lambda f: f.write((json.dumps(value, indent=1) + "\n").encode()))
+
+
+def _hash_file(path: str) -> tuple[int, str]:
+    digest, size = hashlib.sha256(), 0
+    with open(path, "rb") as f:
+        while chunk := f.read(_HASH_CHUNK):
+            digest.update(chunk)
+            size += len(chunk)
+    return size, digest.hexdigest()
+
+
+class _RecordingCheckpointEngine:
+    """Stands in for DeepSpeed's checkpoint engine during one save: every file DeepSpeed saves is
+    written through :func:`_write_hashed` (hashed while written, fsynced), and a failed write is
+    recorded instead of raised, so this rank still reaches DeepSpeed's closing barrier and every
+    rank learns of the failure together. After a failure the remaining files are skipped."""
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.written: dict[str, tuple[int, str]] = {}
+        self.error: str | None = None
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def save(self, state_dict, path: str) -> None:
+        if self.error is not None:
+            return
+        zipfile = getattr(self.inner, "zipfile_serialization", True)
+        try:
+            self.written[path] = _write_hashed(
+                path, lambda f: torch.save(state_dict, f, _use_new_zipfile_serialization=zipfile))
+        except OSError as error:
+            self.error = f"writing {path} failed: {_os_error_text(error)}"
+        except RuntimeError as error:  # torch's writer, when an OS error was wrapped on the way
+            self.error = f"writing {path} failed: {error}"
+
+
 # ----------------------------------------------------------------------------- saving
 
 
-def _fsync_path(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_own_files(folder: str, rank: int) -> None:
-    """Flush this rank's files (rank 0 also flushes the shared ones) so ``latest`` never outruns the data."""
-    own = re.compile(rf"(?:^|_)rank_?0*{rank}(?:_|\.)")
-    for directory, _, files in os.walk(folder):
-        for name in files:
-            rank_named = re.search(r"rank_?\d+", name) and not name.startswith("mp_rank_")
-            if own.search(name) or (rank == 0 and not rank_named):
-                _fsync_path(os.path.join(directory, name))
-
-
-def _write_json_atomic(path: str, value: Any) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(value, f, indent=1)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _write_latest(root: str, tag: str) -> None:
+def _write_latest_tmp(root: str, tag: str) -> str:
     tmp = os.path.join(root, f".latest.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(tag)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, os.path.join(root, "latest"))
-    _fsync_path(root)
+    _write_hashed(tmp, lambda f: f.write(tag.encode()))
+    return tmp
 
 
-def _file_sizes(folder: str) -> dict[str, int]:
-    sizes = {}
-    for directory, _, files in os.walk(folder):
-        for name in files:
-            path = os.path.join(directory, name)
-            sizes[os.path.relpath(path, folder)] = os.path.getsize(path)
-    return sizes
+def _remove_incomplete(root: str) -> None:
+    """Delete what interrupted saves left (``.incomplete-*``): never resumed from, and they hold space."""
+    for name in sorted(os.listdir(root)):
+        if name.startswith(INCOMPLETE_PREFIX):
+            path = os.path.join(root, name)
+            _logger.info("removing %s, left by an interrupted save", path)
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path)
+            else:
+                os.remove(path)
+
+
+def _manifest_digest(manifest: dict) -> str:
+    body = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def _save_failed(root: str, tag: str, error: str) -> CheckpointWriteError:
+    latest, _ = _latest_folder(root)
+    previous = f"{os.path.join(root, 'latest')} still names {latest}" if latest else "no earlier checkpoint exists"
+    return CheckpointWriteError(
+        f"checkpoint {tag} could not be written to {root}: {error}. The incomplete save was removed and "
+        f"{previous}. Free space there (or lower checkpoint.keep), or make it writable, or set run_dir "
+        "elsewhere; then rerun the same command")
 
 
 def save_checkpoint(engine, root: str, step: int, rank_state: dict, world: WorldInfo, *, keep: int,
                     zero_stage: int, config: dict) -> str:
     """All ranks: write the DeepSpeed checkpoint and this rank's trainer state into a fresh
-    ``.incomplete-TAG`` folder, flush; rank 0 adds the manifest and the config, renames the folder
-    to ``TAG``, points ``latest`` at it and deletes all but the newest ``keep`` up to ``step``."""
+    ``.incomplete-TAG`` folder (hashing every file as it is written, then fsync); rank 0 adds the
+    manifest and the config, renames the folder to ``TAG``, points ``latest`` at it and deletes all
+    but the newest ``keep`` up to ``step``. A failed write (on any rank) removes the folder and raises
+    :class:`CheckpointWriteError` on every rank; ``latest`` is left as it was."""
     tag = tag_of_step(step)
     staging_tag = INCOMPLETE_PREFIX + tag
     staging, final = os.path.join(root, staging_tag), os.path.join(root, tag)
+    error = None
     if world.is_main:
-        os.makedirs(root, exist_ok=True)
-        for name in os.listdir(root):
-            if name.startswith(INCOMPLETE_PREFIX):  # left by an interrupted save
-                shutil.rmtree(os.path.join(root, name), ignore_errors=True)
-    barrier()
-    engine.save_checkpoint(root, tag=staging_tag, client_state={"step": step}, save_latest=False)
-    torch.save(rank_state, os.path.join(staging, _RANK_FILE.format(rank=world.rank)))
-    _fsync_own_files(staging, world.rank)
-    barrier()
+        try:
+            os.makedirs(root, exist_ok=True)
+            _remove_incomplete(root)
+            os.makedirs(staging)
+        except OSError as failure:
+            error = f"creating {staging} failed: {_os_error_text(failure)}"
+    _raise_on_every_rank(world, error, lambda first: _save_failed(root, tag, first))
+
+    started = time.perf_counter()
+    recorder = _RecordingCheckpointEngine(engine.checkpoint_engine)
+    engine.checkpoint_engine = recorder
+    try:
+        engine.save_checkpoint(root, tag=staging_tag, client_state={"step": step}, save_latest=False)
+    except OSError as failure:
+        # Rank 0 copies DeepSpeed's recovery scripts (next to the checkpoint folders) with its own
+        # file calls, after the state files: the other ranks are then in the save's closing
+        # barrier, which this rank must still meet.
+        recorder.error = recorder.error or f"writing {failure.filename or root} failed: {_os_error_text(failure)}"
+        barrier()
+    finally:
+        engine.checkpoint_engine = recorder.inner
+    if recorder.error is None:
+        recorder.save(rank_state, os.path.join(staging, _RANK_FILE.format(rank=world.rank)))
+    written = {os.path.relpath(path, staging): record for path, record in recorder.written.items()}
+    reports = all_gather_object((recorder.error, written))
+    errors = [e for e, _ in reports if e is not None]
+    if errors:
+        if world.is_main:
+            shutil.rmtree(staging, ignore_errors=True)
+        raise _save_failed(root, tag, errors[0])
+
+    error = None
     if world.is_main:
-        with open(os.path.join(staging, CONFIG_NAME), "w") as f:
-            json.dump(config, f, indent=2)
-            f.write("\n")
-        manifest = {"format": MANIFEST_FORMAT, "version": MANIFEST_VERSION, "step": step,
-                    "world_size": world.world_size, "zero_stage": zero_stage, "files": _file_sizes(staging)}
-        _write_json_atomic(os.path.join(staging, MANIFEST_NAME), manifest)
-        _fsync_path(os.path.join(staging, CONFIG_NAME))
-        _fsync_path(staging)
+        try:
+            _commit(root, staging, final, tag, step, keep, world.world_size, zero_stage, config,
+                    {name: record for _, files in reports for name, record in files.items()}, started)
+        except OSError as failure:
+            shutil.rmtree(staging, ignore_errors=True)
+            error = f"{_os_error_text(failure)} ({failure.filename or root})"
+    _raise_on_every_rank(world, error, lambda first: _save_failed(root, tag, first))
+    return final
+
+
+def _commit(root: str, staging: str, final: str, tag: str, step: int, keep: int, world_size: int,
+            zero_stage: int, config: dict, records: dict[str, tuple[int, str]], started: float) -> None:
+    """Rank 0, once every rank's files are written and flushed: config and manifest, then the folder
+    renamed into place, ``latest`` replaced, old checkpoints deleted."""
+    records[CONFIG_NAME] = _write_json(os.path.join(staging, CONFIG_NAME), config)
+    for directory, _, names in os.walk(staging):  # anything DeepSpeed wrote without its checkpoint engine
+        for name in names:
+            relative = os.path.relpath(os.path.join(directory, name), staging)
+            if relative not in records:
+                fsync_path(os.path.join(directory, name))
+                records[relative] = _hash_file(os.path.join(directory, name))
+    manifest = {"format": MANIFEST_FORMAT, "version": MANIFEST_VERSION, "step": step, "world_size": world_size,
+                "zero_stage": zero_stage,
+                "files": {name: {"size": size, "sha256": digest} for name, (size, digest) in sorted(records.items())}}
+    manifest["manifest_sha256"] = _manifest_digest(manifest)
+    _write_json(os.path.join(staging, MANIFEST_NAME), manifest)
+    fsync_path(staging)
+    elapsed = time.perf_counter() - started
+    total = sum(size for size, _ in records.values())
+    (_logger.warning if elapsed > _SLOW_HASH_S else _logger.info)(
+        "checkpoint %s: %d files, %s, written, hashed (sha256) and flushed in %.1f s", tag, len(records),
+        _size_text(total), elapsed)
+    latest_tmp = _write_latest_tmp(root, tag)  # written before the rename: no space left fails here, harmlessly
+    try:
         if os.path.exists(final):  # this step was reached before, on a timeline resumed from earlier
             replaced = os.path.join(root, f"{INCOMPLETE_PREFIX}replaced-{tag}")
             os.rename(final, replaced)
@@ -201,37 +369,56 @@ def save_checkpoint(engine, root: str, step: int, rank_state: dict, world: World
             shutil.rmtree(replaced, ignore_errors=True)
         else:
             os.rename(staging, final)
-        _fsync_path(root)
-        _write_latest(root, tag)
-        # Folders past this step are leftovers of an abandoned timeline: never counted among the
-        # newest, so they cannot push a complete checkpoint out.
-        for old in [s for s in checkpoint_steps(root) if s <= step][:-keep]:
-            shutil.rmtree(os.path.join(root, tag_of_step(old)), ignore_errors=True)
-    barrier()
-    return final
+        fsync_path(root)
+        os.replace(latest_tmp, os.path.join(root, "latest"))
+        fsync_path(root)
+    finally:
+        with contextlib.suppress(OSError):
+            os.remove(latest_tmp)
+    # Folders past this step are leftovers of an abandoned timeline: never counted among the
+    # newest, so they cannot push a complete checkpoint out.
+    for old in [s for s in checkpoint_steps(root) if s <= step][:-keep]:
+        shutil.rmtree(os.path.join(root, tag_of_step(old)), ignore_errors=True)
 
 
-# ----------------------------------------------------------------------------- choosing what to resume
+def _raise_on_every_rank(world: WorldInfo, error: str | None, make: Callable[[str], Exception]) -> None:
+    """Every rank raises ``make(first error)`` when any rank had one (none is left in a collective)."""
+    errors = [e for e in all_gather_object(error) if e is not None]
+    if errors:
+        raise make(errors[0])
+
+
+# ----------------------------------------------------------------------------- reading manifests
 
 
 def read_manifest(folder: str) -> Manifest:
-    """The manifest of a complete checkpoint folder, every listed file checked for presence and size."""
+    """The manifest of a complete checkpoint folder, every listed file checked for presence and size
+    (:func:`verify_checkpoint` also checks their sha256)."""
     path = os.path.join(folder, MANIFEST_NAME)
     if not os.path.isdir(folder):
         raise CheckpointError(f"{folder}: no such checkpoint folder")
     try:
-        with open(path) as f:
-            raw = json.load(f)
+        with open(path, "rb") as f:
+            raw = json.loads(f.read().decode("utf-8"))
     except FileNotFoundError:
         raise CheckpointError(f"{folder}: no {MANIFEST_NAME}, so not a complete checkpoint (an interrupted save, "
                               "or written by an older version of this trainer)") from None
-    except (OSError, json.JSONDecodeError) as error:
+    except (OSError, ValueError) as error:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise CheckpointError(f"{path} is damaged: {error}") from None
-    if not isinstance(raw, dict) or raw.get("format") != MANIFEST_FORMAT or raw.get("version") != MANIFEST_VERSION:
-        raise CheckpointError(f"{path}: expected a {MANIFEST_FORMAT} manifest version {MANIFEST_VERSION}")
+    if (not isinstance(raw, dict) or raw.get("format") != MANIFEST_FORMAT
+            or raw.get("version") not in _READABLE_MANIFEST_VERSIONS):
+        raise CheckpointError(f"{path} is damaged or not a checkpoint manifest: expected a {MANIFEST_FORMAT} "
+                              f"manifest of version {' or '.join(map(str, _READABLE_MANIFEST_VERSIONS))}")
+    if raw["version"] >= 2 and raw.get("manifest_sha256") != _manifest_digest(raw):
+        raise CheckpointError(f"{path} is damaged: its content does not match its own sha256")
     try:
-        manifest = Manifest(int(raw["step"]), int(raw["world_size"]), int(raw["zero_stage"]),
-                            {str(k): int(v) for k, v in raw["files"].items()})
+        if raw["version"] == 1:
+            sizes, digests = {str(k): int(v) for k, v in raw["files"].items()}, {}
+        else:
+            sizes = {str(k): int(v["size"]) for k, v in raw["files"].items()}
+            digests = {str(k): str(v["sha256"]) for k, v in raw["files"].items()}
+        manifest = Manifest(int(raw["step"]), int(raw["world_size"]), int(raw["zero_stage"]), sizes, digests,
+                            raw["version"])
     except (KeyError, TypeError, ValueError, AttributeError) as error:
         raise CheckpointError(f"{path}: field {error} missing or malformed") from None
     for name, size in manifest.files.items():
@@ -245,16 +432,43 @@ def read_manifest(folder: str) -> Manifest:
     return manifest
 
 
+def verify_checkpoint(folder: str) -> Manifest:
+    """:func:`read_manifest`, and every file's sha256 against the manifest (version 1: sizes only)."""
+    manifest = read_manifest(folder)
+    if not manifest.sha256:
+        _logger.info("%s has a version-1 manifest (sizes only): its files are checked by size", folder)
+        return manifest
+    started = time.perf_counter()
+    for name, expected in sorted(manifest.sha256.items()):
+        file = os.path.join(folder, name)
+        try:
+            _, actual = _hash_file(file)
+        except OSError as error:
+            raise CheckpointError(f"{folder} is damaged: {file} cannot be read: {_os_error_text(error)}") from None
+        if actual != expected:
+            raise CheckpointError(f"{folder} is damaged: {file} does not match its sha256 in the manifest "
+                                  f"(expected {expected[:16]}..., found {actual[:16]}...): flipped bits or "
+                                  "overwritten")
+    elapsed = time.perf_counter() - started
+    (_logger.warning if elapsed > _SLOW_HASH_S else _logger.info)(
+        "verified %s: %d files, %s, sha256 in %.1f s", folder, len(manifest.sha256),
+        _size_text(sum(manifest.files.values())), elapsed)
+    return manifest
+
+
 def read_saved_config(folder: str) -> dict | None:
     """The config stored with a checkpoint (None when the folder has none)."""
     path = os.path.join(folder, CONFIG_NAME)
     if not os.path.isfile(path):
         return None
     try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, json.JSONDecodeError) as error:
+        with open(path, "rb") as f:
+            return json.loads(f.read().decode("utf-8"))
+    except (OSError, ValueError) as error:
         raise CheckpointError(f"{path} is damaged: {error}") from None
+
+
+# ----------------------------------------------------------------------------- choosing what to resume
 
 
 def _flatten(values: dict, prefix: str = "") -> dict[str, Any]:
@@ -283,8 +497,8 @@ def _latest_folder(root: str) -> tuple[str | None, str | None]:
     if not os.path.exists(path):
         return None, f"{path} is missing"
     try:
-        with open(path) as f:
-            tag = f.read().strip()
+        with open(path, "rb") as f:
+            tag = f.read().decode("utf-8", errors="replace").strip()
     except OSError as error:
         return None, f"{path} cannot be read: {error}"
     if _step_of_tag(tag) is None:
@@ -295,22 +509,24 @@ def _latest_folder(root: str) -> tuple[str | None, str | None]:
 def _choose(root: str, resume: str, world_size: int | None, config: dict | None,
             may_change: tuple[str, ...] = RESUME_MAY_CHANGE) -> tuple[str | None, list[str]]:
     """Rank 0's decision: the folder to resume from (None: start at step 0) and warnings to log.
-    ``world_size`` / ``config`` None: any world size and settings (export). The saved config is compared
-    with ``config`` in today's layout (:func:`pretrain.config.upgrade_config_dict`)."""
+    ``world_size`` / ``config`` None: any world size and settings (export). Every file of the folder
+    chosen matches its manifest (size and sha256). The saved config is compared with ``config`` in
+    today's layout (:func:`pretrain.config.upgrade_config_dict`)."""
     warnings: list[str] = []
     if resume == "none":
         return None, warnings
     if resume != "latest":
         folder = resume
-        read_manifest(folder)
+        verify_checkpoint(folder)
     else:
         folder, problem = _latest_folder(root)
         if folder is not None:
             try:
-                read_manifest(folder)
+                verify_checkpoint(folder)
             except CheckpointError as error:
                 folder, problem = None, str(error)
         if folder is None:
+            rejected_latest, _ = _latest_folder(root)
             steps = checkpoint_steps(root)
             if not steps:
                 if os.path.exists(os.path.join(root, "latest")):
@@ -320,8 +536,10 @@ def _choose(root: str, resume: str, world_size: int | None, config: dict | None,
             rejected = []
             for step in reversed(steps):
                 candidate = os.path.join(root, tag_of_step(step))
+                if candidate == rejected_latest:
+                    continue  # already found damaged above
                 try:
-                    read_manifest(candidate)
+                    verify_checkpoint(candidate)
                 except CheckpointError as error:
                     rejected.append(str(error))
                     continue
@@ -361,26 +579,87 @@ def _choose(root: str, resume: str, world_size: int | None, config: dict | None,
     return folder, warnings
 
 
+def _set_aside(root: str) -> None:
+    """``checkpoint.resume=none`` in a run directory that holds checkpoints: move them to a sibling
+    folder, so that no later fallback (a missing ``latest``) resumes this run from an older one's."""
+    if not os.path.isdir(root):
+        return
+    names = sorted(os.listdir(root))
+    held = [n for n in names if _step_of_tag(n) is not None] + (["latest"] if "latest" in names else [])
+    if not held:
+        return
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    target, attempt = f"{root}{SET_ASIDE_INFIX}{stamp}", 1
+    while os.path.exists(target):
+        attempt += 1
+        target = f"{root}{SET_ASIDE_INFIX}{stamp}-{attempt}"
+    try:
+        os.rename(root, target)
+    except OSError as error:
+        raise CheckpointWriteError(f"checkpoint.resume=none: the checkpoints of an earlier run in {root} must be "
+                                   f"moved aside before this run starts from step 0, and moving them to {target} "
+                                   f"failed: {_os_error_text(error)}; move or delete them yourself") from None
+    _logger.warning("checkpoint.resume=none: moved what %s held (%s) to %s, so that this run, which starts from "
+                    "step 0, never resumes from them; delete that folder once it is no longer needed",
+                    root, ", ".join(held), target)
+
+
+def _prepare_root(root: str) -> None:
+    """Create ``root``, remove leftovers of interrupted saves, and prove a file can be written there."""
+    probe = os.path.join(root, f".write-probe-{os.getpid()}")
+    try:
+        os.makedirs(root, exist_ok=True)
+        _remove_incomplete(root)
+        _write_hashed(probe, lambda f: f.write(b"checkpoints can be written here\n"))
+        os.remove(probe)
+    except OSError as error:
+        raise CheckpointWriteError(
+            f"checkpoints cannot be written to {root}: {_os_error_text(error)} ({error.filename or root}). "
+            "The run would train until its first save and lose it: make the directory writable (or free "
+            "space there), or set run_dir to a writable place") from None
+
+
+def _check_free_space(root: str, folder: str) -> None:
+    """The next save writes a whole checkpoint before older ones are deleted: ``root`` must have room
+    for one as large as ``folder``."""
+    needed = sum(read_manifest(folder).files.values())
+    free = shutil.disk_usage(root).free
+    if free < needed:
+        raise CheckpointWriteError(
+            f"{root} has {_size_text(free)} free, less than the {_size_text(needed)} that the last checkpoint "
+            f"({folder}) takes: the next save would fail with no space left on device. Free space there "
+            "(or lower checkpoint.keep), or set run_dir elsewhere")
+
+
 def choose_checkpoint(root: str, resume: str, world: WorldInfo, config: dict,
                       may_change: tuple[str, ...] = RESUME_MAY_CHANGE) -> str | None:
-    """Every rank: the checkpoint folder to resume from (None: start at step 0), decided on rank 0.
+    """Every rank: prepare the checkpoint directory and pick the checkpoint to resume from (None:
+    start at step 0), all decided on rank 0.
 
     ``resume`` is ``latest``, ``none`` or a folder; ``may_change`` the keys a resumed run may change
-    (:func:`resume_rules`). Raises :class:`CheckpointError` on every rank together, with rank 0's
-    message, when the checkpoint cannot be used.
+    (:func:`resume_rules`). With ``none``, checkpoints already under
+    ``root`` are moved aside (logged). Leftovers of interrupted saves are removed; the directory
+    must take a file, and as many bytes as the chosen checkpoint holds. Raises
+    :class:`CheckpointError` (:class:`CheckpointWriteError` for the directory) on every rank
+    together, with rank 0's message, when the checkpoint or the directory cannot be used.
     """
-    decision: tuple[str | None, str | None] = (None, None)
+    decision: tuple[str | None, str | None, bool] = (None, None, False)
     if world.is_main:
         try:
+            if resume == "none":
+                _set_aside(root)
+            _prepare_root(root)
             folder, warnings = _choose(root, resume, world.world_size, config, may_change)
             for warning in warnings:
                 _logger.warning("%s", warning)
-            decision = (folder, None)
+            if folder is not None:
+                _check_free_space(root, folder)
+            decision = (folder, None, False)
         except CheckpointError as error:
-            decision = (None, str(error))
-    folder, error = broadcast_object(decision)
+            decision = (None, str(error), isinstance(error, CheckpointWriteError))
+    folder, error, write_error = broadcast_object(decision)
     if error is not None:
-        raise CheckpointError(error)
+        raise (CheckpointWriteError if write_error else CheckpointError)(error)
     return folder
 
 
@@ -406,20 +685,6 @@ def _load_rank_file(path: str) -> dict:
                               "pass --resume with an earlier checkpoint folder") from None
 
 
-def _agree_or_raise(world: WorldInfo, error: str | None, device: torch.device) -> None:
-    """Every rank raises when any rank failed (so none is left waiting in a collective)."""
-    failed = all_reduce_sum(torch.tensor([0.0 if error is None else 1.0], dtype=torch.float64, device=device))
-    if failed.item() == 0:
-        return
-    messages = [None] * world.world_size if world.world_size > 1 else [error]
-    if world.world_size > 1:
-        import torch.distributed as dist
-
-        dist.all_gather_object(messages, error)
-    first = next(m for m in messages if m is not None)
-    raise CheckpointError(first)
-
-
 def load_checkpoint(engine, folder: str, world: WorldInfo, device: torch.device) -> dict:
     """Every rank: restore model, optimizer and scheduler into ``engine``; return this rank's trainer state.
 
@@ -435,7 +700,7 @@ def load_checkpoint(engine, folder: str, world: WorldInfo, device: torch.device)
             error = f"{rank_file} was written by a run of {state.get('world_size')} ranks; this run has {world.world_size}"
     except CheckpointError as failure:
         error = str(failure)
-    _agree_or_raise(world, error, device)
+    _raise_on_every_rank(world, error, CheckpointError)
     root, tag = os.path.split(os.path.normpath(folder))
     try:
         path, _ = engine.load_checkpoint(root, tag=tag, load_module_strict=True, load_optimizer_states=True,

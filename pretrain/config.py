@@ -192,8 +192,9 @@ class TrainConfig:
     """Images per rank per forward pass."""
     zero_stage: int = 1
     """DeepSpeed ZeRO stage: 1 (optimizer states), 2 (+ gradients), 3 (+ parameters); 0 for none (LAMB)."""
-    precision: Literal["auto", "bf16", "fp32"] = "auto"
-    """``auto``: bf16 autocast on GPU, fp32 on CPU. BatchNorm weights and buffers stay fp32."""
+    precision: Literal["auto", "bf16", "fp32", "fp64"] = "auto"
+    """``auto``: bf16 autocast on GPU, fp32 on CPU. BatchNorm weights and buffers stay fp32. ``fp64``:
+    model, inputs and losses in float64 (numerical checks; DeepSpeed keeps fp32 master weights)."""
     label_smoothing: float = 0.1
     """Label smoothing (folded into the soft targets when mixup is on)."""
     ema_decay: float | None = None

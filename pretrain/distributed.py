@@ -1,8 +1,10 @@
 """Who am I in the job (torchrun, Slurm, Ray Train, or alone), and the collectives the trainer needs."""
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 import torch.distributed as dist
@@ -10,9 +12,11 @@ import torch.nn as nn
 
 __all__ = [
     "WorldInfo",
-    "all_reduce_batchnorm_buffers",
+    "all_gather_object",
     "all_reduce_sum",
+    "averaged_batchnorm_buffers",
     "barrier",
+    "batchnorm_buffers",
     "broadcast_object",
     "inside_launched_worker",
     "pick_device",
@@ -81,29 +85,53 @@ def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
     return values
 
 
-@torch.no_grad()
-def all_reduce_batchnorm_buffers(model: nn.Module) -> int:
-    """Average BatchNorm running mean and variance over ranks, then copy rank 0's result everywhere.
+def all_gather_object(value) -> list:
+    """Every rank's ``value`` (picklable Python data), in rank order, on every rank."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        values = [None] * dist.get_world_size()
+        dist.all_gather_object(values, value)
+        return values
+    return [value]
 
-    DeepSpeed synchronizes gradients, never buffers, so each rank's BatchNorm statistics drift
-    apart on its own data. The trainer calls this before every evaluation and every checkpoint:
-    all ranks, and every saved checkpoint, hold the same statistics. (Averaging per-rank variances
-    ignores the spread of the per-rank means: the usual approximation, as in timm's
-    ``distribute_bn(reduce=True)``.) Returns the number of buffers synchronized.
+
+def batchnorm_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The running mean and variance of every BatchNorm layer, by state-dict name (the live tensors)."""
+    return {f"{name}.{kind}": getattr(module, kind) for name, module in model.named_modules()
+            if isinstance(module, nn.modules.batchnorm._BatchNorm)
+            for kind in ("running_mean", "running_var") if getattr(module, kind) is not None}
+
+
+@contextlib.contextmanager
+def averaged_batchnorm_buffers(model: nn.Module) -> Iterator[int]:
+    """Inside: every rank holds the average over ranks of the BatchNorm running statistics (rank 0's
+    result everywhere); afterwards each rank holds its own statistics again, bit for bit.
+
+    DeepSpeed synchronizes gradients, never buffers, so each rank's statistics follow its own data.
+    Evaluation and checkpoints use the average (the model a single process would have, up to
+    rounding; averaging per-rank variances ignores the spread of the per-rank means, the usual
+    approximation, as in timm's ``distribute_bn(reduce=True)``). Training keeps each rank's own
+    statistics: the update is linear, so averaging what is evaluated or saved equals averaging the
+    live buffers, and when saves and evaluations happen never changes the trajectory (a run resumed
+    after a preemption save stays bit-identical to one that was never interrupted). Yields the number
+    of buffers averaged.
     """
-    buffers = [
-        buffer for module in model.modules() if isinstance(module, nn.modules.batchnorm._BatchNorm)
-        for buffer in (module.running_mean, module.running_var) if buffer is not None
-    ]
+    buffers = list(batchnorm_buffers(model).values())
     if not buffers or not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return len(buffers)
-    flat = torch.cat([b.reshape(-1).float() for b in buffers])
+        yield len(buffers)
+        return
+    own = [buffer.detach().clone() for buffer in buffers]
+    flat = torch.cat([b.detach().reshape(-1).double() for b in buffers])  # one rounding, to the buffer's dtype
     dist.all_reduce(flat, op=dist.ReduceOp.SUM)
     flat /= dist.get_world_size()
     dist.broadcast(flat, src=0)
-    offset = 0
-    for buffer in buffers:
-        n = buffer.numel()
-        buffer.copy_(flat[offset:offset + n].view_as(buffer))
-        offset += n
-    return len(buffers)
+    _copy_into(buffers, flat.split([b.numel() for b in buffers]))
+    try:
+        yield len(buffers)
+    finally:
+        _copy_into(buffers, own)
+
+
+@torch.no_grad()
+def _copy_into(targets: list[torch.Tensor], values) -> None:
+    for target, value in zip(targets, values):
+        target.copy_(value.view_as(target))

@@ -22,7 +22,7 @@ from unireplknet.files import atomic_write_json
 from . import checkpoint as ckpt
 from . import engine
 from .config import Config, config_to_dict, save_config
-from .distributed import WorldInfo, all_reduce_batchnorm_buffers, all_reduce_sum, pick_device
+from .distributed import WorldInfo, all_reduce_sum, averaged_batchnorm_buffers, batchnorm_buffers, pick_device
 from .ema import ModelEMA
 from .metrics import Progress, TensorBoard, Throughput, init_logging, memory_stats
 from .optim import build_optimizer, build_scheduler
@@ -151,6 +151,17 @@ class StopRequests:
             os.remove(self.stop_file)
 
 
+def _floats_to_float64(value):
+    """Floating-point tensors (in tuples, lists and dicts too) as float64; everything else as it is."""
+    if isinstance(value, torch.Tensor):
+        return value.double() if value.is_floating_point() else value
+    if isinstance(value, (list, tuple)):
+        return type(value)(_floats_to_float64(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _floats_to_float64(v) for k, v in value.items()}
+    return value
+
+
 class Trainer:
     """Builds model, data, optimizer and DeepSpeed engine from a Config, resumes, and runs :meth:`train`."""
 
@@ -177,8 +188,8 @@ class Trainer:
         # decided on rank 0 before anything is built, so a checkpoint that cannot be used fails every rank fast
         self.resume_from = ckpt.choose_checkpoint(self.checkpoint_root, config.checkpoint.resume, self.world,
                                                   config_to_dict(config), ckpt.resume_rules(config.task))
-        self.precision = "bf16" if config.train.precision == "bf16" or (
-            config.train.precision == "auto" and self.device.type == "cuda") else "fp32"
+        self.precision = config.train.precision if config.train.precision in ("bf16", "fp64") else (
+            "bf16" if config.train.precision == "auto" and self.device.type == "cuda" else "fp32")
         if self.precision == "bf16" and self.device.type != "cuda":
             raise ValueError("train.precision=bf16 needs a CUDA device; use fp32 or auto on CPU")
         kernels.BACKEND_CHOICES.deterministic = config.train.deterministic
@@ -236,7 +247,14 @@ class Trainer:
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         # channels_last is applied to the inputs only (Task.prepare_batch): convolutions then run and
         # return NHWC, while parameters stay contiguous, as DeepSpeed's broadcast and ZeRO flattening need.
-        return model.to(self.device)
+        return model.to(self.device, torch.float64 if self.precision == "fp64" else None)
+
+    def _prepare(self, batch) -> tuple:
+        """The task's (inputs, targets) on the device; in float64 under ``train.precision=fp64``."""
+        inputs, targets = self.task.prepare_batch(batch, self.device)
+        if self.precision == "fp64":
+            inputs, targets = _floats_to_float64(inputs), _floats_to_float64(targets)
+        return inputs, targets
 
     def _resume(self) -> None:
         folder = self.resume_from
@@ -250,18 +268,35 @@ class Trainer:
         if self.ema is not None:
             self.ema.load_state_dict(state["ema"])
         kernels.BACKEND_CHOICES.load_state_dict(state.get("kernel_choices", {}))
+        self._restore_own_batchnorm(state.get("batchnorm"))
         restore_rng(state["rng"])
         self.last_checkpoint = folder
         _logger.info("resumed from %s at step %d", folder, self.step)
 
+    @torch.no_grad()
+    def _restore_own_batchnorm(self, saved: dict[str, torch.Tensor] | None) -> None:
+        """This rank's own BatchNorm statistics, as it trained with them (the model files hold the
+        average over ranks). Checkpoints written before rank files held them keep the average."""
+        if saved is None:
+            return
+        live = batchnorm_buffers(self.engine.module)
+        if saved.keys() != live.keys():
+            raise ckpt.CheckpointError(f"{self.resume_from}: the BatchNorm statistics in the rank file do not match "
+                                       f"the model ({sorted(saved.keys() ^ live.keys())[:3]} ...)")
+        for name, buffer in live.items():
+            buffer.copy_(saved[name])
+
     # ------------------------------------------------------------------ the loop
 
     def train(self) -> TrainResult:
-        """Step, log, evaluate, checkpoint; until the schedule ends, a stop request, or a non-finite loss.
+        """Step, log, checkpoint, evaluate; until the schedule ends, a stop request, or a non-finite loss.
 
-        A stop request (signal or stop file, on any rank) ends the step in progress, skips evaluation
-        and saves. The last checkpoint is written before the final evaluation, with the handlers still
-        installed, so a signal during that evaluation (or a second one) never costs the checkpoint.
+        A step that is both saved and evaluated is saved first, so an evaluation that fails (damaged
+        eval data: ``data.eval_incomplete=error``, or any evaluator error) never costs the steps since
+        the last checkpoint. A stop request (signal or stop file, on any rank) ends the step in
+        progress, skips evaluation and saves. The last checkpoint is written before the final
+        evaluation, with the handlers still installed, so a signal during that evaluation (or a
+        second one) never costs the checkpoint.
         """
         cfg = self.config
         batches = self._micro_batches()
@@ -275,10 +310,11 @@ class Trainer:
                     log_now = self.step % cfg.train.log_every == 0 or self.step == self.stop_step or self.stopping
                     progress.update(self.step, self._log(throughput) if log_now else {}, log_now)
                     before_the_end = self.step < self.stop_step and not self.stopping
+                    # saved before evaluating: an evaluation that fails (damaged eval data) never costs the step
+                    if before_the_end and self.step % cfg.checkpoint.every == 0:
+                        self.save()
                     if before_the_end and cfg.train.eval_every and self.step % cfg.train.eval_every == 0:
                         self.evaluate()
-                    if before_the_end and not self.stopping and self.step % cfg.checkpoint.every == 0:
-                        self.save()
             finally:
                 progress.close()
             if self.last_checkpoint is None or not self.last_checkpoint.endswith(ckpt.tag_of_step(self.step)):
@@ -305,7 +341,7 @@ class Trainer:
     def _micro_step(self, batches: Iterator, throughput: Throughput) -> None:
         """Forward and backward of one micro-batch (DeepSpeed steps the optimizer at the accumulation boundary)."""
         wait_start = time.perf_counter()
-        inputs, targets = self.task.prepare_batch(next(batches), self.device)
+        inputs, targets = self._prepare(next(batches))
         throughput.data_wait += time.perf_counter() - wait_start
         if self._preview_pending:
             preview = self.task.preview(inputs[:32])
@@ -425,7 +461,10 @@ class Trainer:
         A stop request cuts it short (nothing is logged) so the checkpoint fits the grace period."""
         if self.eval_loader is None:
             return {}
-        all_reduce_batchnorm_buffers(self.engine.module)
+        with averaged_batchnorm_buffers(self.engine.module):  # what a checkpoint of this step holds
+            return self._evaluate()
+
+    def _evaluate(self) -> dict[str, float]:
         live = self._evaluate_weights()
         if live is None:
             return {}
@@ -488,17 +527,17 @@ class Trainer:
                     if batch is None:
                         dummy = self.task.dummy_input(self.device) if self.config.train.zero_stage == 3 else None
                         if dummy is not None:  # keep ZeRO-3's collective forward passes in step with the other ranks
-                            self.engine(dummy)
+                            self.engine(_floats_to_float64(dummy) if self.precision == "fp64" else dummy)
                         continue
-                    inputs, targets = self.task.prepare_batch(batch, self.device)
+                    inputs, targets = self._prepare(batch)
                     self.task.evaluation_step(self.engine, inputs, targets, evaluator)
         finally:
             self.engine.train()
         return evaluator.compute(self.world)
 
     def save(self) -> str:
-        """A complete checkpoint of this step (BatchNorm buffers averaged over ranks first)."""
-        all_reduce_batchnorm_buffers(self.engine.module)
+        """A complete checkpoint of this step. The model holds the BatchNorm statistics averaged over
+        ranks; each rank's own (which it keeps training with) go into its rank file."""
         rank_state = {
             "step": self.step,
             "rank": self.world.rank,
@@ -507,10 +546,13 @@ class Trainer:
             "rng": capture_rng(),
             "ema": self.ema.state_dict() if self.ema is not None else None,
             "kernel_choices": kernels.BACKEND_CHOICES.sync(),  # rank 0's, so a resumed run keeps its kernels
+            "batchnorm": {name: b.detach().cpu().clone() for name, b in batchnorm_buffers(self.engine.module).items()},
         }
-        self.last_checkpoint = ckpt.save_checkpoint(
-            self.engine, self.checkpoint_root, self.step, rank_state, self.world, keep=self.config.checkpoint.keep,
-            zero_stage=self.config.train.zero_stage, config=config_to_dict(self.config))
+        with averaged_batchnorm_buffers(self.engine.module):
+            self.last_checkpoint = ckpt.save_checkpoint(
+                self.engine, self.checkpoint_root, self.step, rank_state, self.world,
+                keep=self.config.checkpoint.keep, zero_stage=self.config.train.zero_stage,
+                config=config_to_dict(self.config))
         _logger.info("saved %s", self.last_checkpoint)
         return self.last_checkpoint
 

@@ -137,7 +137,77 @@ def test_a_missing_or_unusable_latest_resumes_from_the_newest_complete_checkpoin
     assert result.step == 5
 
 
-def test_a_damaged_file_of_the_same_size_is_named(pretrain_shards, run_copy):
+CHECKPOINT_FILES = ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt", "trainer_rank00000.pt",
+                    "config.json", "manifest.json")
+"""Every kind of file a one-rank ZeRO-1 checkpoint holds: DeepSpeed's model and optimizer states, the
+trainer's rank file, the config, the manifest."""
+
+
+def flip_one_bit(path: Path, seed: int) -> tuple[int, int]:
+    """Flip one bit at a random (seeded) offset of ``path``, in place; returns (offset, bit)."""
+    import random
+
+    data = bytearray(path.read_bytes())
+    rng = random.Random(seed)
+    offset, bit = rng.randrange(len(data)), rng.randrange(8)
+    data[offset] ^= 1 << bit
+    path.write_bytes(bytes(data))
+    return offset, bit
+
+
+@pytest.mark.parametrize("name", CHECKPOINT_FILES)
+def test_a_flipped_bit_in_any_file_of_the_latest_checkpoint_falls_back_naming_the_file(name, run_copy, caplog):
+    """Sizes cannot see a flipped bit; the sha256 each file has in the manifest does. The decision every
+    run starts with (rank 0's, ``choose_checkpoint``) takes the previous complete checkpoint and names
+    the damaged file."""
+    import zlib
+
+    from pretrain.checkpoint import choose_checkpoint
+    from pretrain.distributed import WorldInfo
+
+    checkpoints = run_copy / "checkpoints"
+    damaged = checkpoints / "step_00000004" / name
+    offset, bit = flip_one_bit(damaged, seed=zlib.crc32(name.encode()))
+    config = json.loads((checkpoints / "step_00000002" / "config.json").read_text())  # the run's settings
+    with caplog.at_level("WARNING", logger="pretrain.checkpoint"):
+        chosen = choose_checkpoint(str(checkpoints), "latest", WorldInfo(), config)
+    assert chosen == str(checkpoints / "step_00000002"), f"bit {bit} of byte {offset} flipped in {damaged}"
+    warning = "\n".join(r.getMessage() for r in caplog.records)
+    assert str(damaged) in warning and "the newest complete checkpoint" in warning, warning
+
+
+def test_a_flipped_bit_is_caught_and_the_run_resumes_from_the_previous_checkpoint(pretrain_shards, run_copy):
+    damaged = run_copy / "checkpoints" / "step_00000004" / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    flip_one_bit(damaged, seed=19)
+    result, _ = train(pretrain_shards, run_copy, **{"train.max_steps": 6})
+    log = resume_log(run_copy)
+    assert f"{damaged} does not match its sha256 in the manifest" in log
+    assert f"resumed from {run_copy / 'checkpoints' / 'step_00000002'} at step 2" in log
+    assert result.step == 6
+
+
+def write_version_1_manifest(folder: Path) -> None:
+    """The manifest as the trainer wrote it before checksums (version 1: every file with its size)."""
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest.pop("manifest_sha256")
+    manifest["version"] = 1
+    manifest["files"] = {name: entry["size"] for name, entry in manifest["files"].items()}
+    (folder / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
+
+
+def test_a_checkpoint_with_a_version_1_manifest_still_resumes(pretrain_shards, run_copy):
+    """Upgrading the trainer never strands a run: checkpoints written before checksums resume."""
+    write_version_1_manifest(run_copy / "checkpoints" / "step_00000004")
+    result, _ = train(pretrain_shards, run_copy, **{"train.max_steps": 5})
+    log = resume_log(run_copy)
+    assert "has a version-1 manifest (sizes only)" in log
+    assert f"resumed from {run_copy / 'checkpoints' / 'step_00000004'} at step 4" in log
+    assert result.step == 5
+
+
+def test_a_damaged_file_of_the_same_size_under_a_version_1_manifest_is_named(pretrain_shards, run_copy):
+    """Without checksums the damage shows only when the file is loaded: the run stops naming it."""
+    write_version_1_manifest(run_copy / "checkpoints" / "step_00000004")
     damaged = run_copy / "checkpoints" / "step_00000004" / "trainer_rank00000.pt"
     damaged.write_bytes(b"\x00" * damaged.stat().st_size)
     result = run_cli(["--config", "demo", "--set", *tiny_overrides(pretrain_shards, run_copy, **{

@@ -466,3 +466,31 @@ def test_an_evaluation_short_of_samples_fails_naming_the_shortfall_or_warns(pret
     scored = scalars["eval/samples"][-1][1]
     assert 64 <= scored < 128
     assert scalars["eval/unreadable_samples"][-1][1] == 128 - scored
+
+
+def test_a_failing_evaluation_never_costs_the_steps_it_comes_after(pretrain_shards, tmp_path):
+    """A damaged val shard with evaluations and saves at the same steps: the step is saved before it is
+    evaluated, so the run stops with the checkpoint written, and every rerun gets one interval further
+    (it used to stop unsaved and repeat the same steps forever)."""
+    import shutil
+
+    from pretrain.config import load_config
+    from pretrain.trainer import EvaluationIncompleteError, Trainer
+
+    val = tmp_path / "val"
+    shutil.copytree(pretrain_shards["val"], val)
+    shard = val / "shard-000000.tar"
+    shard.write_bytes(shard.read_bytes()[:len(shard.read_bytes()) // 3])  # cut mid-member
+    run_dir = tmp_path / "run"
+    config = load_config("demo", tiny_overrides(pretrain_shards, run_dir, **{
+        "data.val_urls": str(val), "train.max_steps": 6, "train.eval_every": 2, "checkpoint.every": 2,
+        "data.num_workers": 1}))
+    for expected_step in (2, 4):
+        trainer = Trainer(config)
+        try:
+            with pytest.raises(EvaluationIncompleteError, match=f"evaluation at step {expected_step} scored"):
+                trainer.train()
+        finally:
+            trainer.close()
+        assert (run_dir / "checkpoints" / "latest").read_text() == f"step_{expected_step:08d}"
+    assert "resumed from " + str(run_dir / "checkpoints" / "step_00000002") in (run_dir / "train.log").read_text()

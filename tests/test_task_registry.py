@@ -183,7 +183,7 @@ def test_an_out_of_tree_task_exports_and_benches(bars_run, tmp_path):
 
 
 def test_an_out_of_tree_task_is_a_cluster_stage(tmp_path):
-    env = plugin_env(UNIREPLKNET_RUN_ROOT=str(tmp_path / "runs"), UNIREPLKNET_NUM_WORKERS="2",
+    env = plugin_env(UNIREPLKNET_RUN_ROOT=str(tmp_path / "runs"), UNIREPLKNET_NUM_WORKERS="1",
                      UNIREPLKNET_BARS_ROOT=str(tmp_path / "bars"))
     result = run("cluster.stage", "finetune_bars", "--dry-run", env=env)
     assert result.returncode == 0, result.stderr[-2000:]

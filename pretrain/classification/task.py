@@ -124,7 +124,7 @@ class ImageClassification(TaskBase):
         evaluator.update(model(inputs), targets)
 
     def loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        logits = outputs.float()
+        logits = outputs.to(torch.promote_types(outputs.dtype, torch.float32))  # bf16 -> fp32; fp64 stays
         if targets.is_floating_point():
             return torch.sum(-targets * F.log_softmax(logits, dim=-1), dim=-1).mean()
         return F.cross_entropy(logits, targets, label_smoothing=self.config.train.label_smoothing)
