@@ -213,12 +213,9 @@ def run_pipeline(name: str, run_root: str, overrides: dict[str, list[str]] | Non
 def _write_summary(summary: dict, folder: str) -> None:
     from torch.utils.tensorboard import SummaryWriter
 
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f"summary.json.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(summary, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, os.path.join(folder, "summary.json"))
+    from unireplknet.files import atomic_write_json
+
+    atomic_write_json(os.path.join(folder, "summary.json"), summary)
     writer = SummaryWriter(os.path.join(folder, "tensorboard"))
     try:
         for stage, result in summary["stages"].items():

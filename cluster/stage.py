@@ -174,8 +174,9 @@ def export(args: argparse.Namespace, run_dir: str) -> int:
         return 0
     os.makedirs(os.path.dirname(out), exist_ok=True)
     summary = export_checkpoint(pretrain_dir, out, checkpoint=folder, ema=ema, official=True)
-    with open(os.path.join(run_dir, "export", "summary.json"), "w") as f:
-        json.dump(summary, f, indent=2)
+    from unireplknet.files import atomic_write_json
+
+    atomic_write_json(os.path.join(run_dir, "export", "summary.json"), summary)
     _logger.info("exported %s -> %s", folder, out)
     return 0
 
@@ -216,10 +217,10 @@ def run_stage(name: str, args: argparse.Namespace) -> int:
         os.remove(marker)
     status = stages()[name](args, run_dir)
     if status == 0 and not args.dry_run:
-        os.makedirs(run_dir, exist_ok=True)
-        with open(marker, "w") as f:
-            json.dump({"stage": name, "finished": time.strftime("%Y-%m-%d %H:%M:%S"), "identity": identity}, f)
-            f.write("\n")
+        from unireplknet.files import atomic_write_json
+
+        atomic_write_json(marker, {"stage": name, "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
+                                   "identity": identity}, indent=None)
     return status
 
 

@@ -61,7 +61,7 @@ def train(preset: str, overrides: list[str]):
 
 CASES = {
     "demo": lambda root, shards: (
-        [f"data.source=shards", f"data.train_urls={shards['train']}", f"data.val_urls={shards['val']}",
+        ["data.source=shards", f"data.train_urls={shards['train']}", f"data.val_urls={shards['val']}",
          "train.global_batch_size=16", "train.micro_batch_size=16", "train.epochs=1", "train.eval_every=0",
          "train.log_every=1", "checkpoint.every=2"],
         ["data.num_workers=0"], ["loader.num_workers=0"]),

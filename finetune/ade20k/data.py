@@ -23,8 +23,10 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from ..dense import MEAN, STD, normalized
 from shards.samples import DECODE_ERRORS
+from shards.seeding import epoch_order, sample_generator
+
+from ..dense import MEAN, STD, normalized
 
 from ..loading import ResumableBatches, worker_iterator
 
@@ -221,8 +223,12 @@ class _Files(Dataset):
             raise ValueError(f"{path}: {type(error).__name__}: {error}") from error
 
 
+SEED_PURPOSE = 0xADE
+"""ADE20K's part of every sample seed (:func:`shards.seeding.sample_generator`)."""
+
+
 def _sample_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
-    return np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, epoch, index, 0xADE])))
+    return sample_generator(seed, epoch, index, SEED_PURPOSE)
 
 
 class _TrainSamples(_Files):
@@ -289,7 +295,7 @@ class TrainLoader(ResumableBatches):
         return self._per_rank // self.batch_size
 
     def _all_batches(self) -> list[list[int]]:
-        order = torch.randperm(len(self.files), generator=torch.Generator().manual_seed(self.seed * 100003 + self._epoch))
+        order = epoch_order(len(self.files), self.seed, self._epoch)
         mine = order[self.rank::self.world_size][:len(self) * self.batch_size].tolist()
         return [mine[b * self.batch_size:(b + 1) * self.batch_size] for b in range(len(self))]
 

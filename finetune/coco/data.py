@@ -26,6 +26,8 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 from torch.utils.data import Dataset
 
+from shards.seeding import epoch_generator, sample_generator
+
 from ..dense import MEAN, STD, normalized
 
 from ..loading import ResumableBatches, worker_iterator
@@ -248,8 +250,12 @@ def _check_classes(split: CocoSplit, config) -> None:
                          f"coco.num_classes={config.num_classes}")
 
 
+SEED_PURPOSE = 0xC0C0
+"""COCO's part of every sample seed (:func:`shards.seeding.sample_generator`)."""
+
+
 def _sample_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
-    return np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, epoch, index, 0xC0C0])))
+    return sample_generator(seed, epoch, index, SEED_PURPOSE)
 
 
 class _TrainSamples(_Images):
@@ -328,7 +334,7 @@ class TrainLoader(ResumableBatches):
         return len(self._samples)
 
     def _all_batches(self) -> list[list[int]]:
-        generator = torch.Generator().manual_seed(self.seed * 100003 + self._epoch)
+        generator = epoch_generator(self.seed, self._epoch)
         batches = []
         for group in (0, 1):  # mmdet GroupSampler: shuffle within a group, cut into one-group batches
             members = torch.tensor([k for k, g in enumerate(self._groups) if g == group], dtype=torch.int64)

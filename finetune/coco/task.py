@@ -12,6 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from pretrain.config import ConfigError
+from unireplknet.files import atomic_open
 from pretrain.distributed import WorldInfo, barrier
 
 from ..backbone import init_backbone
@@ -97,10 +98,8 @@ class CocoInstanceSegmentation(DenseTask):
             return path
         local = os.path.join(self.config.run_dir, "cache", os.path.basename(path))
         if world.is_main and not os.path.isfile(local):
-            os.makedirs(os.path.dirname(local), exist_ok=True)
-            with fs.open(path, "rb") as source, open(local + ".tmp", "wb") as target:
+            with fs.open(path, "rb") as source, atomic_open(local, "wb") as target:
                 shutil.copyfileobj(source, target)
-            os.replace(local + ".tmp", local)
         barrier()
         return local
 

@@ -21,6 +21,7 @@ from pretrain.config import (CheckpointConfig, Config, ConfigError, LoaderConfig
                              TrainConfig, positive)
 from pretrain.registry import TaskSpec, register_task
 from pretrain.task import SumsEvaluator, TaskBase
+from shards.seeding import epoch_order, sample_seed
 from finetune.loading import ResumableBatches
 
 SIZE = 32
@@ -104,8 +105,6 @@ class _Samples(torch.utils.data.Dataset):
         return len(self.labels)
 
     def __getitem__(self, item):
-        from shards.seeding import sample_seed
-
         epoch, index = item
         flip = sample_seed(self.seed, epoch, index, purpose=1000) % 2  # purpose: any value of this task's own
         image = self.images[index][::-1, ::-1] if flip else self.images[index]
@@ -131,7 +130,7 @@ class BarsTrainLoader(ResumableBatches):
         return len(self._samples) // self.world_size // self.batch_size
 
     def _all_batches(self):
-        order = torch.randperm(len(self._samples), generator=torch.Generator().manual_seed(self.seed + self._epoch))
+        order = epoch_order(len(self._samples), self.seed, self._epoch)
         mine = order[self.rank::self.world_size][:len(self) * self.batch_size].tolist()
         return [mine[b * self.batch_size:(b + 1) * self.batch_size] for b in range(len(self))]
 
