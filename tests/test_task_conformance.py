@@ -233,3 +233,28 @@ def test_export_loads_into_the_tasks_model(name, reference, tmp_path):
     config = config_from_dict(read_saved_config(find_checkpoint(str(run_dir / "checkpoints"))))
     build_task(config).build_model().load_state_dict(state, strict=True)
     assert_same_weights({k: v for k, v in state.items()}, final_weights(run_dir))
+
+
+@pytest.mark.parametrize("name", TASKS)
+def test_export_reparameterized_is_verified_at_the_tasks_input_shape(name, reference, tmp_path):
+    """The inference structure of the task's UniRepLKNet, checked in float64 on its own input shape."""
+    from pretrain.export import REPARAM_TOLERANCE, export_checkpoint
+
+    summary = export_checkpoint(str(reference[0]), str(tmp_path / "deploy.pth"), reparameterize=True)
+    assert summary["reparameterized"] and summary["reparam_max_rel_diff"] <= REPARAM_TOLERANCE
+    state = torch.load(tmp_path / "deploy.pth", weights_only=True)
+    assert any(key.endswith("lk_origin.weight") for key in state) and not any(".origin_bn." in key for key in state)
+
+
+@pytest.mark.parametrize("name", TASKS)
+def test_bench_times_the_tasks_synthetic_batch(name, data_dirs, tmp_path):
+    from pretrain.bench import bench
+    from pretrain.config import load_config
+
+    spec = registered_tasks()[name]
+    config = load_config(spec.demo_preset, overrides(name, data_dirs, tmp_path / "run", **{"launch.device": "cpu"}))
+    figures = bench(config, steps=1, warmup=0)
+    unit = spec.build(config).throughput_unit
+    assert figures["task"] == name and figures[f"{unit}_per_s"] > 0 and figures["step_time_s"] > 0
+    assert figures["gflops_per_sample"] > 0
+    assert not (tmp_path / "run").exists(), "the bench trains in a scratch folder"
