@@ -192,3 +192,28 @@ def test_an_out_of_tree_task_is_a_cluster_stage(tmp_path):
         "bars", str(tmp_path / "bars"), False)
     assert config["model"]["init_from"] == str(tmp_path / "runs" / "export" / "export" / "backbone.pth")
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("name", sorted(__import__("pretrain.registry", fromlist=["x"]).registered_tasks()))
+def test_launchers_make_every_path_key_of_every_task_absolute(name, tmp_path, monkeypatch):
+    """Workers may start in another directory (Ray, other nodes): each task's ``path_keys`` (and the core's) are
+    made absolute against the launching directory; URLs and empty values stay as they are."""
+    from pretrain.config import config_to_dict, load_config
+    from pretrain.launch import _absolute
+    from pretrain.registry import get_task
+
+    spec = get_task(name)
+    monkeypatch.chdir(tmp_path)
+    keys = ("run_dir", "model.init_from", *spec.path_keys)
+    config = load_config(spec.demo_preset, [f"{key}=relative/{key}" for key in keys] + ["checkpoint.resume=some/step"])
+    flat = config_to_dict(_absolute(config))
+    for key in keys:
+        section, _, field = key.rpartition(".")
+        value = flat[section][field] if section else flat[field]
+        assert value == str(tmp_path / "relative" / key), key
+    assert flat["checkpoint"]["resume"] == str(tmp_path / "some" / "step")
+    urls = load_config(spec.demo_preset, [f"{key}=s3://bucket/{key}" for key in spec.path_keys])
+    flat = config_to_dict(_absolute(urls))
+    for key in spec.path_keys:
+        section, _, field = key.rpartition(".")
+        assert flat[section][field] == f"s3://bucket/{key}"
