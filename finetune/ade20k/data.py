@@ -24,11 +24,11 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from shards.samples import DECODE_ERRORS
+from shards.indexed import ResumableBatches, worker_iterator
 from shards.seeding import epoch_order, sample_generator
 
 from ..dense import MEAN, STD, normalized
 
-from ..loading import ResumableBatches, worker_iterator
 
 __all__ = ["IGNORE_INDEX", "MEAN", "STD", "EvalLoader", "SegmentationSample", "SplitFiles", "TrainLoader",
            "check_label_values", "class_names", "eval_resize_shape", "list_split", "photometric_distortion",

@@ -26,11 +26,11 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 from torch.utils.data import Dataset
 
+from shards.indexed import ResumableBatches, worker_iterator
 from shards.seeding import epoch_generator, sample_generator
 
 from ..dense import MEAN, STD, normalized
 
-from ..loading import ResumableBatches, worker_iterator
 from .annotations import AnnotationFileError, BrokenAnnotation, read_instances
 
 __all__ = ["MEAN", "STD", "AnnotationFileError", "CocoSplit", "EvalLoader", "ImageRecord", "ImageSizeError",

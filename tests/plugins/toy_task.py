@@ -21,8 +21,8 @@ from pretrain.config import (CheckpointConfig, Config, ConfigError, LoaderConfig
                              TrainConfig, positive)
 from pretrain.registry import TaskSpec, register_task
 from pretrain.task import SumsEvaluator, TaskBase
+from shards.indexed import ResumableBatches
 from shards.seeding import epoch_order, sample_seed
-from finetune.loading import ResumableBatches
 
 SIZE = 32
 
