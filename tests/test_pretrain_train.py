@@ -460,6 +460,7 @@ def test_an_evaluation_short_of_samples_fails_naming_the_shortfall_or_warns(pret
     failed = run_cli(args, timeout=300)
     assert failed.returncode == 1, failed.stderr[-3000:]
     assert "evaluation at step 2 scored" in failed.stderr and "of the 128 samples of" in failed.stderr
+    assert f"the 2 shards {val / 'shard-000000.tar'} ... {shard}" in failed.stderr  # the set, named
     assert (run_dir / "checkpoints" / "latest").read_text() == "step_00000002"
 
     warned = run_cli([*args, "loader.eval_incomplete=warn"], timeout=300)
