@@ -41,6 +41,7 @@ CORE_ENVIRONMENT = {
     "UNIREPLKNET_NUM_WORKERS": "Ray Train workers (default: the cluster's GPUs)",
     "UNIREPLKNET_BACKBONE": "backbone weights for the fine-tunes (default: RUN_ROOT/export/export/backbone.pth)",
     "RAY_ADDRESS": "the Ray cluster to drive (default: a new local one)",
+    "UNIREPLKNET_TASKS": "modules of tasks defined outside the project, comma-separated (pretrain.registry)",
 }
 COMPLETE_MARKER = "COMPLETE"
 PRETRAIN_PRESET = "xl_in22k_384"
