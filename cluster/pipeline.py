@@ -7,11 +7,11 @@ pipeline skips complete stages and resumes interrupted ones from ``latest``. Wit
 local Ray cluster is started for the run (outside the pipeline's process group, stopped at the end) and
 every stage drives it. A stage's output goes to ``RUN_ROOT/NAME/stage.log`` as it comes.
 
-Pipelines:
-    demo   the demo pretraining (generated digit shards) on CPU -> export -> the ADE20K and COCO demo
-           fine-tunes (generated sets in the standard layouts); minutes on a laptop.
-    xl     XL ImageNet-22K pretraining at 384 -> export -> ADE20K UperNet 640 160k and COCO Cascade Mask
-           R-CNN 3x (shards and data from the ``cluster.stage`` environment variables).
+Pipelines (the fine-tunes are every registered fine-tuning task: ``python -m finetune presets``):
+    demo   the demo pretraining (generated digit shards) on CPU -> export -> each task's demo preset
+           (generated sets in the standard layouts); minutes on a laptop.
+    xl     XL ImageNet-22K pretraining at 384 -> export -> each task's paper-scale preset (ADE20K UperNet
+           640 160k, COCO Cascade Mask R-CNN 3x, ...; data from the ``cluster.stage`` environment variables).
 
 Exit status: 0 done; 75 preempted (rerun to resume): SIGTERM / SIGUSR1 to the pipeline or its process group,
 any number of times, reach every running stage, which checkpoints; no further stage starts, and the summary
@@ -30,11 +30,12 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-__all__ = ["PIPELINES", "Pipeline", "main", "run_pipeline"]
+from pretrain.preemption import PREEMPTION_SIGNALS, REQUEUE_EXIT_CODE
+
+__all__ = ["Pipeline", "headline_metrics", "main", "pipelines", "run_pipeline"]
 
 _logger = logging.getLogger(__name__)
 
-REQUEUE_EXIT_CODE = 75
 
 
 @dataclass(frozen=True)
@@ -46,21 +47,31 @@ class Pipeline:
     unavailable: tuple[str, ...] = ()
 
 
-PIPELINES = {
-    "demo": Pipeline(
-        pretrain=("--config", "demo", "--set", "launch.device=cpu", "launch.num_workers=1"),
-        finetunes={"finetune_ade20k": ("--config", "ade20k_demo", "--set", "launch.device=cpu",
-                                       "launch.num_workers=1"),
-                   "finetune_coco": ("--config", "coco_demo", "--set", "launch.device=cpu", "launch.num_workers=1")},
-    ),
-    "xl": Pipeline(pretrain=("--config", "xl_in22k_384"),
-                   finetunes={"finetune_ade20k": ("--config", "ade20k_xl_upernet_640_160k"),
-                              "finetune_coco": ("--config", "coco_xl_cascade_3x")}),
-}
+DEMO_OVERRIDES = ("--set", "launch.device=cpu", "launch.num_workers=1")
 
-_HEADLINE = {"pretrain_xl": ("eval/top1", "eval/top5", "eval_ema/top1"),
-             "finetune_ade20k": ("eval/mIoU", "eval/mAcc", "eval/aAcc"),
-             "finetune_coco": ("eval/bbox_AP", "eval/segm_AP")}
+
+def pipelines() -> dict[str, Pipeline]:
+    """``demo`` and ``xl``: pretraining, then every registered fine-tuning task (its demo or cluster preset)."""
+    from .stage import PRETRAIN_PRESET, finetune_stages
+
+    stages = finetune_stages()
+    return {
+        "demo": Pipeline(pretrain=("--config", "demo", *DEMO_OVERRIDES),
+                         finetunes={name: ("--config", spec.demo_preset, *DEMO_OVERRIDES) for name, spec in stages.items()}),
+        "xl": Pipeline(pretrain=("--config", PRETRAIN_PRESET),
+                       finetunes={name: ("--config", spec.cluster_preset) for name, spec in stages.items()}),
+    }
+
+
+def headline_metrics(run_dir: str) -> tuple[str, ...]:
+    """The metrics the summary shows for a training stage's run: its task's ``TaskSpec.metrics``."""
+    from pretrain.registry import UnknownTaskError, get_task
+
+    try:
+        with open(os.path.join(run_dir, "config.json")) as f:
+            return tuple(get_task(json.load(f).get("task", "")).metrics)
+    except (OSError, ValueError, UnknownTaskError):
+        return ()
 
 
 class _Stop:
@@ -75,7 +86,7 @@ class _Stop:
         self._previous: dict[int, object] = {}
 
     def install(self) -> "_Stop":
-        self._previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+        self._previous = {sig: signal.signal(sig, self._handle) for sig in PREEMPTION_SIGNALS}
         return self
 
     def uninstall(self) -> None:
@@ -129,7 +140,8 @@ def _run(name: str, arguments: list[str], run_root: str, env: dict[str, str], st
     if os.path.isfile(metrics_file):
         with open(metrics_file) as f:
             metrics = json.load(f)
-    return {"status": status, "seconds": round(seconds, 1), "run_dir": run_dir, "metrics": metrics}
+    return {"status": status, "seconds": round(seconds, 1), "run_dir": run_dir, "metrics": metrics,
+            "headline": list(headline_metrics(run_dir))}
 
 
 def _with_overrides(arguments: tuple[str, ...], extra: list[str]) -> list[str]:
@@ -145,7 +157,7 @@ def _pipeline_status(pipeline: Pipeline, stages: dict[str, dict], stop_signal: s
     if all(stages.get(stage, {}).get("status") == 0 for stage in ("pretrain_xl", "export", *pipeline.finetunes)):
         return 0
     statuses = [result["status"] for result in stages.values() if result.get("status") is not None]
-    stopped = {0, REQUEUE_EXIT_CODE} | ({-signal.SIGTERM, -signal.SIGUSR1} if stop_signal else set())
+    stopped = {0, REQUEUE_EXIT_CODE} | ({-sig for sig in PREEMPTION_SIGNALS} if stop_signal else set())
     if (stop_signal or REQUEUE_EXIT_CODE in statuses) and all(s in stopped for s in statuses):
         return REQUEUE_EXIT_CODE
     return 1
@@ -159,7 +171,7 @@ def run_pipeline(name: str, run_root: str, overrides: dict[str, list[str]] | Non
     signal handlers, if the caller installed them already (``main`` does, first thing)."""
     from pretrain.local_ray import LocalRayCluster
 
-    pipeline, overrides = PIPELINES[name], overrides or {}
+    pipeline, overrides = pipelines()[name], overrides or {}
     run_root = os.path.abspath(run_root)
     env = {**os.environ, "UNIREPLKNET_RUN_ROOT": run_root, "RAY_DEDUP_LOGS": "0", "PYTHONUNBUFFERED": "1"}
     own_handlers = stop is None
@@ -201,17 +213,14 @@ def run_pipeline(name: str, run_root: str, overrides: dict[str, list[str]] | Non
 def _write_summary(summary: dict, folder: str) -> None:
     from torch.utils.tensorboard import SummaryWriter
 
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f"summary.json.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(summary, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, os.path.join(folder, "summary.json"))
+    from unireplknet.files import atomic_write_json
+
+    atomic_write_json(os.path.join(folder, "summary.json"), summary)
     writer = SummaryWriter(os.path.join(folder, "tensorboard"))
     try:
         for stage, result in summary["stages"].items():
             metrics = result.get("metrics") or {}
-            for key in _HEADLINE.get(stage, ()):
+            for key in result.get("headline", ()):
                 if key in metrics:
                     writer.add_scalar(f"{stage}/{key.split('/', 1)[1]}", metrics[key], metrics.get("step", 0))
             if result.get("seconds") is not None:
@@ -223,12 +232,12 @@ def _write_summary(summary: dict, folder: str) -> None:
 def _parse_overrides(parser: argparse.ArgumentParser, pipeline: str, items: list[str]) -> dict[str, list[str]]:
     """``STAGE:key=value`` items by stage; a malformed item or a stage the pipeline does not configure is a usage
     error (exit 2) before anything starts."""
-    configurable = ("pretrain_xl", *PIPELINES[pipeline].finetunes)
+    configurable = ("pretrain_xl", *pipelines()[pipeline].finetunes)
     parsed: dict[str, list[str]] = {}
     for item in items:
         stage, sep, override = item.partition(":")
         if not sep or "=" not in override:
-            parser.error(f"--set {item!r}: expected STAGE:key=value (e.g. finetune_ade20k:train.steps=100)")
+            parser.error(f"--set {item!r}: expected STAGE:key=value (e.g. pretrain_xl:train.max_steps=100)")
         if stage not in configurable:
             parser.error(f"--set {item!r}: the {pipeline} pipeline has no stage {stage!r} to configure; expected "
                          f"one of {', '.join(configurable)}")
@@ -241,11 +250,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m cluster.pipeline", description=__doc__.split("\n\n")[0],
                                      epilog=__doc__.split("\n\n", 1)[1],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="demo", choices=sorted(PIPELINES), help="which pipeline (default demo)")
+    parser.add_argument("--config", default="demo", choices=sorted(pipelines()), help="which pipeline (default demo)")
     parser.add_argument("--run-root", default=None,
                         help="where every stage's run directory goes (default: $UNIREPLKNET_RUN_ROOT, else runs/pipeline_CONFIG)")
     parser.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="STAGE:KEY=VALUE",
-                        help="override a stage's config, e.g. finetune_ade20k:train.steps=100")
+                        help="override a stage's config, e.g. pretrain_xl:train.max_steps=100 (stages: pretrain_xl and finetune_TASK)")
     args = parser.parse_args(argv)
     overrides = _parse_overrides(parser, args.config, args.overrides)
     from pretrain.metrics import init_logging
@@ -259,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {stage:16s} {result['note']}")
             continue
         metrics = result.get("metrics") or {}
-        shown = ", ".join(f"{k.split('/', 1)[1]} {metrics[k]:.2f}" for k in _HEADLINE.get(stage, ()) if k in metrics)
+        shown = ", ".join(f"{k.split('/', 1)[1]} {metrics[k]:.2f}" for k in result.get("headline", ()) if k in metrics)
         print(f"  {stage:16s} exit {result['status']}, {result['seconds']:.0f} s{', ' + shown if shown else ''}")
     print(f"summary: {os.path.join(summary['run_root'], 'pipeline', 'summary.json')}")
     print(f"watch it: tensorboard --logdir {summary['run_root']}")

@@ -10,55 +10,57 @@ Stages:
                   for another); exit 75 when preempted after checkpointing (requeue and rerun).
     export        the pretraining run's latest checkpoint in the authors' key layout, for fine-tuning
                   (``RUN_DIR/export/backbone.pth``; EMA weights when the run kept them).
-    finetune_ade20k
-                  UperNet on the exported backbone (Ray Train), preset ``ade20k_xl_upernet_640_160k``
-                  unless told otherwise; data from ``--data`` / UNIREPLKNET_ADE20K_ROOT, backbone from
-                  ``--init`` / UNIREPLKNET_BACKBONE (default: the export stage's file); exit 75 when preempted.
-    finetune_coco Cascade Mask R-CNN on the exported backbone (Ray Train), preset ``coco_xl_cascade_3x``
-                  unless told otherwise; data from ``--data`` / UNIREPLKNET_COCO_ROOT, backbone as above.
+    finetune_TASK every registered fine-tuning task (``python -m finetune presets``): Ray Train on the
+                  exported backbone, the task's paper-scale preset unless ``--config`` says otherwise; data
+                  from ``--data`` or the task's environment variable, backbone from ``--init`` /
+                  UNIREPLKNET_BACKBONE (default: the export stage's file); exit 75 when preempted.
 
-Environment (arguments win over it):
-    UNIREPLKNET_RUN_ROOT      where stage run directories live (default ``runs``): RUN_ROOT/NAME
-    UNIREPLKNET_TRAIN_SHARDS  training shards (``data.train_urls``), any fsspec URL
-    UNIREPLKNET_VAL_SHARDS    validation shards (``data.val_urls``)
-    UNIREPLKNET_NUM_WORKERS   Ray Train workers (default: the cluster's GPUs)
-    UNIREPLKNET_ADE20K_ROOT   the ADEChallengeData2016 folder or URL (``ade20k.data_root``)
-    UNIREPLKNET_COCO_ROOT     the COCO 2017 folder or URL (``coco.data_root``)
-    UNIREPLKNET_BACKBONE      backbone weights for the fine-tunes (default RUN_ROOT/export/export/backbone.pth)
-    RAY_ADDRESS               the Ray cluster to drive
+``--help`` lists the stages and environment variables of the tasks registered here.
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import os
 import sys
 import time
+from typing import Callable
 
+from pretrain.config import ConfigError
 from pretrain.driver_signals import catch_stop_signals
+from pretrain.registry import TaskSpec, find_preset, get_task, registered_tasks
 
-__all__ = ["ENVIRONMENT", "STAGES", "main", "run_stage", "stage_run_dir"]
+__all__ = ["CORE_ENVIRONMENT", "environment", "main", "run_stage", "stage_run_dir", "stages"]
 
 _logger = logging.getLogger(__name__)
 
-ENVIRONMENT = {
+CORE_ENVIRONMENT = {
     "UNIREPLKNET_RUN_ROOT": "where stage run directories live (default: runs)",
-    "UNIREPLKNET_TRAIN_SHARDS": "training shards (data.train_urls)",
-    "UNIREPLKNET_VAL_SHARDS": "validation shards (data.val_urls)",
     "UNIREPLKNET_NUM_WORKERS": "Ray Train workers (default: the cluster's GPUs)",
-    "UNIREPLKNET_ADE20K_ROOT": "the ADEChallengeData2016 folder or URL (ade20k.data_root)",
-    "UNIREPLKNET_COCO_ROOT": "the COCO 2017 folder or URL (coco.data_root)",
     "UNIREPLKNET_BACKBONE": "backbone weights for the fine-tunes (default: RUN_ROOT/export/export/backbone.pth)",
     "RAY_ADDRESS": "the Ray cluster to drive (default: a new local one)",
+    "UNIREPLKNET_TASKS": "modules of tasks defined outside the project, comma-separated (pretrain.registry)",
 }
 COMPLETE_MARKER = "COMPLETE"
 PRETRAIN_PRESET = "xl_in22k_384"
-ADE20K_PRESET = "ade20k_xl_upernet_640_160k"
-COCO_PRESET = "coco_xl_cascade_3x"
-FINETUNES = {"finetune_ade20k": ("ade20k", ADE20K_PRESET, "UNIREPLKNET_ADE20K_ROOT"),
-             "finetune_coco": ("coco", COCO_PRESET, "UNIREPLKNET_COCO_ROOT")}
-"""Fine-tune stage -> (task, default preset, data-root variable)."""
+FINETUNE_PREFIX = "finetune_"
+
+
+def finetune_stages() -> dict[str, TaskSpec]:
+    """Stage name -> task for every registered fine-tuning task with a cluster preset."""
+    return {f"{FINETUNE_PREFIX}{name}": spec for name, spec in registered_tasks().items()
+            if spec.downstream and spec.cluster_preset}
+
+
+def environment() -> dict[str, str]:
+    """Every variable the stages read -> what it sets (the core's and each registered task's)."""
+    described = dict(CORE_ENVIRONMENT)
+    for spec in registered_tasks().values():
+        for variable, key in spec.environment.items():
+            described[variable] = f"{key} (task {spec.name})"
+    return dict(sorted(described.items()))
 
 
 def stage_run_dir(name: str, run_dir: str | None = None) -> str:
@@ -66,35 +68,37 @@ def stage_run_dir(name: str, run_dir: str | None = None) -> str:
     return os.path.abspath(run_dir or os.path.join(os.environ.get("UNIREPLKNET_RUN_ROOT", "runs"), name))
 
 
-def _pretrain_config(args: argparse.Namespace, run_dir: str):
-    from pretrain.config import load_config
-
-    overrides = [f"run_dir={run_dir}", "launch.launcher=ray"]
-    for variable, key in (("UNIREPLKNET_TRAIN_SHARDS", "data.train_urls"), ("UNIREPLKNET_VAL_SHARDS", "data.val_urls")):
-        if os.environ.get(variable):
-            overrides += ["data.source=shards", f"{key}={os.environ[variable]}"]
-    if os.environ.get("UNIREPLKNET_NUM_WORKERS"):
-        overrides.append(f"launch.num_workers={int(os.environ['UNIREPLKNET_NUM_WORKERS'])}")
-    return load_config(args.config or PRETRAIN_PRESET, overrides + list(args.overrides))
-
-
 def default_backbone() -> str:
     """Where the export stage writes the backbone (``RUN_ROOT/export/export/backbone.pth``)."""
     return os.path.join(stage_run_dir("export"), "export", "backbone.pth")
 
 
-def _finetune_config(name: str, args: argparse.Namespace, run_dir: str):
+def _stage_config(args: argparse.Namespace, run_dir: str, default_preset: str, *, finetune: bool):
+    """The stage's config: ``--config`` (else ``default_preset``), the environment and ``--data`` applied through
+    the task's keys, then ``--set``."""
     from pretrain.config import load_config
 
-    task, preset, variable = FINETUNES[name]
-    overrides = [f"run_dir={run_dir}", "launch.launcher=ray", f"task={task}"]
-    data = args.data or os.environ.get(variable)
-    if data:
-        overrides += [f"{task}.data_root={data}", f"{task}.generate_demo=false"]
-    overrides.append(f"model.init_from={args.init or os.environ.get('UNIREPLKNET_BACKBONE') or default_backbone()}")
+    name = args.config or default_preset
+    found = find_preset(name)
+    spec = found[0] if found is not None else get_task(load_config(name).task)
+    overrides = [f"run_dir={run_dir}", "launch.launcher=ray"]
+    real_data = False
+    for variable, key in spec.environment.items():
+        if os.environ.get(variable):
+            overrides.append(f"{key}={os.environ[variable]}")
+            real_data = True
+    if getattr(args, "data", None):
+        if not spec.data_key:
+            raise ConfigError("--data", f"task {spec.name} takes its data from its config (--set), not --data")
+        overrides.append(f"{spec.data_key}={args.data}")
+        real_data = True
+    if real_data:
+        overrides += spec.real_data_overrides
+    if finetune:
+        overrides.append(f"model.init_from={args.init or os.environ.get('UNIREPLKNET_BACKBONE') or default_backbone()}")
     if os.environ.get("UNIREPLKNET_NUM_WORKERS"):
         overrides.append(f"launch.num_workers={int(os.environ['UNIREPLKNET_NUM_WORKERS'])}")
-    return load_config(args.config or preset, overrides + list(args.overrides))
+    return load_config(name, overrides + list(args.overrides))
 
 
 def _cluster_gpus() -> int:
@@ -141,26 +145,17 @@ def _train_on_ray(name: str, config, args: argparse.Namespace) -> int:
 
 def pretrain_xl(args: argparse.Namespace, run_dir: str) -> int:
     """Pretraining through Ray Train; resumes from ``latest``; 75 when preempted."""
-    return _train_on_ray("pretrain_xl", _pretrain_config(args, run_dir), args)
+    return _train_on_ray("pretrain_xl", _stage_config(args, run_dir, PRETRAIN_PRESET, finetune=False), args)
 
 
-def _finetune(name: str, args: argparse.Namespace, run_dir: str) -> int:
-    config = _finetune_config(name, args, run_dir)
+def finetune(name: str, args: argparse.Namespace, run_dir: str) -> int:
+    """Fine-tuning task ``finetune_TASK`` through Ray Train on the exported backbone; resumes from ``latest``;
+    75 when preempted."""
+    config = _stage_config(args, run_dir, finetune_stages()[name].cluster_preset, finetune=True)
     if not args.dry_run and not os.path.isfile(config.model.init_from) and "://" not in config.model.init_from:
         raise SystemExit(f"{name}: no backbone at {config.model.init_from} (run the export stage first, "
                          "or pass --init / UNIREPLKNET_BACKBONE)")
     return _train_on_ray(name, config, args)
-
-
-def finetune_ade20k(args: argparse.Namespace, run_dir: str) -> int:
-    """UperNet fine-tuning through Ray Train on the exported backbone; resumes from ``latest``; 75 when preempted."""
-    return _finetune("finetune_ade20k", args, run_dir)
-
-
-def finetune_coco(args: argparse.Namespace, run_dir: str) -> int:
-    """Cascade Mask R-CNN fine-tuning through Ray Train on the exported backbone; resumes from ``latest``; 75
-    when preempted."""
-    return _finetune("finetune_coco", args, run_dir)
 
 
 def export(args: argparse.Namespace, run_dir: str) -> int:
@@ -180,23 +175,28 @@ def export(args: argparse.Namespace, run_dir: str) -> int:
         return 0
     os.makedirs(os.path.dirname(out), exist_ok=True)
     summary = export_checkpoint(pretrain_dir, out, checkpoint=folder, ema=ema, official=True)
-    with open(os.path.join(run_dir, "export", "summary.json"), "w") as f:
-        json.dump(summary, f, indent=2)
+    from unireplknet.files import atomic_write_json
+
+    atomic_write_json(os.path.join(run_dir, "export", "summary.json"), summary)
     _logger.info("exported %s -> %s", folder, out)
     return 0
 
 
-STAGES = {"pretrain_xl": pretrain_xl, "export": export, "finetune_coco": finetune_coco,
-          "finetune_ade20k": finetune_ade20k}
+def stages() -> dict[str, Callable[[argparse.Namespace, str], int]]:
+    """Stage name -> function(args, run_dir): pretraining, export, and one stage per fine-tuning task."""
+    table: dict[str, Callable[[argparse.Namespace, str], int]] = {"pretrain_xl": pretrain_xl, "export": export}
+    for name in finetune_stages():
+        table[name] = functools.partial(finetune, name)
+    return table
 
 
 def _stage_identity(name: str, args: argparse.Namespace, run_dir: str) -> dict:
-    """What a completed run of the stage is recognised by: its config (pretraining) or arguments."""
-    if name == "pretrain_xl" or name in FINETUNES:
+    """What a completed run of the stage is recognised by: its config (training stages) or arguments."""
+    if name == "pretrain_xl" or name in finetune_stages():
         from pretrain.config import config_to_dict
 
-        config = config_to_dict(_pretrain_config(args, run_dir) if name == "pretrain_xl"
-                                else _finetune_config(name, args, run_dir))
+        config = config_to_dict(_stage_config(args, run_dir, PRETRAIN_PRESET, finetune=False) if name == "pretrain_xl"
+                                else _stage_config(args, run_dir, finetune_stages()[name].cluster_preset, finetune=True))
         config.pop("launch")  # how many workers ran it does not change what was computed
         return {"config": config}
     return {"config": args.config, "source": args.source, "overrides": list(args.overrides)}
@@ -216,27 +216,30 @@ def run_stage(name: str, args: argparse.Namespace) -> int:
             return 0
         _logger.info("stage %s completed before with other settings: running (resuming from latest)", name)
         os.remove(marker)
-    status = STAGES[name](args, run_dir)
+    status = stages()[name](args, run_dir)
     if status == 0 and not args.dry_run:
-        os.makedirs(run_dir, exist_ok=True)
-        with open(marker, "w") as f:
-            json.dump({"stage": name, "finished": time.strftime("%Y-%m-%d %H:%M:%S"), "identity": identity}, f)
-            f.write("\n")
+        from unireplknet.files import atomic_write_json
+
+        atomic_write_json(marker, {"stage": name, "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
+                                   "identity": identity}, indent=None)
     return status
 
 
 def build_parser() -> argparse.ArgumentParser:
-    environment = "\n".join(f"  {name:26s}{text}" for name, text in ENVIRONMENT.items())
+    described = "\n".join(f"  {name:26s}{text}" for name, text in environment().items())
+    finetunes = finetune_stages()
+    defaults = ", ".join(f"{spec.cluster_preset} for {name}" for name, spec in finetunes.items())
     parser = argparse.ArgumentParser(prog="python -m cluster.stage", description=__doc__.split("\n\n")[0],
-                                     epilog=f"environment:\n{environment}\n\nexit status: 0 done (or already "
-                                     "complete), 75 preempted after a checkpoint (rerun to resume), 2 bad "
-                                     "arguments or config", formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("stage", choices=sorted(STAGES), help="the stage to run")
+                                     epilog=f"{__doc__.split(chr(10) * 2, 1)[1]}\nenvironment:\n{described}\n\n"
+                                     "exit status: 0 done (or already complete), 75 preempted after a checkpoint "
+                                     "(rerun to resume), 2 bad arguments or config",
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("stage", choices=sorted(stages()), help="the stage to run")
     parser.add_argument("--run-dir", help="this stage's run directory (default: $UNIREPLKNET_RUN_ROOT/STAGE)")
-    parser.add_argument("--config", help=f"preset or JSON config (default {PRETRAIN_PRESET} for pretrain_xl, "
-                        f"{ADE20K_PRESET} for finetune_ade20k, {COCO_PRESET} for finetune_coco)")
-    parser.add_argument("--data", help="fine-tunes: the dataset root (default: $UNIREPLKNET_ADE20K_ROOT or "
-                        "$UNIREPLKNET_COCO_ROOT, else the preset's)")
+    parser.add_argument("--config", help=f"preset or JSON config (default {PRETRAIN_PRESET} for pretrain_xl"
+                        f"{', ' + defaults if defaults else ''})")
+    parser.add_argument("--data", help="fine-tunes: the dataset root (default: the task's environment variable, "
+                        "else the preset's)")
     parser.add_argument("--init", help="fine-tunes: backbone weights (default: $UNIREPLKNET_BACKBONE, else the export "
                         "stage's RUN_ROOT/export/export/backbone.pth)")
     parser.add_argument("--source", help="export: the pretraining run directory (default: RUN_ROOT/pretrain_xl)")

@@ -7,7 +7,7 @@ import json
 import os
 import sys
 
-from .config import PRESETS, ConfigError, config_to_dict, load_config
+from .config import ConfigError, all_presets, config_to_dict, load_config
 from .metrics import init_logging
 
 _COMMANDS = ("train", "export", "bench", "presets")
@@ -31,8 +31,8 @@ that cannot be resumed (the message says why); 1 another failure (non-finite los
 
 def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", default="demo",
-                        help=f"a preset ({', '.join(PRESETS)}) or a JSON file such as RUN_DIR/config.json "
-                             "(default: demo)")
+                        help="a preset of any task (`python -m pretrain presets` lists them) or a JSON file such as "
+                             "RUN_DIR/config.json (default: demo)")
     parser.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
                         help="override config values, e.g. train.zero_stage=3 optim.lr=1e-3 model.dims=16,32,64,128")
 
@@ -58,7 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--reparameterize", action="store_true", help="convert to the inference structure")
     export.add_argument("--official", action="store_true", help="the authors' key layout (unireplknet.export_official)")
 
-    bench = commands.add_parser("bench", help="time training steps on synthetic data on this device")
+    bench = commands.add_parser("bench", help="time training steps of any task's preset on its synthetic batch on "
+                                "this device (samples/s, s/iter, peak memory, TFLOP/s)")
     _add_config_arguments(bench)
     bench.add_argument("--steps", type=int, default=20, help="timed optimizer steps (default 20)")
     bench.add_argument("--warmup", type=int, default=3, help="untimed steps first (default 3)")
@@ -75,8 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     init_logging(int(os.environ.get("RANK", "0")))
 
     if args.command == "presets":
-        for name, make in PRESETS.items():
-            print(f"{name:18s} {(make.__doc__ or '').strip().splitlines()[0] if make.__doc__ else ''}")
+        for name, make in all_presets().items():
+            print(f"{name:30s} {(make.__doc__ or '').strip().splitlines()[0] if make.__doc__ else ''}")
         return 0
     if args.command == "export":
         from .export import export_checkpoint

@@ -47,6 +47,8 @@ from typing import Any, Callable
 
 import torch
 
+from unireplknet.files import fsync_path
+
 from .distributed import WorldInfo, all_gather_object, all_reduce_sum, barrier, broadcast_object
 
 __all__ = [
@@ -63,6 +65,7 @@ __all__ = [
     "read_manifest",
     "read_rank_states",
     "read_saved_config",
+    "resume_rules",
     "save_checkpoint",
     "tag_of_step",
     "verify_checkpoint",
@@ -88,13 +91,19 @@ _SLOW_HASH_S = 5.0
 RESUME_MAY_CHANGE = (
     "run_dir", "launch.", "checkpoint.", "train.max_steps", "train.log_every", "train.eval_every",
     "train.deterministic", "train.label_smoothing", "optim.clip_grad", "model.grad_checkpointing",
-    "model.channels_last", "model.fused_branches", "model.sync_batchnorm", "data.val_urls", "data.img_size",
-    "data.eval_", "data.auto_augment", "data.random_erasing", "data.crop_scale_min", "data.hflip",
-    "data.color_jitter", "data.mixup_alpha", "data.cutmix_alpha", "data.demo_dir",
+    "model.channels_last", "model.fused_branches", "model.sync_batchnorm", "loader.eval_incomplete",
 )
-"""Config keys (or prefixes) a resumed run may change: they take effect from the resumed step on.
+"""Core config keys (or prefixes) a resumed run may change: they take effect from the resumed step on.
 Every other setting is restored from the checkpoint (optimizer hyper-parameters, the schedule) or
-fixes its layout (model, batch split, ZeRO stage, data order), so a change to it is refused."""
+fixes its layout (model, batch split, ZeRO stage, data order), so a change to it is refused. Each task
+adds the keys of its own sections (``TaskSpec.resume_may_change``): :func:`resume_rules`."""
+
+
+def resume_rules(task: str) -> tuple[str, ...]:
+    """The core's :data:`RESUME_MAY_CHANGE` and task ``task``'s own keys."""
+    from .registry import get_task
+
+    return RESUME_MAY_CHANGE + tuple(get_task(task).resume_may_change)
 
 
 class CheckpointError(RuntimeError):
@@ -154,14 +163,6 @@ def _os_error_text(error: OSError) -> str:
 
 
 # ----------------------------------------------------------------------------- writing files
-
-
-def _fsync_path(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class _HashingFile:
@@ -346,14 +347,14 @@ def _commit(root: str, staging: str, final: str, tag: str, step: int, keep: int,
         for name in names:
             relative = os.path.relpath(os.path.join(directory, name), staging)
             if relative not in records:
-                _fsync_path(os.path.join(directory, name))
+                fsync_path(os.path.join(directory, name))
                 records[relative] = _hash_file(os.path.join(directory, name))
     manifest = {"format": MANIFEST_FORMAT, "version": MANIFEST_VERSION, "step": step, "world_size": world_size,
                 "zero_stage": zero_stage,
                 "files": {name: {"size": size, "sha256": digest} for name, (size, digest) in sorted(records.items())}}
     manifest["manifest_sha256"] = _manifest_digest(manifest)
     _write_json(os.path.join(staging, MANIFEST_NAME), manifest)
-    _fsync_path(staging)
+    fsync_path(staging)
     elapsed = time.perf_counter() - started
     total = sum(size for size, _ in records.values())
     (_logger.warning if elapsed > _SLOW_HASH_S else _logger.info)(
@@ -368,9 +369,9 @@ def _commit(root: str, staging: str, final: str, tag: str, step: int, keep: int,
             shutil.rmtree(replaced, ignore_errors=True)
         else:
             os.rename(staging, final)
-        _fsync_path(root)
+        fsync_path(root)
         os.replace(latest_tmp, os.path.join(root, "latest"))
-        _fsync_path(root)
+        fsync_path(root)
     finally:
         with contextlib.suppress(OSError):
             os.remove(latest_tmp)
@@ -486,9 +487,8 @@ def config_changes(saved: dict, current: dict) -> list[tuple[str, Any, Any]]:
     return [(key, old.get(key), new.get(key)) for key in sorted(set(old) | set(new)) if old.get(key) != new.get(key)]
 
 
-def _may_change(key: str) -> bool:
-    return any(key == rule or (rule.endswith(".") or rule.endswith("_")) and key.startswith(rule)
-               for rule in RESUME_MAY_CHANGE)
+def _may_change(key: str, rules: tuple[str, ...]) -> bool:
+    return any(key == rule or (rule.endswith(".") or rule.endswith("_")) and key.startswith(rule) for rule in rules)
 
 
 def _latest_folder(root: str) -> tuple[str | None, str | None]:
@@ -506,10 +506,12 @@ def _latest_folder(root: str) -> tuple[str | None, str | None]:
     return os.path.join(root, tag), None
 
 
-def _choose(root: str, resume: str, world_size: int | None, config: dict | None) -> tuple[str | None, list[str]]:
+def _choose(root: str, resume: str, world_size: int | None, config: dict | None,
+            may_change: tuple[str, ...] = RESUME_MAY_CHANGE) -> tuple[str | None, list[str]]:
     """Rank 0's decision: the folder to resume from (None: start at step 0) and warnings to log.
     ``world_size`` / ``config`` None: any world size and settings (export). Every file of the folder
-    chosen matches its manifest (size and sha256)."""
+    chosen matches its manifest (size and sha256). The saved config is compared with ``config`` in
+    today's layout (:func:`pretrain.config.upgrade_config_dict`)."""
     warnings: list[str] = []
     if resume == "none":
         return None, warnings
@@ -557,8 +559,14 @@ def _choose(root: str, resume: str, world_size: int | None, config: dict | None)
                               "(python -m pretrain export) and start a new run with model.init_from")
     saved = read_saved_config(folder) if config is not None else None
     if saved is not None:
+        from .config import ConfigError, upgrade_config_dict
+
+        try:
+            saved = upgrade_config_dict(saved)
+        except ConfigError as error:
+            raise CheckpointError(f"{os.path.join(folder, CONFIG_NAME)}: {error}") from None
         changes = config_changes(saved, config)
-        refused = [change for change in changes if not _may_change(change[0])]
+        refused = [change for change in changes if not _may_change(change[0], may_change)]
         if refused:
             lines = "\n".join(f"  {key}: checkpoint {old!r}, this run {new!r}" for key, old, new in refused)
             raise CheckpointError(f"{folder} was written with other settings that exact resume cannot honour "
@@ -623,11 +631,13 @@ def _check_free_space(root: str, folder: str) -> None:
             "(or lower checkpoint.keep), or set run_dir elsewhere")
 
 
-def choose_checkpoint(root: str, resume: str, world: WorldInfo, config: dict) -> str | None:
+def choose_checkpoint(root: str, resume: str, world: WorldInfo, config: dict,
+                      may_change: tuple[str, ...] = RESUME_MAY_CHANGE) -> str | None:
     """Every rank: prepare the checkpoint directory and pick the checkpoint to resume from (None:
     start at step 0), all decided on rank 0.
 
-    ``resume`` is ``latest``, ``none`` or a folder. With ``none``, checkpoints already under
+    ``resume`` is ``latest``, ``none`` or a folder; ``may_change`` the keys a resumed run may change
+    (:func:`resume_rules`). With ``none``, checkpoints already under
     ``root`` are moved aside (logged). Leftovers of interrupted saves are removed; the directory
     must take a file, and as many bytes as the chosen checkpoint holds. Raises
     :class:`CheckpointError` (:class:`CheckpointWriteError` for the directory) on every rank
@@ -639,7 +649,7 @@ def choose_checkpoint(root: str, resume: str, world: WorldInfo, config: dict) ->
             if resume == "none":
                 _set_aside(root)
             _prepare_root(root)
-            folder, warnings = _choose(root, resume, world.world_size, config)
+            folder, warnings = _choose(root, resume, world.world_size, config, may_change)
             for warning in warnings:
                 _logger.warning("%s", warning)
             if folder is not None:

@@ -1,14 +1,21 @@
-"""Typed, validated run configuration: dataclasses, recipes as functions, ``--set`` overrides, dump.
+"""The core run configuration: typed sections, validation, ``--set`` overrides, JSON round trips.
 
-A run is described by one :class:`Config`. Recipes (presets) are plain functions returning a
-``Config``; ``--set section.key=value`` overrides are parsed against the field's annotation, and
-:func:`validate` checks every value before anything is built. Every error is a
-:class:`ConfigError` whose message starts with the dotted key and says what was expected.
+A run is one :class:`Config`: the core sections every task shares (``model``, ``optim``, ``train``,
+``checkpoint``, ``launch``, ``loader``) plus the sections of its task, added by the task's own
+``Config`` subclass (image classification's ``data``, ADE20K's ``ade20k``, ...; see
+:mod:`pretrain.registry`). Presets are plain functions returning a config, registered with their
+task. ``--set section.key=value`` overrides are parsed against the field's annotation, and
+:func:`validate` checks every value before anything is built. Every error is a :class:`ConfigError`
+whose message starts with the dotted key and says what was expected.
+
+A saved config (``config.json``) holds only the run's own sections. Configs saved by earlier
+versions (which carried every task's section) are upgraded when read: :func:`upgrade_config_dict`.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import os
 import types
@@ -17,24 +24,28 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Literal
 
 __all__ = [
-    "Ade20kConfig",
     "CheckpointConfig",
-    "CocoConfig",
     "Config",
     "ConfigError",
-    "DataConfig",
     "LaunchConfig",
+    "LoaderConfig",
     "ModelConfig",
     "OptimConfig",
-    "PRESETS",
     "TrainConfig",
+    "all_presets",
     "apply_overrides",
     "config_from_dict",
     "config_to_dict",
+    "in_range",
     "load_config",
+    "off_words_to_empty",
+    "positive",
     "save_config",
+    "upgrade_config_dict",
     "validate",
 ]
+
+_logger = logging.getLogger(__name__)
 
 
 class ConfigError(ValueError):
@@ -77,15 +88,15 @@ class ModelConfig:
     """Run each Dilated Reparam Block's branches as one grouped conv + one batch norm (same function)."""
 
     def validate(self) -> None:
-        _off_words_to_empty(self, "init_from")
+        off_words_to_empty(self, "init_from")
         if self.fused_branches and self.sync_batchnorm:
             raise ConfigError("fused_branches", "expected false with model.sync_batchnorm=true (the fused "
                               "branches use one plain batch norm, which would drop the cross-rank statistics)")
         if not self.name.startswith("unireplknet_"):
             raise ConfigError("name", f"expected a unireplknet_* model name, got {self.name!r}")
-        _positive("num_classes", self.num_classes)
-        _positive("in_chans", self.in_chans)
-        _in_range("drop_path_rate", self.drop_path_rate, 0.0, 1.0, upper_open=True)
+        positive("num_classes", self.num_classes)
+        positive("in_chans", self.in_chans)
+        in_range("drop_path_rate", self.drop_path_rate, 0.0, 1.0, upper_open=True)
         if self.head_init_scale <= 0:
             raise ConfigError("head_init_scale", f"expected > 0, got {self.head_init_scale}")
         for key in ("depths", "dims"):
@@ -97,91 +108,6 @@ class ModelConfig:
                 raise ConfigError("kernel_sizes", f"expected 4 stages, got {len(self.kernel_sizes)}")
             if self.depths is not None and tuple(len(k) for k in self.kernel_sizes) != tuple(self.depths):
                 raise ConfigError("kernel_sizes", f"expected one kernel size per block (depths {self.depths})")
-
-
-@dataclass(kw_only=True, slots=True)
-class DataConfig:
-    """Where the images come from and how they are augmented."""
-
-    source: Literal["shards", "demo"] = "shards"
-    """``shards``: read ``train_urls``/``val_urls``; ``demo``: generate small shards under ``demo_dir`` first."""
-    train_urls: str = ""
-    """Training shards (brace pattern, directory or list file understood by ``shards``)."""
-    val_urls: str = ""
-    """Validation shards; empty disables evaluation."""
-    demo_dir: str = "data/demo"
-    """With ``source=demo``: where the generated shards live (created once, then reused)."""
-    demo_train_samples: int = 4096
-    """With ``source=demo``: training images to generate."""
-    demo_val_samples: int = 1000
-    """With ``source=demo``: validation images to generate."""
-    img_size: int = 224
-    """Training and evaluation resolution."""
-    eval_crop_pct: float | None = None
-    """Evaluation: resize to ``img_size / eval_crop_pct``, then crop ``img_size``. None: the authors'
-    protocol (their ``datasets.py``): at ``img_size >= 384`` warp the image to img_size x img_size
-    (crop 1.0, squash), below that resize the shorter side to img_size / 0.875 and center-crop."""
-    eval_incomplete: Literal["error", "warn"] = "error"
-    """When an evaluation scored fewer samples than ``data.val_urls`` holds (damaged shards or images):
-    ``error`` stops the run naming the shortfall, ``warn`` logs it loudly and goes on."""
-    eval_crop_mode: Literal["center", "squash"] | None = None
-    """Evaluation resize: ``center`` keeps the aspect ratio (shorter side), ``squash`` warps to a square.
-    None: follows ``eval_crop_pct`` / the authors' protocol (squash at >= 384)."""
-    num_workers: int = 8
-    """Loader worker processes per rank."""
-    samples_per_epoch: int | None = None
-    """Nominal epoch length (all ranks together); default: the shards' sample count."""
-    auto_augment: str = "rand-m9-mstd0.5-inc1"
-    """timm RandAugment policy; empty for none."""
-    random_erasing: float = 0.25
-    """Random erasing probability."""
-    crop_scale_min: float = 0.08
-    """Smallest area fraction of the random resized crop."""
-    hflip: float = 0.5
-    """Horizontal flip probability."""
-    color_jitter: float = 0.4
-    """Colour jitter strength, used only without ``auto_augment`` (0 disables)."""
-    mixup_alpha: float = 0.8
-    """Mixup alpha (0 disables)."""
-    cutmix_alpha: float = 1.0
-    """CutMix alpha (0 disables)."""
-
-    def validate(self) -> None:
-        _off_words_to_empty(self, "auto_augment", "val_urls")
-        if self.auto_augment:
-            _check_auto_augment(self.auto_augment)
-        if self.source == "demo" and not self.demo_dir:
-            raise ConfigError("demo_dir", "expected a directory for the generated demo shards")
-        _positive("demo_train_samples", self.demo_train_samples)
-        _positive("demo_val_samples", self.demo_val_samples)
-        if self.img_size < 32 or self.img_size % 32:
-            raise ConfigError("img_size", f"expected a multiple of 32 (the network's stride), got {self.img_size}")
-        if self.num_workers < 0:
-            raise ConfigError("num_workers", f"expected >= 0, got {self.num_workers}")
-        if self.eval_crop_pct is not None:
-            _in_range("eval_crop_pct", self.eval_crop_pct, 0.0, 1.0, lower_open=True)
-        if self.samples_per_epoch is not None:
-            _positive("samples_per_epoch", self.samples_per_epoch)
-        _in_range("random_erasing", self.random_erasing, 0.0, 1.0)
-        _in_range("crop_scale_min", self.crop_scale_min, 0.0, 1.0, lower_open=True)
-        _in_range("hflip", self.hflip, 0.0, 1.0)
-        if self.color_jitter < 0:
-            raise ConfigError("color_jitter", f"expected >= 0, got {self.color_jitter}")
-        for key in ("mixup_alpha", "cutmix_alpha"):
-            if getattr(self, key) < 0:
-                raise ConfigError(key, f"expected >= 0, got {getattr(self, key)}")
-
-    @property
-    def eval_crop(self) -> tuple[float, str]:
-        """``(crop_pct, crop_mode)`` of the evaluation transform (see ``eval_crop_pct``)."""
-        warp = self.img_size >= 384
-        crop_pct = self.eval_crop_pct if self.eval_crop_pct is not None else (1.0 if warp else 0.875)
-        crop_mode = self.eval_crop_mode or ("squash" if warp and self.eval_crop_pct is None else "center")
-        return crop_pct, crop_mode
-
-    @property
-    def uses_mixup(self) -> bool:
-        return self.mixup_alpha > 0 or self.cutmix_alpha > 0
 
 
 @dataclass(kw_only=True, slots=True)
@@ -220,8 +146,6 @@ class OptimConfig:
     """``multistep``: the factor at each milestone."""
     power: float = 1.0
     """``poly``: the exponent."""
-    layer_decay_layers: int = 12
-    """Dense tasks (``task=coco|ade20k``): the authors' ``num_layers`` of their layer-wise decay (12; 9 for T)."""
 
     def validate(self) -> None:
         if self.lr <= 0:
@@ -236,21 +160,20 @@ class OptimConfig:
             raise ConfigError("betas", f"expected two values in [0, 1), got {self.betas}")
         if self.eps <= 0:
             raise ConfigError("eps", f"expected > 0, got {self.eps}")
-        _in_range("layer_decay", self.layer_decay, 0.0, 1.0, lower_open=True)
+        in_range("layer_decay", self.layer_decay, 0.0, 1.0, lower_open=True)
         if self.clip_grad is not None and self.clip_grad <= 0:
             raise ConfigError("clip_grad", f"expected > 0 or none, got {self.clip_grad}")
         if self.warmup_steps is not None and self.warmup_steps < 0:
             raise ConfigError("warmup_steps", f"expected >= 0 or none, got {self.warmup_steps}")
         if self.warmup_ratio is not None:
-            _in_range("warmup_ratio", self.warmup_ratio, 0.0, 1.0, lower_open=True)
+            in_range("warmup_ratio", self.warmup_ratio, 0.0, 1.0, lower_open=True)
         if self.schedule == "multistep":
             if not self.milestones or list(self.milestones) != sorted(self.milestones) or min(self.milestones) <= 0:
                 raise ConfigError("milestones", f"expected increasing positive epochs with optim.schedule=multistep, "
                                   f"got {list(self.milestones)}")
-        _in_range("gamma", self.gamma, 0.0, 1.0, lower_open=True)
+        in_range("gamma", self.gamma, 0.0, 1.0, lower_open=True)
         if self.power <= 0:
             raise ConfigError("power", f"expected > 0, got {self.power}")
-        _positive("layer_decay_layers", self.layer_decay_layers)
 
 
 @dataclass(kw_only=True, slots=True)
@@ -286,22 +209,22 @@ class TrainConfig:
     """Steps between evaluations (0: only at the end)."""
 
     def validate(self) -> None:
-        _positive("epochs", self.epochs)
+        positive("epochs", self.epochs)
         if self.steps is not None:
-            _positive("steps", self.steps)
+            positive("steps", self.steps)
         if self.max_steps is not None:
-            _positive("max_steps", self.max_steps)
-        _positive("global_batch_size", self.global_batch_size)
-        _positive("micro_batch_size", self.micro_batch_size)
+            positive("max_steps", self.max_steps)
+        positive("global_batch_size", self.global_batch_size)
+        positive("micro_batch_size", self.micro_batch_size)
         if self.global_batch_size % self.micro_batch_size:
             raise ConfigError("global_batch_size", f"expected a multiple of train.micro_batch_size "
                               f"({self.micro_batch_size}), got {self.global_batch_size}")
         if self.zero_stage not in (0, 1, 2, 3):
             raise ConfigError("zero_stage", f"expected one of 0, 1, 2, 3, got {self.zero_stage}")
-        _in_range("label_smoothing", self.label_smoothing, 0.0, 1.0, upper_open=True)
+        in_range("label_smoothing", self.label_smoothing, 0.0, 1.0, upper_open=True)
         if self.ema_decay is not None:
-            _in_range("ema_decay", self.ema_decay, 0.0, 1.0, lower_open=True, upper_open=True)
-        _positive("log_every", self.log_every)
+            in_range("ema_decay", self.ema_decay, 0.0, 1.0, lower_open=True, upper_open=True)
+        positive("log_every", self.log_every)
         if self.eval_every < 0:
             raise ConfigError("eval_every", f"expected >= 0, got {self.eval_every}")
 
@@ -318,8 +241,8 @@ class CheckpointConfig:
     """``latest``: continue from the run directory's latest checkpoint if any; ``none``; or a checkpoint folder."""
 
     def validate(self) -> None:
-        _positive("every", self.every)
-        _positive("keep", self.keep)
+        positive("every", self.every)
+        positive("keep", self.keep)
         if not self.resume:
             raise ConfigError("resume", "expected 'latest', 'none' or a checkpoint folder")
 
@@ -348,8 +271,8 @@ class LaunchConfig:
     """Ray Train: CPUs reserved per worker (default: 1 + ``data.num_workers``, the loader processes)."""
 
     def validate(self) -> None:
-        _positive("num_workers", self.num_workers)
-        _positive("nodes", self.nodes)
+        positive("num_workers", self.num_workers)
+        positive("nodes", self.nodes)
         if self.launcher == "local" and self.num_workers != 1:
             raise ConfigError("num_workers", "expected 1 with launch.launcher=local (use torchrun or ray)")
         if self.nodes > 1:
@@ -366,227 +289,55 @@ class LaunchConfig:
         if self.max_failures < 0:
             raise ConfigError("max_failures", f"expected >= 0, got {self.max_failures}")
         if self.cpus_per_worker is not None:
-            _positive("cpus_per_worker", self.cpus_per_worker)
+            positive("cpus_per_worker", self.cpus_per_worker)
 
 
 @dataclass(kw_only=True, slots=True)
-class Ade20kConfig:
-    """``task=ade20k``: UperNet semantic segmentation on the ADEChallengeData2016 layout (mmseg's pipeline)."""
+class LoaderConfig:
+    """Data loading settings every task shares."""
 
-    data_root: str = ""
-    """``ROOT`` holding ``images/{training,validation}`` and ``annotations/{training,validation}``; a local
-    path or an fsspec URL."""
-    generate_demo: bool = False
-    """Write the generated demo set (``python -m finetune make-demo-data ade20k``) into ``data_root`` first
-    when it is not there yet."""
-    num_classes: int = 150
-    """Classes after ``reduce_zero_label`` (label 0 is ignored, k becomes k-1)."""
-    crop_size: int = 512
-    """Training crop (square), padded with label 255 where the image is smaller."""
-    resize_scale: tuple[int, int] = (2048, 512)
-    """Training resize target (long, short) before the random ratio; (2560, 640) for the 640 crop."""
-    ratio_range: tuple[float, float] = (0.5, 2.0)
-    """Random ratio applied to ``resize_scale``."""
-    cat_max_ratio: float = 0.75
-    """Random crop: retry (up to 10 times) while one class covers more than this fraction of the crop."""
-    hflip: float = 0.5
-    """Horizontal flip probability."""
-    photometric: bool = True
-    """mmseg's PhotoMetricDistortion (brightness, contrast, saturation, hue)."""
-    eval_scale: tuple[int, int] = (2048, 512)
-    """Evaluation resize (long, short), keeping the ratio, then to a multiple of 32."""
-    eval_mode: Literal["whole", "slide"] = "whole"
-    """Inference on the whole resized image, or sliding windows of ``crop_size`` at ``eval_stride``."""
-    eval_stride: int = 341
-    """``slide``: window stride (mmseg: 341 for 512 crops, 426 for 640)."""
-    eval_ratios: tuple[float, ...] = (1.0,)
-    """Scales of ``eval_scale`` evaluated and averaged (multi-scale: 0.5, 0.75, 1.0, 1.25, 1.5, 1.75)."""
-    eval_flip: bool = False
-    """Also average the horizontally flipped predictions."""
-    channels: int = 512
-    """UperNet decode-head channels."""
-    aux_channels: int = 256
-    """Auxiliary FCN head channels (on the stride-16 feature)."""
-    aux_weight: float = 0.4
-    """Auxiliary loss weight (0 removes the auxiliary head)."""
-    dropout: float = 0.1
-    """Dropout2d before each classifier."""
+    num_workers: int = 8
+    """Loader worker processes per rank."""
+    eval_incomplete: Literal["error", "warn"] = "error"
+    """When an evaluation scored fewer samples than the evaluation set holds (damaged shards, images or
+    annotations): ``error`` stops the run naming the shortfall, ``warn`` logs it loudly and goes on."""
 
     def validate(self) -> None:
-        _positive("num_classes", self.num_classes)
-        if self.crop_size < 32 or self.crop_size % 32:
-            raise ConfigError("crop_size", f"expected a multiple of 32, got {self.crop_size}")
-        for key in ("resize_scale", "eval_scale"):
-            if min(getattr(self, key)) <= 0:
-                raise ConfigError(key, f"expected two positive sizes, got {list(getattr(self, key))}")
-        low, high = self.ratio_range
-        if not 0 < low <= high:
-            raise ConfigError("ratio_range", f"expected 0 < low <= high, got {list(self.ratio_range)}")
-        _in_range("cat_max_ratio", self.cat_max_ratio, 0.0, 1.0, lower_open=True)
-        _in_range("hflip", self.hflip, 0.0, 1.0)
-        _positive("eval_stride", self.eval_stride)
-        if not self.eval_ratios or min(self.eval_ratios) <= 0:
-            raise ConfigError("eval_ratios", f"expected positive scales, got {list(self.eval_ratios)}")
-        _positive("channels", self.channels)
-        _positive("aux_channels", self.aux_channels)
-        if self.aux_weight < 0:
-            raise ConfigError("aux_weight", f"expected >= 0, got {self.aux_weight}")
-        _in_range("dropout", self.dropout, 0.0, 1.0, upper_open=True)
+        if self.num_workers < 0:
+            raise ConfigError("num_workers", f"expected >= 0, got {self.num_workers}")
 
-
-@dataclass(kw_only=True, slots=True)
-class CocoConfig:
-    """``task=coco``: Cascade Mask R-CNN (or Mask R-CNN) instance segmentation on the COCO 2017 layout, the
-    authors' mmdet recipe: FPN P2-P6, RPN, cascade RoI heads with 4conv1fc box heads and GIoU loss."""
-
-    data_root: str = ""
-    """``ROOT`` holding ``annotations/instances_{train,val}2017.json`` and ``{train,val}2017/``; a local path or
-    an fsspec URL."""
-    generate_demo: bool = False
-    """Write the generated demo set (``python -m finetune make-demo-data coco``) into ``data_root`` first when
-    it is not there yet."""
-    detector: Literal["cascade_mask_rcnn", "mask_rcnn"] = "cascade_mask_rcnn"
-    """Three cascade stages (IoU 0.5/0.6/0.7), or one stage (Mask R-CNN: the first cascade stage alone)."""
-    num_classes: int = 80
-    """Object categories (the annotation file's, in sorted id order; 80 for COCO)."""
-    train_scales: tuple[int, ...] = tuple(range(480, 801, 32))
-    """Policy (a) of the authors' AutoAugment: shorter side resized to one of these, longer side <= max_size."""
-    max_size: int = 1333
-    """Longest side after any resize."""
-    crop_policy: bool = True
-    """Also use policy (b), chosen with probability 0.5 per image: resize to ``crop_resize_scales``, random
-    crop of an absolute size in ``crop_size_range``, then policy (a)'s resize."""
-    crop_resize_scales: tuple[int, ...] = (400, 500, 600)
-    """Policy (b): shorter side before the crop."""
-    crop_size_range: tuple[int, int] = (384, 600)
-    """Policy (b): crop height and width, each drawn from this inclusive range (clipped to the image)."""
-    hflip: float = 0.5
-    """Horizontal flip probability."""
-    size_divisor: int = 32
-    """Batches are zero-padded (after normalization) to a multiple of this."""
-    eval_scale: tuple[int, int] = (1333, 800)
-    """Test resize (long, short), keeping the aspect ratio."""
-    fpn_channels: int = 256
-    """FPN output channels (P2-P6)."""
-    anchor_scale: float = 8.0
-    """RPN anchor size = scale x level stride (strides 4..64); one scale, ratios ``anchor_ratios``."""
-    anchor_ratios: tuple[float, ...] = (0.5, 1.0, 2.0)
-    rpn_batch: int = 256
-    """Anchors sampled per image for the RPN loss (half positive at most)."""
-    rpn_proposals_train: int = 2000
-    """Proposals per image kept after NMS 0.7 in training (and taken per level before it)."""
-    rpn_proposals_test: int = 1000
-    """The same at test time."""
-    roi_batch: int = 512
-    """RoIs sampled per image per cascade stage (a quarter positive at most)."""
-    stage_ious: tuple[float, ...] = (0.5, 0.6, 0.7)
-    """Positive IoU of each cascade stage's assigner (one value per stage; the first for mask_rcnn)."""
-    stage_weights: tuple[float, ...] = (1.0, 0.5, 0.25)
-    """Loss weight of each cascade stage."""
-    box_channels: int = 256
-    """Box head: 4 shared 3x3 convs of this width (BN), then one fc of ``box_fc``."""
-    box_fc: int = 1024
-    mask_channels: int = 256
-    """Mask head: 4 3x3 convs of this width, deconv x2, class-specific 1x1 (28x28 masks)."""
-    giou_weight: float = 10.0
-    """Weight of the GIoU loss on decoded boxes."""
-    score_threshold: float = 0.05
-    nms_iou: float = 0.5
-    max_detections: int = 100
-
-    def validate(self) -> None:
-        _positive("num_classes", self.num_classes)
-        for key in ("train_scales", "crop_resize_scales"):
-            if not getattr(self, key) or min(getattr(self, key)) <= 0:
-                raise ConfigError(key, f"expected positive sizes, got {list(getattr(self, key))}")
-        _positive("max_size", self.max_size)
-        low, high = self.crop_size_range
-        if not 0 < low <= high:
-            raise ConfigError("crop_size_range", f"expected 0 < low <= high, got {list(self.crop_size_range)}")
-        _in_range("hflip", self.hflip, 0.0, 1.0)
-        _positive("size_divisor", self.size_divisor)
-        if min(self.eval_scale) <= 0:
-            raise ConfigError("eval_scale", f"expected two positive sizes, got {list(self.eval_scale)}")
-        for key in ("fpn_channels", "rpn_batch", "rpn_proposals_train", "rpn_proposals_test", "roi_batch",
-                    "box_channels", "box_fc", "mask_channels", "max_detections"):
-            _positive(key, getattr(self, key))
-        if self.anchor_scale <= 0 or not self.anchor_ratios or min(self.anchor_ratios) <= 0:
-            raise ConfigError("anchor_ratios", "expected a positive anchor_scale and positive ratios")
-        stages = 3 if self.detector == "cascade_mask_rcnn" else 1
-        for key in ("stage_ious", "stage_weights"):
-            if len(getattr(self, key)) != stages:
-                raise ConfigError(key, f"expected {stages} value(s) with detector={self.detector}, "
-                                  f"got {list(getattr(self, key))}")
-        for iou in self.stage_ious:
-            _in_range("stage_ious", iou, 0.0, 1.0, lower_open=True, upper_open=True)
-        if min(self.stage_weights) < 0:
-            raise ConfigError("stage_weights", f"expected >= 0, got {list(self.stage_weights)}")
-        if self.giou_weight < 0:
-            raise ConfigError("giou_weight", f"expected >= 0, got {self.giou_weight}")
-        _in_range("score_threshold", self.score_threshold, 0.0, 1.0)
-        _in_range("nms_iou", self.nms_iou, 0.0, 1.0, lower_open=True)
-
-
-DENSE_TASKS = ("ade20k", "coco")
 
 
 @dataclass(kw_only=True, slots=True)
 class Config:
-    """One training run."""
+    """One training run: the core sections. A task subclasses it to add its own section(s)."""
 
     run_dir: str = "runs/demo"
     """Everything the run writes: config.json, checkpoints/, tensorboard/, log."""
-    task: Literal["classification", "ade20k", "coco"] = "classification"
-    """``classification`` (pretraining, 22K -> 1K; ``data`` section), ``ade20k`` (UperNet segmentation;
-    ``ade20k`` section), ``coco`` (Cascade Mask R-CNN instance segmentation; ``coco`` section)."""
+    task: str = ""
+    """The registered task this config is for (``python -m finetune presets`` lists them); fixed by the preset
+    or config file."""
     model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
-    ade20k: Ade20kConfig = field(default_factory=Ade20kConfig)
-    coco: CocoConfig = field(default_factory=CocoConfig)
+    loader: LoaderConfig = field(default_factory=LoaderConfig)
 
     def validate(self) -> None:
+        """Rules across sections (a task's subclass adds its own and calls this)."""
         if not self.run_dir:
             raise ConfigError("run_dir", "expected a directory")
-        if self.task == "classification" and self.data.source == "shards" and not self.data.train_urls:
-            raise ConfigError("data.train_urls", "expected the training shards (or data.source=demo)")
-        if self.task == "coco" and not self.coco.data_root:
-            raise ConfigError("coco.data_root", "expected the COCO 2017 folder (or URL) with task=coco")
-        if self.task == "ade20k" and not self.ade20k.data_root:
-            raise ConfigError("ade20k.data_root", "expected the ADEChallengeData2016 folder (or URL) with task=ade20k")
-        if self.task in DENSE_TASKS and self.train.zero_stage == 3:
-            raise ConfigError("train.zero_stage", f"expected 0, 1 or 2 with task={self.task}: ranks run different "
-                              "numbers of forward passes in evaluation (image sizes, sliding windows), which "
-                              "ZeRO-3's collective parameter gathering cannot follow")
         if self.optim.name == "lamb" and self.train.zero_stage != 0:
             raise ConfigError("train.zero_stage", "expected 0 with optim.name=lamb: ZeRO flattens parameters, "
                               "so LAMB's per-parameter trust ratio would be computed over whole partitions")
 
 
-def _off_words_to_empty(section, *names: str) -> None:
+def off_words_to_empty(section, *names: str) -> None:
     """String fields where empty means "off": the words none/off/false also mean off."""
     for name in names:
         if getattr(section, name).strip().lower() in ("", "none", "off", "false"):
             setattr(section, name, "")
-
-
-def _check_auto_augment(policy: str) -> None:
-    """A timm auto-augment policy string (``rand-m9-mstd0.5-inc1``, ``augmix-m5``, ``original``, ...)."""
-    from timm.data.auto_augment import auto_augment_transform, augment_and_mix_transform, rand_augment_transform
-
-    try:
-        if policy.startswith("rand"):
-            rand_augment_transform(policy, {})
-        elif policy.startswith("augmix"):
-            augment_and_mix_transform(policy, {})
-        else:
-            auto_augment_transform(policy, {})
-    except (AssertionError, ValueError, KeyError, IndexError) as error:
-        raise ConfigError("auto_augment", f"expected a timm policy such as 'rand-m9-mstd0.5-inc1' or '' for none, "
-                          f"got {policy!r} ({type(error).__name__}: {error})") from None
 
 
 def _non_finite_floats(value: Any, key: str) -> Iterator[str]:
@@ -601,12 +352,12 @@ def _non_finite_floats(value: Any, key: str) -> Iterator[str]:
         yield key
 
 
-def _positive(key: str, value: int) -> None:
+def positive(key: str, value: int) -> None:
     if value <= 0:
         raise ConfigError(key, f"expected > 0, got {value}")
 
 
-def _in_range(key: str, value: float, low: float, high: float, lower_open: bool = False, upper_open: bool = False):
+def in_range(key: str, value: float, low: float, high: float, lower_open: bool = False, upper_open: bool = False):
     too_low = value <= low if lower_open else value < low
     too_high = value >= high if upper_open else value > high
     if too_low or too_high:
@@ -616,6 +367,7 @@ def _in_range(key: str, value: float, low: float, high: float, lower_open: bool 
 
 def validate(config: Config) -> Config:
     """Check every section, then the cross-section rules; errors name the dotted key."""
+    _check_task(config)
     for key in _non_finite_floats(config, ""):
         raise ConfigError(key, f"expected a finite number, got {_get(config, key)}")
     for section in dataclasses.fields(config):
@@ -627,6 +379,19 @@ def validate(config: Config) -> Config:
                 raise ConfigError(f"{section.name}.{error.key}", str(error).split(": ", 1)[1]) from None
     config.validate()
     return config
+
+
+def _check_task(config: Config) -> None:
+    """``config.task`` is registered and ``config`` is of its config class."""
+    from .registry import UnknownTaskError, get_task
+
+    try:
+        spec = get_task(config.task)
+    except UnknownTaskError as error:
+        raise ConfigError("task", str(error)) from None
+    if type(config) is not spec.config_class:
+        raise ConfigError("task", f"{config.task!r} runs with a {spec.config_class.__name__}, this config is a "
+                          f"{type(config).__name__}")
 
 
 def _get(config: Config, key: str) -> Any:
@@ -723,9 +488,60 @@ def _dataclass_from_dict(cls, values: dict, prefix: str = ""):
     return cls(**{name: _coerce(prefix + name, value, known[name]) for name, value in values.items()})
 
 
+LEGACY_TASK = "classification"
+"""The task of a saved config written before configs named their task (the trainer's first task)."""
+LEGACY_KEYS: dict[str, str | None] = {"data.num_workers": "loader.num_workers",
+                                      "data.eval_incomplete": "loader.eval_incomplete"}
+"""Core keys of earlier versions -> their key now: applied to saved configs and to ``--set`` (with a warning)."""
+
+
+def _move_key(values: dict, old: str, new: str | None) -> None:
+    """Move (or drop, ``new`` None) the dotted key ``old`` of nested ``values``, in place."""
+    *path, last = old.split(".")
+    holder = values
+    for part in path:
+        holder = holder.get(part)
+        if not isinstance(holder, dict):
+            return
+    if last not in holder:
+        return
+    value = holder.pop(last)
+    if new is None:
+        return
+    *path, last = new.split(".")
+    holder = values
+    for part in path:
+        holder = holder.setdefault(part, {})
+    holder.setdefault(last, value)
+
+
+def upgrade_config_dict(values: dict) -> dict:
+    """A saved config in today's layout: earlier versions wrote every task's section on every run and a few
+    keys elsewhere (``data.num_workers``); this moves or drops them by the core's and the task's
+    ``legacy_keys``. Today's configs pass through unchanged. Returns a new dict."""
+    from .registry import UnknownTaskError, get_task
+
+    values = json.loads(json.dumps(values))
+    values.setdefault("task", LEGACY_TASK)
+    try:
+        spec = get_task(values["task"])
+    except UnknownTaskError as error:
+        raise ConfigError("task", str(error)) from None
+    for old, new in {**LEGACY_KEYS, **spec.legacy_keys}.items():
+        _move_key(values, old, new)
+    for section in list(values):  # a section emptied by the moves above (e.g. ``data`` of a dense run)
+        if values[section] == {}:
+            del values[section]
+    return values
+
+
 def config_from_dict(values: dict) -> Config:
-    """Build a Config from nested plain values (as written by :func:`config_to_dict`); not yet validated."""
-    return _dataclass_from_dict(Config, values)
+    """Build the task's Config from nested plain values (as written by :func:`config_to_dict`, by this version
+    or an earlier one); not yet validated."""
+    from .registry import get_task
+
+    values = upgrade_config_dict(values)
+    return _dataclass_from_dict(get_task(values["task"]).config_class, values)
 
 
 def config_to_dict(config: Config) -> dict:
@@ -794,15 +610,35 @@ def _parse_text(key: str, text: str, annotation: Any) -> Any:
     raise ConfigError(key, f"cannot be set from text (type {expected})")
 
 
+def _current_key(config: Config, key: str) -> str:
+    """``key``, or its new name when it is a renamed key of an earlier version (with a warning)."""
+    from .registry import get_task
+
+    renames = {**LEGACY_KEYS, **get_task(config.task).legacy_keys}
+    new = renames.get(key)
+    if key in renames and new is not None:
+        try:
+            _get(config, key)
+        except AttributeError:
+            _logger.warning("--set %s: this key is now %s", key, new)
+            return new
+    return key
+
+
 def apply_overrides(config: Config, overrides: list[str]) -> Config:
     """Apply ``section.key=value`` strings in order; unknown keys and bad values raise ConfigError."""
     for item in overrides:
         if "=" not in item:
             raise ConfigError(item, "expected key=value")
         key, text = item.split("=", 1)
-        key = key.strip()
+        key = _current_key(config, key.strip())
+        if key == "task":
+            if text.strip() == config.task:
+                continue
+            raise ConfigError("task", f"fixed by the preset or config file (this one is {config.task!r}); choose a "
+                              f"preset of task {text.strip()!r} instead (python -m finetune presets lists them)")
         parts = key.split(".")
-        target, annotation_owner = config, Config
+        target, annotation_owner = config, type(config)
         for depth, part in enumerate(parts):
             known = _fields(annotation_owner)
             if part not in known:
@@ -822,243 +658,34 @@ def apply_overrides(config: Config, overrides: list[str]) -> Config:
 
 
 def save_config(config: Config, path: str) -> None:
-    """Write the effective config as JSON (atomically)."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(config_to_dict(config), f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
+    """Write the effective config as JSON (atomically): the core sections and the task's, nothing else."""
+    from unireplknet.files import atomic_write_json
+
+    atomic_write_json(path, config_to_dict(config), indent=2)
+
+
+def all_presets() -> dict[str, Callable[[], Config]]:
+    """Preset name -> function returning a fresh config, over every registered task."""
+    from .registry import registered_tasks
+
+    return {name: make for spec in registered_tasks().values() for name, make in spec.presets.items()}
 
 
 def load_config(name_or_path: str, overrides: list[str] = ()) -> Config:
-    """A preset name or a JSON file, then ``--set`` overrides, then validation."""
-    if name_or_path in PRESETS:
-        config = PRESETS[name_or_path]()
+    """A preset name (of any registered task) or a JSON file, then ``--set`` overrides, then validation."""
+    from .registry import find_preset
+
+    found = find_preset(name_or_path)
+    if found is not None:
+        config = found[1]()
     elif os.path.isfile(name_or_path):
-        with open(name_or_path) as f:
-            config = config_from_dict(json.load(f))
+        try:
+            with open(name_or_path) as f:
+                values = json.load(f)
+        except (OSError, json.JSONDecodeError) as error:
+            raise ConfigError("--config", f"{name_or_path} is not a readable JSON config: {error}") from None
+        config = config_from_dict(values)
     else:
-        raise ConfigError("--config", f"expected a preset ({', '.join(PRESETS)}) or a JSON file, got {name_or_path!r}")
+        raise ConfigError("--config", f"expected a preset ({', '.join(all_presets())}) or a JSON file, "
+                          f"got {name_or_path!r}")
     return validate(apply_overrides(config, list(overrides)))
-
-
-# ----------------------------------------------------------------------------- recipes
-
-
-def demo() -> Config:
-    """A tiny UniRepLKNet on generated 32x32 digit shards, CPU, a few minutes; learns well above chance."""
-    return Config(
-        run_dir="runs/demo",
-        model=ModelConfig(
-            name="unireplknet_a", num_classes=10, depths=(1, 1, 2, 1), dims=(16, 32, 64, 128),
-            kernel_sizes=((3,), (13,), (13, 3), (13,)), drop_path_rate=0.0),
-        data=DataConfig(
-            source="demo", demo_dir="data/demo", demo_train_samples=4096, demo_val_samples=1000, img_size=32,
-            num_workers=1, auto_augment="", random_erasing=0.0, crop_scale_min=0.8, hflip=0.0, color_jitter=0.0,
-            mixup_alpha=0.0, cutmix_alpha=0.0),
-        optim=OptimConfig(lr=4e-3, min_lr=1e-5, warmup_epochs=0.5, weight_decay=0.05, clip_grad=5.0),
-        train=TrainConfig(epochs=5, global_batch_size=64, micro_batch_size=64, zero_stage=1,
-                          label_smoothing=0.0, log_every=25, eval_every=128),
-        checkpoint=CheckpointConfig(every=128, keep=2),
-    )
-
-
-# Per variant: (input size of the authors' 22K pretraining, drop path in 22K pretraining).
-_IN22K_VARIANTS = {"s": (224, 0.1), "b": (224, 0.1), "l": (192, 0.1), "xl": (192, 0.2)}
-
-
-def in22k_pretrain(variant: str, img_size: int | None = None) -> Config:
-    """The authors' ImageNet-22K pretraining recipe (paper Table 16, README), optionally at another size.
-
-    90 epochs (5 warmup), AdamW, cosine, weight decay 0.05, global batch 4096, mixup 0.8, cutmix
-    1.0, RandAugment rand-m9-mstd0.5-inc1, random erasing 0.25, label smoothing 0.1. lr 4e-3 for
-    S/B (paper), 1e-3 for L/XL (README). XL: 32 images per GPU; accumulation follows from the
-    world size (4 nodes x 8 GPUs -> 4 steps).
-    """
-    default_size, drop_path = _IN22K_VARIANTS[variant]
-    img_size = img_size or default_size
-    return Config(
-        run_dir=f"runs/{variant}_in22k_{img_size}",
-        model=ModelConfig(name=f"unireplknet_{variant}", num_classes=21841, drop_path_rate=drop_path,
-                          grad_checkpointing=variant in ("l", "xl") and img_size > 224,
-                          channels_last=True),
-        data=DataConfig(train_urls="data/imagenet22k/train", val_urls="data/imagenet22k/val",
-                        img_size=img_size, num_workers=8),
-        optim=OptimConfig(lr=1e-3 if variant in ("l", "xl") else 4e-3, min_lr=1e-6, warmup_epochs=5,
-                          weight_decay=0.05),
-        train=TrainConfig(epochs=90, global_batch_size=4096, micro_batch_size=32 if variant == "xl" else 64,
-                          zero_stage=2 if variant in ("l", "xl") else 1, label_smoothing=0.1,
-                          eval_every=5000),
-        checkpoint=CheckpointConfig(every=1000, keep=3),
-    )
-
-
-def in1k_finetune_384(variant: str) -> Config:
-    """22K -> 1K fine-tune at 384: batch 512, AdamW lr 5e-5, cosine without warmup, weight decay 1e-8,
-    no mixup/cutmix, head init 0.001, layer decay 0.8; 20 epochs, drop path 0.3, label smoothing 0.3
-    and EMA (the spec's L/XL recipe; S and B reuse it, drop path 0.2 for them).
-
-    Starts from ``model.init_from`` (the 22K checkpoint in the official key layout or an export).
-    """
-    return Config(
-        run_dir=f"runs/{variant}_in1k_ft_384",
-        model=ModelConfig(name=f"unireplknet_{variant}", num_classes=1000,
-                          drop_path_rate=0.3 if variant in ("l", "xl") else 0.2, head_init_scale=0.001,
-                          init_from=f"unireplknet_{variant}_in22k_pretrain.pth",
-                          grad_checkpointing=variant in ("l", "xl"), channels_last=True),
-        data=DataConfig(train_urls="data/imagenet1k/train", val_urls="data/imagenet1k/val", img_size=384,
-                        num_workers=8, mixup_alpha=0.0, cutmix_alpha=0.0),
-        optim=OptimConfig(lr=5e-5, min_lr=1e-6, warmup_epochs=0, weight_decay=1e-8, layer_decay=0.8),
-        train=TrainConfig(epochs=20, global_batch_size=512, micro_batch_size=16,
-                          zero_stage=2 if variant in ("l", "xl") else 1, label_smoothing=0.3,
-                          ema_decay=0.9999, eval_every=1000),
-        checkpoint=CheckpointConfig(every=500, keep=3),
-    )
-
-
-def ade20k_demo() -> Config:
-    """UperNet on a tiny backbone over the generated ADE20K-layout demo set (``finetune make-demo-data``), CPU,
-    a few minutes; starts from ``model.init_from`` when given (e.g. the demo pretraining's export)."""
-    return Config(
-        run_dir="runs/ade20k_demo", task="ade20k",
-        model=ModelConfig(name="unireplknet_a", depths=(1, 1, 2, 1), dims=(16, 32, 64, 128),
-                          kernel_sizes=((3,), (13,), (13, 3), (13,)), drop_path_rate=0.0),
-        data=DataConfig(num_workers=1),
-        ade20k=Ade20kConfig(data_root="data/ade20k_demo", generate_demo=True, num_classes=6, crop_size=128,
-                            resize_scale=(320, 128), ratio_range=(0.75, 1.5), eval_scale=(320, 128), channels=64,
-                            aux_channels=32),
-        optim=OptimConfig(lr=4e-3, min_lr=0.0, weight_decay=0.05, schedule="poly", warmup_steps=20,
-                          warmup_ratio=1e-6, layer_decay=0.9, layer_decay_layers=6),
-        train=TrainConfig(steps=240, global_batch_size=8, micro_batch_size=8, zero_stage=1, log_every=20,
-                          eval_every=120),
-        checkpoint=CheckpointConfig(every=120, keep=2),
-    )
-
-
-# Per variant: (drop path, layer-decay num_layers, decay rate, crop) of the authors' UperNet 160k configs.
-_ADE20K_VARIANTS = {"t": (0.2, 9, 1.0, 512), "s": (0.3, 12, 0.9, 512), "b": (0.3, 12, 0.9, 640),
-                    "l": (0.4, 12, 0.85, 640), "xl": (0.4, 12, 0.85, 640)}
-
-
-def ade20k_upernet(variant: str, crop: int | None = None) -> Config:
-    """The authors' UperNet 160k recipe: AdamW lr 1e-4, weight decay 0.05, layer-wise decay, poly (power 1)
-    with 1500 warmup iterations from 1e-6, 16 images per step (2 per GPU x 8), crop 512 with resize
-    (2048, 512) or 640 with (2560, 640), whole-image evaluation every 16k iterations."""
-    drop_path, layers, decay, default_crop = _ADE20K_VARIANTS[variant]
-    crop = crop or default_crop
-    scale = (2048, 512) if crop == 512 else (2560, 640)
-    return Config(
-        run_dir=f"runs/ade20k_{variant}_upernet_{crop}_160k", task="ade20k",
-        model=ModelConfig(name=f"unireplknet_{variant}", drop_path_rate=drop_path,
-                          init_from=f"unireplknet_{variant}_{'in1k' if crop == 512 else 'in22k'}_pretrain.pth",
-                          grad_checkpointing=variant in ("l", "xl")),
-        data=DataConfig(num_workers=4),
-        ade20k=Ade20kConfig(data_root="data/ADEChallengeData2016", num_classes=150, crop_size=crop,
-                            resize_scale=scale, eval_scale=scale, eval_stride=341 if crop == 512 else 426),
-        optim=OptimConfig(lr=1e-4, min_lr=0.0, weight_decay=0.05, schedule="poly", power=1.0, warmup_steps=1500,
-                          warmup_ratio=1e-6, layer_decay=decay, layer_decay_layers=layers),
-        train=TrainConfig(steps=160_000, global_batch_size=16, micro_batch_size=2, zero_stage=1 if variant != "xl" else 2,
-                          log_every=50, eval_every=16_000),
-        checkpoint=CheckpointConfig(every=2000, keep=3),
-    )
-
-
-_ADE20K_NOTES = {
-    "t": "(the authors' T config: 1K-pretrained, crop 512, num_layers 9, decay 1.0).",
-    "s": "(the authors' S 1K config; s_upernet_640 is their S 22K config).",
-    "b": "(the authors' B 22K config). Their 640 files never pass the 640 pipeline to data.train, so they "
-         "trained at 512; this preset trains at 640 as its name says.",
-    "l": "(the authors' L 22K config, trained here at 640 as named; see b).",
-    "xl": "(no XL config was published, the authors' files were lost: chosen as L's recipe — drop path 0.4, "
-          "decay 0.85 — with ZeRO-2 and activation checkpointing so it fits an 80 GB GPU at 2 images).",
-}
-
-
-def coco_demo() -> Config:
-    """Cascade Mask R-CNN on a tiny backbone over the generated COCO-layout demo set (``finetune make-demo-data
-    coco``), CPU, minutes: the recipe's structure scaled to 96-192 px images (anchors 8-128 px, narrow heads)."""
-    return Config(
-        run_dir="runs/coco_demo", task="coco",
-        model=ModelConfig(name="unireplknet_a", depths=(1, 1, 2, 1), dims=(16, 32, 64, 128),
-                          kernel_sizes=((3,), (13,), (13, 3), (13,)), drop_path_rate=0.0),
-        data=DataConfig(num_workers=1),
-        coco=CocoConfig(data_root="data/coco_demo", generate_demo=True, num_classes=4,
-                        train_scales=(112, 128, 144, 160), max_size=256, crop_resize_scales=(100, 125, 150),
-                        crop_size_range=(80, 150), eval_scale=(256, 144), fpn_channels=64, anchor_scale=2.0,
-                        rpn_batch=128, rpn_proposals_train=300, rpn_proposals_test=300, roi_batch=128,
-                        box_channels=64, box_fc=256, mask_channels=64),
-        optim=OptimConfig(lr=2e-3, min_lr=0.0, weight_decay=0.05, schedule="multistep", milestones=(27.0, 33.0),
-                          warmup_steps=20, warmup_ratio=0.001, layer_decay=0.9, layer_decay_layers=6),
-        train=TrainConfig(epochs=36, steps=200, global_batch_size=4, micro_batch_size=4, zero_stage=1,
-                          log_every=20, eval_every=100),
-        checkpoint=CheckpointConfig(every=100, keep=2),
-    )
-
-
-# Per variant: (drop path, layer-decay rate) of the authors' Cascade Mask R-CNN 3x configs (num_layers 12).
-_COCO_VARIANTS = {"t": (0.3, 0.8), "s": (0.5, 0.8), "b": (0.6, 0.8), "l": (0.7, 0.7), "xl": (0.7, 0.7)}
-
-
-def coco_cascade_3x(variant: str) -> Config:
-    """The authors' Cascade Mask R-CNN 3x recipe: AdamW lr 1e-4, weight decay 0.05, layer-wise decay over 12
-    layers, 16 images per step (2 per GPU x 8), 36 epochs with x0.1 at 27 and 33, 500 warmup iterations from
-    0.001, EMA, activation checkpointing, DETR-style multi-scale training, test at (1333, 800)."""
-    drop_path, decay = _COCO_VARIANTS[variant]
-    return Config(
-        run_dir=f"runs/coco_{variant}_cascade_3x", task="coco",
-        model=ModelConfig(name=f"unireplknet_{variant}", drop_path_rate=drop_path,
-                          init_from=f"unireplknet_{variant}_{'in1k' if variant == 't' else 'in22k'}_pretrain.pth",
-                          grad_checkpointing=True),
-        data=DataConfig(num_workers=4),
-        coco=CocoConfig(data_root="data/coco"),
-        optim=OptimConfig(lr=1e-4, min_lr=0.0, weight_decay=0.05, schedule="multistep", milestones=(27.0, 33.0),
-                          gamma=0.1, warmup_steps=500, warmup_ratio=0.001, layer_decay=decay, layer_decay_layers=12),
-        train=TrainConfig(epochs=36, global_batch_size=16, micro_batch_size=2, zero_stage=1 if variant != "xl" else 2,
-                          ema_decay=0.9999, log_every=50, eval_every=7330),
-        checkpoint=CheckpointConfig(every=2000, keep=3),
-    )
-
-
-_COCO_NOTES = {
-    "t": "(the authors' T config, 1K-pretrained, drop path 0.3, decay 0.8).",
-    "s": "(the authors' S 22K config; their S 1K config is the same but for the checkpoint).",
-    "b": "(the authors' B 22K config, drop path 0.6).",
-    "l": "(the authors' L 22K config, drop path 0.7, decay 0.7).",
-    "xl": "(the authors' XL 22K config, drop path 0.7, decay 0.7; ZeRO-2 and activation checkpointing so it "
-          "fits an 80 GB GPU at 2 images; paper: 56.4 box AP / 49.0 mask AP).",
-}
-
-
-def _preset(make: Callable[[], Config], summary: str) -> Callable[[], Config]:
-    make.__doc__ = summary
-    return make
-
-
-def _preset_table() -> dict[str, Callable[[], Config]]:
-    table: dict[str, Callable[[], Config]] = {"demo": demo, "ade20k_demo": ade20k_demo, "coco_demo": coco_demo}
-    for variant in _COCO_VARIANTS:
-        table[f"coco_{variant}_cascade_3x"] = _preset(
-            lambda v=variant: coco_cascade_3x(v),
-            f"{variant.upper()} Cascade Mask R-CNN 3x on COCO {_COCO_NOTES[variant]}")
-    for variant, (_, _, _, crop) in _ADE20K_VARIANTS.items():
-        crops = (512, 640) if variant == "s" else (crop,)
-        for size in crops:
-            table[f"ade20k_{variant}_upernet_{size}_160k"] = _preset(
-                lambda v=variant, c=size: ade20k_upernet(v, c),
-                f"{variant.upper()} UperNet 160k on ADE20K at {size} {_ADE20K_NOTES[variant]}")
-    for variant, (size, _) in _IN22K_VARIANTS.items():
-        name = variant.upper()
-        table[f"{variant}_in22k_{size}"] = _preset(
-            lambda v=variant: in22k_pretrain(v), f"{name} ImageNet-22K pretraining at {size}, the authors' recipe.")
-        if size != 384:
-            table[f"{variant}_in22k_384"] = _preset(
-                lambda v=variant: in22k_pretrain(v, 384), f"{name} ImageNet-22K pretraining at 384 (the recipe at 384x384).")
-        table[f"{variant}_in1k_ft_384"] = _preset(
-            lambda v=variant: in1k_finetune_384(v),
-            f"{name} 22K -> 1K fine-tune at 384: layer decay 0.8, EMA, label smoothing 0.3, head init 0.001.")
-    return table
-
-
-PRESETS: dict[str, Callable[[], Config]] = _preset_table()
-"""Preset name -> function returning a fresh Config (``demo``, ``xl_in22k_192``, ``xl_in22k_384``, ...)."""

@@ -19,6 +19,7 @@ __all__ = [
     "batchnorm_buffers",
     "broadcast_object",
     "inside_launched_worker",
+    "pick_device",
     "world_info_from_env",
 ]
 
@@ -45,6 +46,17 @@ def world_info_from_env() -> WorldInfo:
     if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
         return WorldInfo(int(env["SLURM_PROCID"]), int(env.get("SLURM_LOCALID", 0)), int(env["SLURM_NTASKS"]))
     return WorldInfo()
+
+
+def pick_device(choice: str, world: WorldInfo) -> torch.device:
+    """The device of ``launch.device`` (``auto``, ``cuda``, ``cpu``) for this rank: its local GPU, or the CPU."""
+    if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise RuntimeError("launch.device=cuda but no CUDA device is visible")
+        index = world.local_rank % torch.cuda.device_count()
+        torch.cuda.set_device(index)
+        return torch.device("cuda", index)
+    return torch.device("cpu")
 
 
 def inside_launched_worker() -> bool:

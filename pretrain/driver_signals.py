@@ -18,12 +18,14 @@ import os
 import signal
 from typing import Iterator
 
+from .preemption import PREEMPTION_SIGNALS
+
 __all__ = ["STOP_SIGNALS", "catch_stop_signals", "reclaim_stop_signals", "stop_file_requests",
            "stop_signals_received"]
 
 _logger = logging.getLogger(__name__)
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+STOP_SIGNALS = PREEMPTION_SIGNALS
 
 
 class _DriverSignals:

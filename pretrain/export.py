@@ -29,7 +29,7 @@ def export_checkpoint(run_dir: str, out_path: str, *, checkpoint: str = "latest"
     model with strict key checks before writing. Returns a summary (checkpoint, keys, parameters).
     """
     import unireplknet
-    from unireplknet.tools import atomic_save, verify_reparameterization
+    from unireplknet.tools import atomic_save
 
     if not os.path.isdir(run_dir):
         raise FileNotFoundError(f"{run_dir}: no such run directory")
@@ -50,19 +50,20 @@ def export_checkpoint(run_dir: str, out_path: str, *, checkpoint: str = "latest"
         state_dict.update(consolidate_ema([s["ema"] for s in rank_states]))
 
     config.model = dataclasses.replace(config.model, init_from="", grad_checkpointing=False)
-    model = build_task(config).build_model()
+    task = build_task(config)
+    model = task.build_model()
     model.load_state_dict(state_dict, strict=True)
+    if official and not (isinstance(model, unireplknet.UniRepLKNet) and not model.features_only):
+        raise ValueError(f"--official writes a UniRepLKNet classifier in the authors' key layout; this run "
+                         f"(task={config.task}) trains a {type(model).__name__}: export it without --official "
+                         "(the whole model: backbone.* and the heads)")
     reparam_error = None
     if reparameterize:
         model.eval()
-        reparameterized, reparam_error = verify_reparameterization(model, config.data.img_size)
+        model, reparam_error = _reparameterized(model, task.input_shape())
         if reparam_error > REPARAM_TOLERANCE:
-            raise RuntimeError(f"re-parameterization changed the logits by {reparam_error:.3g} (relative, float64; "
+            raise RuntimeError(f"re-parameterization changed the outputs by {reparam_error:.3g} (relative, float64; "
                                f"tolerance {REPARAM_TOLERANCE:g}): not writing {out_path}")
-        model = reparameterized.float()
-    if official and config.task != "classification":
-        raise ValueError(f"--official writes a classification backbone; this run is task={config.task} (export "
-                         "it without --official: the whole model, backbone.* and the heads)")
     if official:
         out = unireplknet.export_official(model)
     else:
@@ -73,3 +74,22 @@ def export_checkpoint(run_dir: str, out_path: str, *, checkpoint: str = "latest"
                "official": official}
     _logger.info("exported %s -> %s (%d keys)", folder, out_path, len(out))
     return summary
+
+
+def _reparameterized(model, input_shape: tuple[int, ...]):
+    """``model`` with its UniRepLKNet (the model itself, or its backbone) in the inference structure, verified in
+    float64 on a random batch of the task's input shape; and the relative difference of the backbone's outputs."""
+    import unireplknet
+    from unireplknet.tools import verify_reparameterization
+
+    if isinstance(model, unireplknet.UniRepLKNet):
+        deployed, error = verify_reparameterization(model, input_shape)
+        return deployed.float(), error
+    found = [(name, module) for name, module in model.named_modules() if isinstance(module, unireplknet.UniRepLKNet)]
+    if len(found) != 1:
+        raise ValueError(f"--reparameterize: expected one UniRepLKNet in the {type(model).__name__}, found {len(found)}")
+    name, backbone = found[0]
+    deployed, error = verify_reparameterization(backbone, input_shape)
+    parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
+    setattr(parent, name.rpartition(".")[2], deployed.float())
+    return model, error

@@ -27,15 +27,16 @@ from .distributed import inside_launched_worker, world_info_from_env
 from .driver_signals import reclaim_stop_signals, stop_file_requests
 from .local_ray import LocalRayCluster
 from .metrics import init_logging
-from .train import REQUEUE_EXIT_CODE, REQUEUE_MARKER, run_worker
-from .trainer import STOP_FILE, TrainResult
+from .preemption import PREEMPTION_SIGNALS, REQUEUE_EXIT_CODE, REQUEUE_MARKER, STOP_FILE
+from .train import run_worker
+from .trainer import TrainResult
 
 __all__ = ["WorkerEntry", "check_batch_split", "launch", "launch_ray", "launch_torchrun", "launch_world_size",
            "preflight", "run_local"]
 
 _logger = logging.getLogger(__name__)
 
-_FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+_FORWARDED_SIGNALS = (*PREEMPTION_SIGNALS, signal.SIGINT)
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,18 +49,22 @@ class WorkerEntry:
 
 
 def _absolute(config: Config) -> Config:
-    """Workers may start in another directory (Ray, other nodes): make local paths absolute."""
-    def absolute(path: str) -> str:
-        return path if not path or "://" in path or path.startswith("/") else os.path.abspath(path)
+    """Workers may start in another directory (Ray, other nodes): make local paths absolute (the core's and
+    the task's ``path_keys``). Returns a copy."""
+    from .registry import get_task
 
-    config = dataclasses.replace(config, run_dir=os.path.abspath(config.run_dir))
-    data = config.data
-    config.data = dataclasses.replace(data, demo_dir=absolute(data.demo_dir), train_urls=absolute(data.train_urls),
-                                      val_urls=absolute(data.val_urls))
-    config.model = dataclasses.replace(config.model, init_from=absolute(config.model.init_from))
-    resume = config.checkpoint.resume
-    if resume not in ("latest", "none"):
-        config.checkpoint = dataclasses.replace(config.checkpoint, resume=absolute(resume))
+    config = config_from_dict(config_to_dict(config))
+    keys = ("run_dir", "model.init_from", *get_task(config.task).path_keys)
+    if config.checkpoint.resume not in ("latest", "none"):
+        keys += ("checkpoint.resume",)
+    for key in keys:
+        *sections, name = key.split(".")
+        holder = config
+        for section in sections:
+            holder = getattr(holder, section)
+        path = getattr(holder, name)
+        if path and "://" not in path and not os.path.isabs(path):
+            setattr(holder, name, os.path.abspath(path))
     return config
 
 
@@ -151,7 +156,7 @@ def launch_ray(config: Config, entry: WorkerEntry = WorkerEntry()):
     """Run ``launch.num_workers`` Ray Train workers on a Ray cluster: ``launch.ray_address``, the one this
     process is connected to, ``RAY_ADDRESS``, or a :class:`~pretrain.local_ray.LocalRayCluster` started for
     this launch (outside this process group, stopped when the launch ends). Each worker reserves
-    ``1 + data.num_workers`` CPUs (its loader processes) and a GPU unless ``launch.device=cpu``; a dead
+    ``1 + loader.num_workers`` CPUs (its loader processes) and a GPU unless ``launch.device=cpu``; a dead
     worker or node restarts the group, which resumes from ``latest``, up to ``launch.max_failures`` times.
     SIGTERM / SIGUSR1 to this process write ``RUN_DIR/STOP`` (:mod:`pretrain.driver_signals`; a stop file
     an earlier run left is removed first): the workers checkpoint and the launch returns for requeue."""
@@ -160,7 +165,7 @@ def launch_ray(config: Config, entry: WorkerEntry = WorkerEntry()):
         import ray
 
         launch = config.launch
-        cpus = launch.cpus_per_worker or 1 + config.data.num_workers
+        cpus = launch.cpus_per_worker or 1 + config.loader.num_workers
         local_cluster = None
         try:
             if not ray.is_initialized():
@@ -227,31 +232,17 @@ def check_batch_split(config: Config, world_size: int) -> None:
 
 def preflight(config: Config) -> None:
     """Check what can be checked before any worker starts or any model is built: the batch splits over
-    the launch's world size, the shards exist and have ``info.json`` counts, their classes fit the
-    classifier, ``model.init_from`` exists, the task's own inputs (:func:`pretrain.task.preflight_task`).
-    Raises ``ConfigError`` naming the key."""
-    from .task import preflight_task
+    the launch's world size, ``model.init_from`` exists, and the task's own inputs (``TaskSpec.preflight``:
+    shards, dataset folders). Raises ``ConfigError`` naming the key."""
+    from .registry import get_task
 
     check_batch_split(config, launch_world_size(config))
-    data = config.data
-    if data.source == "shards":
-        from shards.info import ShardReadError, resolve_shard_set
-
-        for key in ("train_urls", "val_urls"):
-            spec = getattr(data, key)
-            if not spec:
-                continue
-            try:
-                shard_set = resolve_shard_set(spec, require_counts=key == "val_urls" or data.samples_per_epoch is None)
-            except (FileNotFoundError, ValueError, ShardReadError) as error:
-                raise ConfigError(f"data.{key}", str(error)) from error
-            if shard_set.classes and len(shard_set.classes) > config.model.num_classes:
-                raise ConfigError("model.num_classes", f"expected at least the {len(shard_set.classes)} classes of "
-                                  f"data.{key} ({spec}), got {config.model.num_classes}")
     init_from = config.model.init_from
     if init_from and "://" not in init_from and not os.path.isfile(init_from):
         raise ConfigError("model.init_from", f"no such file: {init_from}")
-    preflight_task(config)
+    spec = get_task(config.task)
+    if spec.preflight is not None:
+        spec.preflight(config)
 
 
 def launch(config: Config, entry: WorkerEntry = WorkerEntry()) -> int:

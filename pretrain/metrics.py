@@ -52,21 +52,21 @@ def memory_stats(device: torch.device) -> dict[str, float]:
 
 
 class Throughput:
-    """Images, wall time and time spent waiting for data over one logging interval."""
+    """Samples, wall time and time spent waiting for data over one logging interval."""
 
     def __init__(self):
         self.reset()
 
     def reset(self) -> None:
         self.start = time.perf_counter()
-        self.images = 0
+        self.samples = 0
         self.data_wait = 0.0
         self.steps = 0
 
     def summary(self) -> dict[str, float]:
         elapsed = max(time.perf_counter() - self.start, 1e-9)
         return {
-            "images_per_s": self.images / elapsed,
+            "samples_per_s": self.samples / elapsed,
             "data_wait_fraction": self.data_wait / elapsed,
             "step_time_s": elapsed / max(self.steps, 1),
             "elapsed_s": elapsed,

@@ -10,18 +10,13 @@ import logging
 import os
 
 from .config import Config
+from .preemption import REQUEUE_EXIT_CODE, REQUEUE_MARKER
 from .trainer import TrainResult, Trainer
 
 __all__ = ["REQUEUE_EXIT_CODE", "REQUEUE_MARKER", "run_worker"]
 
 _logger = logging.getLogger(__name__)
 
-REQUEUE_EXIT_CODE = 75
-"""Exit status of ``python -m pretrain`` after a preemption signal was handled and a checkpoint written
-(EX_TEMPFAIL: "try again"). Slurm and Kubernetes wrappers requeue on it; rerunning resumes from ``latest``."""
-
-REQUEUE_MARKER = "REQUEUE"
-"""File in the run directory written on preemption (workers under torchrun exit 0; launchers read this)."""
 
 
 def run_worker(config: Config) -> TrainResult:

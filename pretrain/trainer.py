@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import random
@@ -18,13 +17,16 @@ import torch.nn as nn
 
 from unireplknet import kernels
 
+from unireplknet.files import atomic_write_json
+
 from . import checkpoint as ckpt
-from . import engine as ds
+from . import engine
 from .config import Config, config_to_dict, save_config
-from .distributed import WorldInfo, all_reduce_sum, averaged_batchnorm_buffers, batchnorm_buffers
+from .distributed import WorldInfo, all_reduce_sum, averaged_batchnorm_buffers, batchnorm_buffers, pick_device
 from .ema import ModelEMA
 from .metrics import Progress, TensorBoard, Throughput, init_logging, memory_stats
 from .optim import build_optimizer, build_scheduler
+from .preemption import PREEMPTION_SIGNALS, STOP_FILE
 from .task import Task, build_task
 
 __all__ = ["EvaluationIncompleteError", "NonFiniteLossError", "STOP_FILE", "StopRequests", "TrainResult", "Trainer", "capture_rng", "restore_rng",
@@ -43,7 +45,7 @@ class NonFiniteLossError(RuntimeError):
 
 
 class EvaluationIncompleteError(RuntimeError):
-    """An evaluation scored fewer samples than the eval set holds (``data.eval_incomplete=error``)."""
+    """An evaluation scored fewer samples than the eval set holds (``loader.eval_incomplete=error``)."""
 
 
 @dataclass
@@ -95,9 +97,6 @@ def _rng_untouched() -> Iterator[None]:
         restore_rng(state)
 
 
-STOP_FILE = "STOP"
-"""A file in the run directory that asks a running job to checkpoint and exit for requeue, however it
-was launched (Ray Train workers run the loop off the main thread, where no signal handler can be set)."""
 DATA_BOUND_FRACTION = 0.2
 """A logging interval that waited this fraction of its time for data (after the first) logs a warning, once."""
 
@@ -107,7 +106,7 @@ class StopRequests:
     however many arrive) and ``RUN_DIR/STOP``. Handlers stay installed until the run's last save is done,
     and once a signal came those signals stay ignored (the process is then exiting for requeue)."""
 
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+    SIGNALS = PREEMPTION_SIGNALS
 
     def __init__(self, stop_file: str | None = None):
         self.stop_file = stop_file
@@ -152,14 +151,6 @@ class StopRequests:
             os.remove(self.stop_file)
 
 
-def _write_json_atomically(path: str, values: dict) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(values, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
-
-
 def _floats_to_float64(value):
     """Floating-point tensors (in tuples, lists and dicts too) as float64; everything else as it is."""
     if isinstance(value, torch.Tensor):
@@ -169,16 +160,6 @@ def _floats_to_float64(value):
     if isinstance(value, dict):
         return {k: _floats_to_float64(v) for k, v in value.items()}
     return value
-
-
-def pick_device(choice: str, world: WorldInfo) -> torch.device:
-    if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
-        if not torch.cuda.is_available():
-            raise RuntimeError("launch.device=cuda but no CUDA device is visible")
-        index = world.local_rank % torch.cuda.device_count()
-        torch.cuda.set_device(index)
-        return torch.device("cuda", index)
-    return torch.device("cpu")
 
 
 class Trainer:
@@ -201,12 +182,12 @@ class Trainer:
         self.config = config
         self.task = task or build_task(config)
         self.device = pick_device(config.launch.device, world_info_from_env())
-        self.world = ds.init_distributed(self.device)
+        self.world = engine.init_distributed(self.device)
         self.checkpoint_root = os.path.join(config.run_dir, "checkpoints")
         init_logging(self.world.rank, os.path.join(config.run_dir, "train.log"))
         # decided on rank 0 before anything is built, so a checkpoint that cannot be used fails every rank fast
         self.resume_from = ckpt.choose_checkpoint(self.checkpoint_root, config.checkpoint.resume, self.world,
-                                                  config_to_dict(config))
+                                                  config_to_dict(config), ckpt.resume_rules(config.task))
         self.precision = config.train.precision if config.train.precision in ("bf16", "fp64") else (
             "bf16" if config.train.precision == "auto" and self.device.type == "cuda" else "fp32")
         if self.precision == "bf16" and self.device.type != "cuda":
@@ -220,7 +201,7 @@ class Trainer:
         model = self._build_model()
         self.train_loader = self.task.build_train_loader(self.world)
         self.eval_loader = self.task.build_eval_loader(self.world)
-        ds_config = ds.build_deepspeed_config(config.train, config.optim, self.world.world_size, self.device)
+        ds_config = engine.build_deepspeed_config(config.train, config.optim, self.world.world_size, self.device)
         self.grad_accum = ds_config["gradient_accumulation_steps"]
         self.steps_per_epoch = len(self.train_loader) // self.grad_accum
         if self.steps_per_epoch == 0:
@@ -233,9 +214,9 @@ class Trainer:
         self.group_names = [g["name"] for g in param_groups]
         self.optimizer = build_optimizer(param_groups, config.optim, self.device)
         scheduler = build_scheduler(self.optimizer, config.optim, self.total_steps, self.steps_per_epoch)
-        self.engine = ds.initialize(model, self.optimizer, scheduler, ds_config)
-        self.ema = ModelEMA(lambda: ds.ema_targets(self.engine), config.train.ema_decay,
-                            after_write=lambda: ds.refresh_gathered_parameters(self.engine)) \
+        self.engine = engine.initialize(model, self.optimizer, scheduler, ds_config)
+        self.ema = ModelEMA(lambda: engine.ema_targets(self.engine), config.train.ema_decay,
+                            after_write=lambda: engine.refresh_gathered_parameters(self.engine)) \
             if config.train.ema_decay else None
 
         self.step = 0
@@ -363,7 +344,9 @@ class Trainer:
         inputs, targets = self._prepare(next(batches))
         throughput.data_wait += time.perf_counter() - wait_start
         if self._preview_pending:
-            self.tensorboard.image_grid("train/augmented_inputs", self.task.preview(inputs[:32]), self.step)
+            preview = self.task.preview(inputs[:32])
+            if preview is not None:
+                self.tensorboard.image_grid("train/augmented_inputs", preview, self.step)
             self._preview_pending = False
         with self._autocast():
             losses = self.task.training_losses(self.engine, inputs, targets)
@@ -377,7 +360,7 @@ class Trainer:
         if len(losses) > 1:
             for name, term in losses.items():
                 self._loss_terms[name] = self._loss_terms.get(name, 0.0) + term.item() / self.grad_accum
-        throughput.images += self.task.batch_size(inputs)
+        throughput.samples += self.task.batch_size(inputs)
 
     def _stop_reason_here(self) -> str | None:
         """This rank's stop request; the stop file is looked at by one rank per node."""
@@ -427,13 +410,14 @@ class Trainer:
 
     def _log(self, throughput: Throughput) -> dict[str, float]:
         perf = throughput.summary()
-        totals = all_reduce_sum(torch.tensor([float(throughput.images), float(self.train_loader.bad_samples)],
+        totals = all_reduce_sum(torch.tensor([float(throughput.samples), float(self.train_loader.bad_samples)],
                                              dtype=torch.float64, device=self.device))
         loss = self._loss_sum / max(self._loss_steps, 1)
+        unit = self.task.throughput_unit
         values = {
             "train/loss": loss,
-            "perf/images_per_s_worker": perf["images_per_s"],
-            "perf/images_per_s_global": totals[0].item() / perf["elapsed_s"],
+            f"perf/{unit}_per_s_worker": perf["samples_per_s"],
+            f"perf/{unit}_per_s_global": totals[0].item() / perf["elapsed_s"],
             "perf/step_time_s": perf["step_time_s"],
             "perf/data_wait_fraction": perf["data_wait_fraction"],
             "data/bad_samples": totals[1].item(),
@@ -446,7 +430,7 @@ class Trainer:
             scale = self.world.world_size * max(self._loss_steps, 1)
             values.update({f"train/{n}": t / scale for n, t in zip(names, terms.tolist())})
             self._loss_terms = {}
-        grad_norm = ds.global_grad_norm(self.engine)
+        grad_norm = engine.global_grad_norm(self.engine)
         if grad_norm is not None:
             values["train/grad_norm"] = grad_norm
         for name, group in zip(self.group_names, self.optimizer.param_groups):
@@ -457,21 +441,20 @@ class Trainer:
         self._loss_sum, self._loss_steps = 0.0, 0
         throughput.reset()
         self._intervals_logged += 1
-        self._warn_if_data_bound(perf["data_wait_fraction"], values["perf/images_per_s_worker"])
+        self._warn_if_data_bound(perf["data_wait_fraction"], perf["samples_per_s"])
         return {"loss": loss, "lr": max(g["lr"] for g in self.optimizer.param_groups),
-                "img/s": values["perf/images_per_s_global"], "data_wait": perf["data_wait_fraction"]}
+                f"{unit}/s": values[f"perf/{unit}_per_s_global"], "data_wait": perf["data_wait_fraction"]}
 
-    def _warn_if_data_bound(self, wait_fraction: float, images_per_s: float) -> None:
+    def _warn_if_data_bound(self, wait_fraction: float, samples_per_s: float) -> None:
         """Say once when the loader, not the model, sets the pace (the first interval holds worker start-up)."""
         if self._warned_data_bound or self._intervals_logged < 2 or wait_fraction < DATA_BOUND_FRACTION:
             return
         self._warned_data_bound = True
         _logger.warning(
-            "waited for data %.0f%% of the last %d steps at %.0f images/s on this rank: the loader sets the pace; "
-            "raise data.num_workers (now %d), e.g. to the count `python -m shards bench URL --img-size %d --target %.0f` "
-            "prints (tail perf/data_wait_fraction in TensorBoard)",
-            100 * wait_fraction, self.config.train.log_every, images_per_s, self.config.data.num_workers,
-            self.config.data.img_size, images_per_s / max(1e-9, 1 - wait_fraction))
+            "waited for data %.0f%% of the last %d steps at %.0f %s/s on this rank: the loader sets the pace; %s "
+            "(tail perf/data_wait_fraction in TensorBoard)",
+            100 * wait_fraction, self.config.train.log_every, samples_per_s, self.task.throughput_unit,
+            self.task.data_bound_hint(samples_per_s / max(1e-9, 1 - wait_fraction)))
 
     def evaluate(self) -> dict[str, float]:
         """Top-1/top-5 on the validation shards (and with the EMA weights when enabled), all ranks together.
@@ -498,24 +481,25 @@ class Trainer:
         self.tensorboard.scalars(results, self.step)
         self.tensorboard.flush()
         if self.world.is_main:
-            _write_json_atomically(os.path.join(self.config.run_dir, "metrics.json"), {"step": self.step, **results})
+            atomic_write_json(os.path.join(self.config.run_dir, "metrics.json"), {"step": self.step, **results})
         _logger.info("eval at step %d: %s", self.step, ", ".join(f"{k} {v:.4g}" for k, v in results.items()))
         return results
 
     def _check_complete(self, results: dict[str, float]) -> None:
-        """An evaluation must score every sample the eval set holds (``info.json``): fewer means damaged data."""
+        """An evaluation must score every sample the evaluation set holds: fewer means damaged data. Every
+        task's eval loader tells its share of the set (``num_samples``) and its evaluator the samples scored."""
         assigned = getattr(self.eval_loader, "num_samples", None)
         if assigned is None or "samples" not in results:
-            return
+            missing = "its eval loader has no num_samples" if assigned is None else "its evaluator reports no samples"
+            raise TypeError(f"task {self.config.task!r}: {missing}, so an incomplete evaluation would go unnoticed")
         total = all_reduce_sum(torch.tensor([float(assigned)], dtype=torch.float64, device=self.device)).item()
         if results["samples"] >= total:
             return
-        described = getattr(self.eval_loader, "description", self.config.data.val_urls or self.config.data.demo_dir)
+        described = getattr(self.eval_loader, "description", None) or "the evaluation set"
         message = (f"evaluation at step {self.step} scored {results['samples']:.0f} of the {total:.0f} samples of "
-                   f"{described}: {total - results['samples']:.0f} could "
-                   "not be read (damaged shards or images, named in the log; `python -m shards verify` checks a set)")
-        if self.config.data.eval_incomplete == "error":
-            raise EvaluationIncompleteError(message + "; data.eval_incomplete=warn evaluates what is readable")
+                   f"{described}: {total - results['samples']:.0f} could not be read (named in the log)")
+        if self.config.loader.eval_incomplete == "error":
+            raise EvaluationIncompleteError(message + "; loader.eval_incomplete=warn evaluates what is readable")
         _logger.warning("%s", message)
         self.tensorboard.scalars({"eval/unreadable_samples": total - results["samples"]}, self.step)
 
@@ -574,4 +558,4 @@ class Trainer:
 
     def close(self) -> None:
         self.tensorboard.close()
-        ds.shutdown_distributed()
+        engine.shutdown_distributed()

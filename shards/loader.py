@@ -365,6 +365,9 @@ class EvalLoader:
                                    workers=max(1, num_workers))
         self._num_workers, self._pin_memory, self._return_keys = num_workers, pin_memory, return_keys
         self._bad: dict[int, int] = {}
+        first, last = source.urls[0], source.urls[-1]
+        self.description = first if first == last else f"the {len(source.urls)} shards {first} ... {last}"
+        """What the set is, for messages (an incomplete evaluation names it; ``python -m shards verify`` checks it)."""
 
     def __len__(self) -> int:
         return self._stream.num_batches

@@ -18,7 +18,8 @@ from functools import partial
 import numpy as np
 import torch
 
-__all__ = ["SeedPurpose", "sample_seed", "sample_seeds", "seed_global_rngs", "seeded_global_rngs", "stream_seed"]
+__all__ = ["SeedPurpose", "epoch_generator", "epoch_order", "sample_generator", "sample_seed", "sample_seeds", "seed_global_rngs",
+           "seeded_global_rngs", "stream_seed"]
 
 
 class SeedPurpose(IntEnum):
@@ -91,3 +92,21 @@ def seeded_global_rngs(seed: int, *, restore: bool = True) -> Iterator[None]:
         random.setstate(python_state)
         np.random.set_state(numpy_state)
         torch.default_generator.set_state(torch_state)
+
+
+def sample_generator(seed: int, epoch: int, index: int, purpose: int) -> np.random.Generator:
+    """A NumPy generator of its own for sample ``index`` of ``epoch`` (PCG64 seeded by ``SeedSequence([seed,
+    epoch, index, purpose])``): what map-style loaders (the dense tasks') draw a sample's augmentation from, in
+    whichever worker it lands. ``purpose`` tells tasks apart (ADE20K 0xADE, COCO 0xC0C0)."""
+    return np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, epoch, index, purpose])))
+
+
+def epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    """The torch generator of ``epoch``'s sample order (seeded by ``seed * 100003 + epoch``), the same on every
+    rank, which then takes its share."""
+    return torch.Generator().manual_seed(seed * 100003 + epoch)
+
+
+def epoch_order(size: int, seed: int, epoch: int) -> torch.Tensor:
+    """The order of ``size`` indexed samples in ``epoch``: a permutation from :func:`epoch_generator`."""
+    return torch.randperm(size, generator=epoch_generator(seed, epoch))

@@ -1,13 +1,11 @@
-"""Checks the COCO and ADE20K fine-tuning tests run the same way (imported by both test modules)."""
+"""Checks several test modules run the same way (the task conformance suite, the fine-tuning tests)."""
 from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 from typing import Callable
 
@@ -38,59 +36,10 @@ def weights(trainer) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in trainer.engine.module.state_dict().items()}
 
 
-def assert_split_run_matches_full(make_trainer: Callable, overrides: Callable, tmp_path: Path, steps: int,
-                                  split: int = 3) -> None:
-    """A run stopped at ``split`` and resumed ends with exactly the weights of an uninterrupted ``steps``-step run;
-    ``overrides(run_dir, **changes)`` gives the config overrides."""
-    full = make_trainer(overrides(tmp_path / "full"))
-    try:
-        full.train()
-        expected = weights(full)
-    finally:
-        full.close()
-    first = make_trainer(overrides(tmp_path / "split", **{"train.max_steps": split}))
-    try:
-        assert first.train().step == split
-    finally:
-        first.close()
-    second = make_trainer(overrides(tmp_path / "split"))
-    try:
-        assert second.step == split
-        assert second.train().step == steps
-        resumed = weights(second)
-    finally:
-        second.close()
-    assert expected.keys() == resumed.keys()
-    for name in expected:
-        assert torch.equal(expected[name], resumed[name]), name
-
-
-def assert_sigterm_twice_then_resume(command: list[str], run_dir: Path) -> None:
-    """``command`` (ending in ``--set`` overrides) is sent SIGTERM twice to its process group once step 3 is
-    logged: it exits 75 after a checkpoint, and the rerun resumes from that checkpoint and completes."""
-    from pretrain.train import REQUEUE_EXIT_CODE
-
-    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                               start_new_session=True)
-    log = run_dir / "train.log"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and not (log.exists() and "step 3/" in log.read_text()):
-        time.sleep(0.5)
-    os.killpg(process.pid, signal.SIGTERM)
-    time.sleep(0.3)
-    os.killpg(process.pid, signal.SIGTERM)
-    output, _ = process.communicate(timeout=300)
-    assert process.returncode == REQUEUE_EXIT_CODE, output[-3000:]
-    saved = sorted(p.name for p in (run_dir / "checkpoints").iterdir() if p.name.startswith("step_"))
-    assert saved, output[-3000:]
-    rerun = subprocess.run(command + ["train.max_steps=" + str(int(saved[-1][5:]) + 2)], cwd=REPO,
-                           capture_output=True, text=True, timeout=300)
-    assert rerun.returncode == 0, rerun.stderr[-3000:]
-    assert f"resumed from {run_dir / 'checkpoints' / saved[-1]}" in (run_dir / "train.log").read_text()
-
-
-def evaluate_on_ranks(preset: str, overrides: Callable[[int], list[str]], tmp_path: Path) -> dict[int, dict]:
-    """Results of one evaluation under torchrun with 1 and with 2 ranks (``overrides(ranks)``)."""
+def evaluate_on_ranks(preset: str, overrides: Callable[[int], list[str]], tmp_path: Path,
+                      env: dict[str, str] | None = None) -> dict[int, dict]:
+    """Results of one evaluation under torchrun with 1 and with 2 ranks (``overrides(ranks)``; ``env``: the
+    workers' environment, default this process's with the checkout on PYTHONPATH)."""
     script = tmp_path / "eval_worker.py"
     script.write_text(EVAL_WORKER)
     outputs = {}
@@ -99,7 +48,7 @@ def evaluate_on_ranks(preset: str, overrides: Callable[[int], list[str]], tmp_pa
         result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
                                  f"--nproc-per-node={ranks}", str(script), preset, json.dumps(overrides(ranks)),
                                  str(out)], cwd=REPO, capture_output=True, text=True, timeout=400,
-                                env={**os.environ, "PYTHONPATH": str(REPO)})
+                                env=env or {**os.environ, "PYTHONPATH": str(REPO)})
         assert result.returncode == 0, result.stderr[-3000:]
         outputs[ranks] = json.loads(out.read_text())
     return outputs

@@ -15,7 +15,7 @@ from PIL import Image
 
 from finetune.ade20k.data import EvalLoader, TrainLoader, list_split
 from finetune.ade20k.demo_data import write_demo
-from pretrain.config import Ade20kConfig
+from finetune.ade20k.config import Ade20kConfig
 
 NUM_CLASSES = 6  # the demo set's classes: label values 1..6 in the files, 0 "other"
 

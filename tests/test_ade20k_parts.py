@@ -8,7 +8,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from finetune.ade20k.demo_data import CLASSES, write_demo
-from finetune.ade20k.heads import FCNHead, UPerHead, build_upernet, layer_id_for_dense, lr_scale_for_dense
+from finetune.ade20k.heads import FCNHead, UPerHead, build_upernet
+from finetune.dense import layer_id_for_dense, lr_scale_for_dense
 from finetune.ade20k.metrics import SegmentationEvaluator
 from pretrain.distributed import WorldInfo
 

@@ -24,7 +24,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 KUBE = REPO / "cluster" / "kubernetes"
 LAUNCHER_CONFIGS = [REPO / "cluster" / "cluster.yaml", REPO / "cluster" / "cluster.local.yaml"]
-STAGE_SCRIPTS = ["pretrain_xl", "finetune_coco", "finetune_ade20k", "pipeline"]
+STAGE_SCRIPTS = ["pretrain_xl", "finetune_coco", "finetune_ade20k", "finetune", "pipeline"]
 RAY_KINDS = {"RayJob": "ray.io_rayjobs.yaml", "RayCluster": "ray.io_rayclusters.yaml"}
 CORE_KINDS = {"PersistentVolumeClaim", "Secret", "ConfigMap"}
 SUBMISSION_MODES = {"K8sJobMode", "HTTPMode", "InteractiveMode", "SidecarMode"}
@@ -162,7 +162,9 @@ def test_a_misspelled_key_fails_the_closed_schema_and_only_it():
 
 @pytest.mark.parametrize("name,doc", RAY_MANIFESTS, ids=ids(RAY_MANIFESTS))
 def test_ray_pods_share_the_run_volume_image_and_environment(name, doc):
-    from cluster.stage import ENVIRONMENT
+    from cluster.stage import environment
+
+    ENVIRONMENT = environment()
 
     volumes = {n: d for n, d in MANIFESTS if d.get("kind") == "PersistentVolumeClaim"}
     secrets = {d["metadata"]["name"]: d for n, d in MANIFESTS if d.get("kind") == "Secret"}
@@ -236,7 +238,9 @@ def stage_dry_run(stage: str, args: list[str], env: dict, cwd: Path) -> dict | N
 
 def check_stage_config(stage: str, config: dict | None, env: dict, run_root: Path, workers: int | None) -> None:
     """What the stage took from the manifest: its run directory, data, worker count."""
-    if config is None or stage not in {"pretrain_xl", "finetune_ade20k", "finetune_coco"}:
+    from cluster.stage import finetune_stages
+
+    if config is None or stage not in {"pretrain_xl", *finetune_stages()}:
         return
     assert config["run_dir"] == str(run_root / stage)
     if workers is not None:
@@ -245,24 +249,26 @@ def check_stage_config(stage: str, config: dict | None, env: dict, run_root: Pat
         assert (config["data"]["train_urls"], config["data"]["val_urls"]) == \
             (env["UNIREPLKNET_TRAIN_SHARDS"], env["UNIREPLKNET_VAL_SHARDS"])
     else:
-        task, variable = ("ade20k", "UNIREPLKNET_ADE20K_ROOT") if stage == "finetune_ade20k" else \
-            ("coco", "UNIREPLKNET_COCO_ROOT")
-        assert config["task"] == task and config[task]["data_root"] == env[variable]
+        spec = finetune_stages()[stage]
+        assert config["task"] == spec.name
+        for variable, key in spec.environment.items():
+            section, name = key.split(".")
+            assert config[section][name] == env[variable]
         assert config["model"]["init_from"] == str(run_root / "export" / "export" / "backbone.pth")
 
 
 def pipeline_stage_commands(args: list[str]) -> list[tuple[str, list[str]]]:
     """(stage, cluster.stage arguments) of the training stages ``python -m cluster.pipeline ARGS`` runs, from
-    its ``PIPELINES`` table and ``--set STAGE:KEY=VALUE`` (the pipeline has no dry run of its own)."""
+    its ``pipelines()`` table and ``--set STAGE:KEY=VALUE`` (the pipeline has no dry run of its own)."""
     import argparse
 
-    from cluster.pipeline import PIPELINES
+    from cluster.pipeline import pipelines
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--config", default="demo")
     parser.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[])
     known, _ = parser.parse_known_args(args)
-    pipeline, extra = PIPELINES[known.config], {}
+    pipeline, extra = pipelines()[known.config], {}
     for item in known.overrides:
         stage, _, override = item.partition(":")
         extra.setdefault(stage, []).append(override)
@@ -279,7 +285,9 @@ def pipeline_stage_commands(args: list[str]) -> list[tuple[str, list[str]]]:
 @pytest.mark.parametrize("name,doc", RAYJOBS, ids=ids(RAYJOBS))
 def test_rayjob_entrypoint_passes_the_stage_dry_run(name, doc, tmp_path):
     """The entrypoint with the head's environment (the driver runs there), the run root in tmp_path."""
-    from cluster.stage import STAGES
+    from cluster.stage import stages
+
+    STAGES = stages()
 
     module, args = parse_entrypoint(doc["spec"]["entrypoint"])
     run_root = tmp_path / "runs"
@@ -394,6 +402,29 @@ def test_stage_script_runs_its_own_stage(tmp_path):
     assert result.returncode == 0, result.stderr
     config = json.loads(result.stdout)
     assert (config["run_dir"], config["train"]["max_steps"]) == (str(tmp_path / "runs" / "pretrain_xl"), 10)
+
+
+def test_the_generic_finetune_script_runs_the_named_tasks_stage(tmp_path):
+    env = {"UNIREPLKNET_RUN_ROOT": str(tmp_path / "runs"), "UNIREPLKNET_NUM_WORKERS": "8",
+           "UNIREPLKNET_ADE20K_ROOT": str(tmp_path / "ade20k")}
+    result = run_script("finetune", "ade20k", "--dry-run", env=env, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    config = json.loads(result.stdout)
+    assert (config["task"], config["run_dir"]) == ("ade20k", str(tmp_path / "runs" / "finetune_ade20k"))
+    assert config["ade20k"]["data_root"] == str(tmp_path / "ade20k") and config["ade20k"]["generate_demo"] is False
+    missing = run_script("finetune", cwd=tmp_path)
+    assert missing.returncode == 1 and "usage: cluster/finetune TASK" in missing.stderr
+
+
+def test_every_finetune_stage_has_its_rendered_kuberay_manifest():
+    """`python -m cluster.manifests --check`: the committed RayJob of each registered fine-tuning task is what the
+    template and the registry give (a new task gets its manifest by running the command)."""
+    result = subprocess.run([sys.executable, "-m", "cluster.manifests", "--check"], cwd=REPO, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    from cluster.manifests import render_all
+
+    assert {Path(p).name for p in render_all()} >= {"rayjob-finetune-ade20k.yaml", "rayjob-finetune-coco.yaml"}
 
 
 def test_stage_script_says_the_project_must_be_installed(tmp_path):

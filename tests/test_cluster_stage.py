@@ -157,10 +157,10 @@ def test_a_stage_on_its_own_ray_cluster_checkpoints_on_a_group_sigterm_and_leave
     with open(output, "w") as out:
         process = subprocess.Popen(
             [sys.executable, "-m", "cluster.stage", "finetune_ade20k", "--run-dir", str(run_dir), "--config",
-             "ade20k_demo", "--init", str(tmp_path / "backbone.pth"), "--set", f"ade20k.data_root={tmp_path / 'data'}",
+             "ade20k_demo", "--init", str(tmp_path / "backbone.pth"), "--set", "ade20k.data_root=data",
              "ade20k.crop_size=64", "launch.device=cpu", "launch.num_workers=1", "train.log_every=1",
-             "train.max_steps=100000"], cwd=REPO, stdout=out, stderr=subprocess.STDOUT, env=env,
-            start_new_session=True)
+             "train.max_steps=100000"], cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT, env=env,
+            start_new_session=True)  # from another directory, the data root relative to it: made absolute
     deadline = time.time() + 400
     while not ((run_dir / "train.log").exists() and "step 1/" in (run_dir / "train.log").read_text()):
         assert process.poll() is None and time.time() < deadline, output.read_text()[-4000:]
@@ -172,6 +172,8 @@ def test_a_stage_on_its_own_ray_cluster_checkpoints_on_a_group_sigterm_and_leave
     step = int((run_dir / "REQUEUE").read_text())
     assert (run_dir / "checkpoints" / "latest").read_text() == f"step_{step:08d}"
     assert f"stop requested ({run_dir / 'STOP'})" in (run_dir / "train.log").read_text()
+    assert (tmp_path / "data" / "COMPLETE").is_file()  # the Ray Train worker wrote the demo set where it was asked
+    assert json.loads((run_dir / "config.json").read_text())["ade20k"]["data_root"] == str(tmp_path / "data")
     (ray_session,) = re.findall(r"started a local Ray cluster at \S+ \(session (\d+)", output.read_text())
     deadline = time.time() + 15
     while (left := session_members(process.pid) + session_members(int(ray_session))) and time.time() < deadline:

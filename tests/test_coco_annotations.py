@@ -19,7 +19,7 @@ from finetune.coco.annotations import RULES, AnnotationFileError
 from finetune.coco.data import TrainLoader, load_split
 from finetune.coco.demo_data import write_demo
 from finetune.coco.metrics import STAT_NAMES, CocoEvaluator
-from pretrain.config import CocoConfig
+from finetune.coco.config import CocoConfig
 from pretrain.distributed import WorldInfo
 from test_coco_parts import _noisy_predictions
 

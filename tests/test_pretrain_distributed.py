@@ -74,7 +74,7 @@ def reference_losses(overrides: list[str], steps: int) -> tuple[list[float], lis
     from pretrain.config import load_config
     from pretrain.distributed import WorldInfo
     from pretrain.optim import build_param_groups, build_scheduler
-    from pretrain.task import ImageClassification
+    from pretrain.classification.task import ImageClassification
     from pretrain.trainer import seed_everything
 
     config = load_config("demo", overrides)
@@ -205,7 +205,7 @@ def test_sigkill_then_resume_reaches_the_same_weights_as_an_uninterrupted_run(st
 
     final_step = 24
     changes = {"train.zero_stage": stage, "train.epochs": 2, "train.max_steps": final_step, "checkpoint.every": 4,
-               "train.ema_decay": 0.9, "data.num_workers": 1, "model.drop_path_rate": 0.1}
+               "train.ema_decay": 0.9, "loader.num_workers": 1, "model.drop_path_rate": 0.1}
     runs = {name: tmp_path / name for name in ("uninterrupted", "killed")}
     args = {name: ["-m", "pretrain", "--config", "demo", "--set",
                    *distributed_overrides(pretrain_shards, run_dir, **changes)] for name, run_dir in runs.items()}
@@ -385,7 +385,7 @@ def test_a_killed_ray_train_worker_restarts_and_ends_with_the_uninterrupted_weig
     from pretrain.launch import launch
 
     final_step = 16
-    changes = {"train.max_steps": final_step, "train.epochs": 2, "checkpoint.every": 4, "data.num_workers": 1}
+    changes = {"train.max_steps": final_step, "train.epochs": 2, "checkpoint.every": 4, "loader.num_workers": 1}
     uninterrupted = tmp_path / "uninterrupted"
     run_torchrun(["-m", "pretrain", "--config", "demo", "--set",
                   *distributed_overrides(pretrain_shards, uninterrupted, **changes)])
@@ -442,7 +442,7 @@ def test_zero3_ema_evaluation_equals_a_single_process_evaluation_of_the_exported
     from pretrain.config import load_config
     from pretrain.distributed import WorldInfo
     from pretrain.export import export_checkpoint
-    from pretrain.task import ImageClassification, build_model
+    from pretrain.classification.task import ImageClassification, build_model
 
     run_dir = tmp_path / "run"
     overrides = distributed_overrides(pretrain_shards, run_dir, **{"train.zero_stage": 3, "train.ema_decay": 0.5})

@@ -77,7 +77,7 @@ def assert_same_weights(a: dict, b: dict) -> None:
 
 def test_group_sigterm_twice_with_loader_workers_saves_and_resumes_exactly(pretrain_shards, tmp_path):
     run_dir = tmp_path / "run"
-    changes = {"data.num_workers": 2, "train.epochs": 20}
+    changes = {"loader.num_workers": 2, "train.epochs": 20}
     args = ["--config", "demo", "--set", *tiny_overrides(pretrain_shards, run_dir, **changes)]
     stopped_at = group_sigterm_then_resume(args, run_dir, "step 3/", more_steps=3)
 
@@ -97,7 +97,7 @@ def test_signals_during_the_final_evaluation_keep_the_final_checkpoint(pretrain_
     write_demo(str(val), "val", num_samples=4000, samples_per_shard=500, seed=1)  # a long final evaluation
     run_dir = tmp_path / "run"
     args = ["--config", "demo", "--set", *tiny_overrides(pretrain_shards, run_dir, **{
-        "data.num_workers": 2, "data.val_urls": str(val), "train.max_steps": 4})]
+        "loader.num_workers": 2, "data.val_urls": str(val), "train.max_steps": 4})]
     process = start(args)
     wait_for_log(process, run_dir / "train.log", "saved " + str(run_dir / "checkpoints" / "step_00000004"))
     signal_group(process, times=8, interval=0.05)  # a volley over the start of the evaluation's loader workers
@@ -119,7 +119,7 @@ def test_signals_during_the_final_evaluation_keep_the_final_checkpoint(pretrain_
 def test_a_stop_file_checkpoints_and_exits_for_requeue(pretrain_shards, tmp_path):
     run_dir = tmp_path / "run"
     args = ["--config", "demo", "--set", *tiny_overrides(pretrain_shards, run_dir, **{
-        "data.num_workers": 1, "train.epochs": 20})]
+        "loader.num_workers": 1, "train.epochs": 20})]
     process = start(args)
     wait_for_log(process, run_dir / "train.log", "step 2/")
     (run_dir / "STOP").write_text("preStop hook\n")
@@ -134,7 +134,7 @@ def test_a_stop_file_checkpoints_and_exits_for_requeue(pretrain_shards, tmp_path
 @pytest.mark.slow
 def test_torchrun_launcher_survives_a_group_sigterm_with_loader_workers(pretrain_shards, tmp_path):
     run_dir = tmp_path / "run"
-    changes = {"data.num_workers": 1, "train.epochs": 40, "train.global_batch_size": 32, "train.micro_batch_size": 8,
+    changes = {"loader.num_workers": 1, "train.epochs": 40, "train.global_batch_size": 32, "train.micro_batch_size": 8,
                "launch.launcher": "torchrun", "launch.num_workers": 2}
     args = ["--config", "demo", "--set", *tiny_overrides(pretrain_shards, run_dir, **changes)]
     stopped_at = group_sigterm_then_resume(args, run_dir, "step 2/", more_steps=2)
@@ -153,7 +153,7 @@ def test_a_ray_train_run_asked_to_stop_checkpoints_exits_for_requeue_and_resumes
     """SIGTERM to the Ray driver (what Kubernetes sends a job's pod) becomes RUN_DIR/STOP; the Ray Train
     workers, whose loop runs off the main thread, checkpoint and stop; the rerun continues exactly."""
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
-    changes = {"data.num_workers": 1, "train.epochs": 40, "train.global_batch_size": 32, "train.micro_batch_size": 8,
+    changes = {"loader.num_workers": 1, "train.epochs": 40, "train.global_batch_size": 32, "train.micro_batch_size": 8,
                "optim.clip_grad": 1.0, "data.crop_scale_min": 0.5}
     run_dir = tmp_path / "run"
     args = ["--config", "demo", "--set", *tiny_overrides(pretrain_shards, run_dir, **changes),
@@ -187,7 +187,7 @@ def test_a_loader_worker_killed_outright_fails_the_run_fast_instead_of_hanging(p
     """The OOM killer's SIGKILL is no preemption: the run must fail (not wait forever on its workers)."""
     run_dir = tmp_path / "run"
     process = start(["--config", "demo", "--set", *tiny_overrides(pretrain_shards, run_dir, **{
-        "data.num_workers": 2, "train.epochs": 20})])
+        "loader.num_workers": 2, "train.epochs": 20})])
     wait_for_log(process, run_dir / "train.log", "step 2/")
     with open(f"/proc/{process.pid}/cmdline", "rb") as f:
         command = f.read()

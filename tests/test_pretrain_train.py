@@ -27,7 +27,7 @@ def tiny_overrides(shards: dict, run_dir, **changes) -> list[str]:
     """The demo's tiny network on the session's small shards, one rank, loss logged every step."""
     values = {
         "run_dir": run_dir, "data.source": "shards", "data.train_urls": shards["train"],
-        "data.val_urls": shards["val"], "data.num_workers": 0, "train.global_batch_size": 16,
+        "data.val_urls": shards["val"], "loader.num_workers": 0, "train.global_batch_size": 16,
         "train.micro_batch_size": 16, "train.epochs": 1, "train.log_every": 1, "train.eval_every": 0,
         "checkpoint.every": 1000, "optim.warmup_epochs": 0.25,
     }
@@ -143,6 +143,7 @@ def test_a_data_bound_run_says_so_once_naming_num_workers(short_run):
     back from TensorBoard), once; its threshold logic on its own: below, at, after the first interval."""
     from types import SimpleNamespace
 
+    from pretrain.classification.task import ImageClassification
     from pretrain.trainer import DATA_BOUND_FRACTION, Trainer
 
     waits = [v for _, v in read_scalars(short_run["run_dir"])["perf/data_wait_fraction"]]
@@ -151,7 +152,8 @@ def test_a_data_bound_run_says_so_once_naming_num_workers(short_run):
     config = short_run["config"]
 
     def warned(wait_fraction: float, intervals: int) -> list[str]:
-        fake = SimpleNamespace(_warned_data_bound=False, _intervals_logged=intervals, config=config)
+        fake = SimpleNamespace(_warned_data_bound=False, _intervals_logged=intervals, config=config,
+                               task=ImageClassification(config))
         records = _Records()
         logging.getLogger("pretrain.trainer").addHandler(records)
         try:
@@ -164,7 +166,7 @@ def test_a_data_bound_run_says_so_once_naming_num_workers(short_run):
     assert warned(DATA_BOUND_FRACTION - 0.01, 5) == []
     assert warned(0.9, 1) == []  # the first interval holds worker start-up
     (message,) = warned(0.5, 2)  # once, not twice
-    assert "50%" in message and f"data.num_workers (now {config.data.num_workers})" in message
+    assert "50%" in message and f"loader.num_workers (now {config.loader.num_workers})" in message
     assert "--target 600" in message  # 300 images/s at half the time waiting: the model could take 600
 
 
@@ -197,7 +199,7 @@ def test_tensorboard_server_serves_the_loss_curve(short_run):
 def test_export_loads_into_a_fresh_model_with_strict_keys(short_run, tmp_path):
     import unireplknet
     from pretrain.export import export_checkpoint
-    from pretrain.task import build_model
+    from pretrain.classification.task import build_model
 
     run_dir, config = short_run["run_dir"], short_run["config"]
     plain = tmp_path / "plain.pth"
@@ -239,7 +241,7 @@ def test_export_loads_into_a_fresh_model_with_strict_keys(short_run, tmp_path):
 
 def test_non_finite_loss_stops_naming_the_step_and_the_last_good_checkpoint(pretrain_shards, tmp_path):
     from pretrain.config import load_config
-    from pretrain.task import ImageClassification
+    from pretrain.classification.task import ImageClassification
     from pretrain.trainer import NonFiniteLossError, Trainer
 
     class CorruptFromBatch(ImageClassification):
@@ -320,7 +322,7 @@ def test_bench_reports_throughput_memory_and_tflops():
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout)
     assert report["images_per_s"] > 0 and report["step_time_s"] > 0 and report["peak_memory_gib"] > 0
-    assert report["img_size"] == 64 and report["micro_batch_size"] == 4 and report["precision"] == "fp32"
+    assert report["input_shape"] == [3, 64, 64] and report["micro_batch_size"] == 4 and report["precision"] == "fp32"
     # TFLOP/s = images/s x training FLOPs per image; the per-image count is checked independently:
     # 3 x forward FLOPs of the same network, counted by torch's FlopCounterMode on a forward pass only
     from torch.utils.flop_counter import FlopCounterMode
@@ -331,8 +333,8 @@ def test_bench_reports_throughput_memory_and_tflops():
                                     kernel_sizes=((3,), (13,), (13, 3), (13,)))
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         model(torch.randn(1, 3, 64, 64))
-    assert report["gflops_per_image"] == pytest.approx(3 * counter.get_total_flops() / 1e9, rel=0.05)
-    assert report["achieved_tflops"] == pytest.approx(report["images_per_s"] * report["gflops_per_image"] / 1e3,
+    assert report["gflops_per_sample"] == pytest.approx(3 * counter.get_total_flops() / 1e9, rel=0.05)
+    assert report["achieved_tflops"] == pytest.approx(report["images_per_s"] * report["gflops_per_sample"] / 1e3,
                                                       rel=1e-6)
 
 
@@ -366,7 +368,7 @@ def test_a_finetune_run_starts_from_an_exported_pretraining_checkpoint(short_run
     import dataclasses
 
     from pretrain.export import export_checkpoint
-    from pretrain.task import build_model
+    from pretrain.classification.task import build_model
 
     exported = tmp_path / "pretrained_official.pth"
     export_checkpoint(str(short_run["run_dir"]), str(exported), official=True)
@@ -445,7 +447,7 @@ def test_a_checkpoint_folder_past_the_current_step_never_pushes_out_complete_che
 
 def test_an_evaluation_short_of_samples_fails_naming_the_shortfall_or_warns(pretrain_shards, tmp_path):
     """A val shard cut short: the run stops (the checkpoint is already written) instead of scoring fewer
-    samples silently; with data.eval_incomplete=warn the rerun evaluates what is readable and says so."""
+    samples silently; with loader.eval_incomplete=warn the rerun evaluates what is readable and says so."""
     import shutil
 
     val = tmp_path / "val"
@@ -458,9 +460,10 @@ def test_an_evaluation_short_of_samples_fails_naming_the_shortfall_or_warns(pret
     failed = run_cli(args, timeout=300)
     assert failed.returncode == 1, failed.stderr[-3000:]
     assert "evaluation at step 2 scored" in failed.stderr and "of the 128 samples of" in failed.stderr
+    assert f"the 2 shards {val / 'shard-000000.tar'} ... {shard}" in failed.stderr  # the set, named
     assert (run_dir / "checkpoints" / "latest").read_text() == "step_00000002"
 
-    warned = run_cli([*args, "data.eval_incomplete=warn"], timeout=300)
+    warned = run_cli([*args, "loader.eval_incomplete=warn"], timeout=300)
     assert warned.returncode == 0, warned.stderr[-3000:]
     scalars = read_scalars(run_dir)
     scored = scalars["eval/samples"][-1][1]
@@ -484,7 +487,7 @@ def test_a_failing_evaluation_never_costs_the_steps_it_comes_after(pretrain_shar
     run_dir = tmp_path / "run"
     config = load_config("demo", tiny_overrides(pretrain_shards, run_dir, **{
         "data.val_urls": str(val), "train.max_steps": 6, "train.eval_every": 2, "checkpoint.every": 2,
-        "data.num_workers": 1}))
+        "loader.num_workers": 1}))
     for expected_step in (2, 4):
         trainer = Trainer(config)
         try:

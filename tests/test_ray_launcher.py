@@ -339,7 +339,7 @@ def test_ray_up_submit_down_on_a_local_cluster(sshd, short_root):
         finetune = run_ray("submit", yaml_file, str(REPO / "cluster" / "finetune_ade20k"), "--", "--config",
                            "ade20k_demo", "--data", str(root / "ade20k"), "--init", str(root / "backbone.pth"),
                            "--set", "launch.device=cpu", "launch.num_workers=1", "train.max_steps=3",
-                           "ade20k.crop_size=64", "data.num_workers=0", "train.micro_batch_size=4",
+                           "ade20k.crop_size=64", "loader.num_workers=0", "train.micro_batch_size=4",
                            "train.global_batch_size=4", env=env, timeout=400)
         assert finetune.returncode == 0, finetune.output[-4000:]
         assert (sshd.home / "finetune_ade20k").is_file()

@@ -1,5 +1,5 @@
 """The one resumable-loader state (shards.resume.ResumableLoader) as the dense tasks' loaders use it
-(finetune.loading.ResumableBatches): exact mid-epoch resume through loader workers, states written by the
+(shards.indexed.ResumableBatches, formerly finetune.loading): exact mid-epoch resume through loader workers, states written by the
 first format still load, other settings and unknown versions are refused naming what differs; and the one
 per-sample seed derivation (shards.seeding)."""
 from __future__ import annotations
@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch.utils.data import Dataset
 
-from finetune.loading import ResumableBatches
+from shards.indexed import ResumableBatches
 from shards.seeding import SeedPurpose, sample_seed, sample_seeds, seeded_global_rngs, stream_seed
 
 UNREADABLE = 13  # this index stands for an image that did not decode (replaced by another, counted)

@@ -68,7 +68,7 @@ def sbatch(slurm: SlurmCluster, out: Path, *stage_args: str, wait: bool, script:
 
 def demo_args(shards: dict, **changes) -> list[str]:
     values = {"data.source": "shards", "data.train_urls": shards["train"], "data.val_urls": shards["val"],
-              "launch.device": "cpu", "data.num_workers": 1, "train.global_batch_size": 32,
+              "launch.device": "cpu", "loader.num_workers": 1, "train.global_batch_size": 32,
               "train.micro_batch_size": 8, "train.log_every": 1, "train.epochs": 20, **changes}
     return ["--config", "demo", "--set", *(f"{k}={v}" for k, v in values.items())]
 
@@ -175,7 +175,7 @@ def test_finetune_ade20k_script_trains_on_two_nodes(slurm, tmp_path):
     out = tmp_path / "ade20k.out"
     run_dir = Path(slurm.env["UNIREPLKNET_RUN_ROOT"]) / "finetune_ade20k"
     sbatch(slurm, out, "--config", "ade20k_demo", "--data", str(tmp_path / "ade20k"), "--init",
-           str(tmp_path / "backbone.pth"), "--set", "launch.device=cpu", "data.num_workers=1", "train.max_steps=2",
+           str(tmp_path / "backbone.pth"), "--set", "launch.device=cpu", "loader.num_workers=1", "train.max_steps=2",
            "ade20k.crop_size=64", "train.micro_batch_size=4", "train.global_batch_size=8", wait=True,
            script="slurm/finetune_ade20k.sh")
     wait_for(lambda: (run_dir / "COMPLETE").exists(), 60, "the stage's COMPLETE marker")

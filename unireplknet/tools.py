@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import copy
 import os
-import tempfile
 import time
 from dataclasses import dataclass
 
@@ -105,16 +104,18 @@ def measure_throughput(model: nn.Module, batch: torch.Tensor, warmup: int = 2, r
     return batch.shape[0] / times[len(times) // 2]
 
 
-def verify_reparameterization(model: UniRepLKNet, img_size: int, batch_size: int = 2, dtype=torch.float64,
-                              seed: int = 0) -> tuple[UniRepLKNet, float]:
-    """Re-parameterize a copy of ``model`` in ``dtype`` and compare logits on a random batch.
+def verify_reparameterization(model: UniRepLKNet, img_size: int | tuple[int, ...], batch_size: int = 2,
+                              dtype=torch.float64, seed: int = 0) -> tuple[UniRepLKNet, float]:
+    """Re-parameterize a copy of ``model`` in ``dtype`` and compare outputs on a random batch of ``img_size``
+    (square images of ``model.in_chans`` channels) or of one sample's input shape ``(C, H, W)``.
 
-    Returns the re-parameterized copy (in ``dtype``) and max|logit diff| / max|logit|.
+    Returns the re-parameterized copy (in ``dtype``) and max|output diff| / max|output|.
     """
     reference = copy.deepcopy(model).to(dtype).eval()
     deployed = copy.deepcopy(reference).reparameterize()
     generator = torch.Generator().manual_seed(seed)
-    x = torch.randn(batch_size, model.in_chans, img_size, img_size, generator=generator, dtype=torch.float64)
+    shape = (model.in_chans, img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+    x = torch.randn(batch_size, *shape, generator=generator, dtype=torch.float64)
     with torch.no_grad():
         expected = reference(x.to(dtype))
         actual = deployed(x.to(dtype))
@@ -127,17 +128,7 @@ def verify_reparameterization(model: UniRepLKNet, img_size: int, batch_size: int
 
 def atomic_save(obj, path: str | os.PathLike) -> None:
     """``torch.save`` to a temporary file in the same folder, then rename: never a half-written file."""
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".pth")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    from .files import atomic_open
+
+    with atomic_open(path, "wb") as f:
+        torch.save(obj, f)

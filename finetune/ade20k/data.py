@@ -24,8 +24,11 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from shards.samples import DECODE_ERRORS
+from shards.indexed import ResumableBatches, worker_iterator
+from shards.seeding import epoch_order, sample_generator
 
-from ..loading import ResumableBatches, worker_iterator
+from ..dense import MEAN, STD, normalized
+
 
 __all__ = ["IGNORE_INDEX", "MEAN", "STD", "EvalLoader", "SegmentationSample", "SplitFiles", "TrainLoader",
            "check_label_values", "class_names", "eval_resize_shape", "list_split", "photometric_distortion",
@@ -34,9 +37,6 @@ __all__ = ["IGNORE_INDEX", "MEAN", "STD", "EvalLoader", "SegmentationSample", "S
 _logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = 255
-MEAN = (123.675, 116.28, 103.53)
-"""mmseg's normalization, RGB on the 0-255 scale (the ImageNet statistics)."""
-STD = (58.395, 57.12, 57.375)
 
 
 @dataclass(frozen=True)
@@ -180,10 +180,6 @@ def photometric_distortion(image: np.ndarray, rng: np.random.Generator) -> np.nd
     return out
 
 
-def _normalized(image: np.ndarray) -> torch.Tensor:
-    values = (image.astype(np.float32) - np.array(MEAN, np.float32)) / np.array(STD, np.float32)
-    return torch.from_numpy(np.ascontiguousarray(values.transpose(2, 0, 1)))
-
 
 @dataclass(frozen=True)
 class SegmentationSample:
@@ -227,8 +223,12 @@ class _Files(Dataset):
             raise ValueError(f"{path}: {type(error).__name__}: {error}") from error
 
 
+SEED_PURPOSE = 0xADE
+"""ADE20K's part of every sample seed (:func:`shards.seeding.sample_generator`)."""
+
+
 def _sample_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
-    return np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, epoch, index, 0xADE])))
+    return sample_generator(seed, epoch, index, SEED_PURPOSE)
 
 
 class _TrainSamples(_Files):
@@ -262,7 +262,7 @@ class _TrainSamples(_Files):
         tensor = torch.zeros(3, cfg.crop_size, cfg.crop_size)  # padding: 0 after normalization, label 255
         target = torch.full((cfg.crop_size, cfg.crop_size), IGNORE_INDEX, dtype=torch.int64)
         h, w = label.shape
-        tensor[:, :h, :w] = _normalized(values)
+        tensor[:, :h, :w] = normalized(values)
         target[:h, :w] = torch.from_numpy(np.ascontiguousarray(label).astype(np.int64))
         return SegmentationSample(tensor, target, skipped)
 
@@ -295,7 +295,7 @@ class TrainLoader(ResumableBatches):
         return self._per_rank // self.batch_size
 
     def _all_batches(self) -> list[list[int]]:
-        order = torch.randperm(len(self.files), generator=torch.Generator().manual_seed(self.seed * 100003 + self._epoch))
+        order = epoch_order(len(self.files), self.seed, self._epoch)
         mine = order[self.rank::self.world_size][:len(self) * self.batch_size].tolist()
         return [mine[b * self.batch_size:(b + 1) * self.batch_size] for b in range(len(self))]
 
@@ -322,7 +322,7 @@ class _EvalSamples(_Files):
         scales = []
         for ratio in self.config.eval_ratios:
             height, width = eval_resize_shape(image.height, image.width, self.config.eval_scale, ratio)
-            scales.append(_normalized(np.asarray(image.resize((width, height), Image.BILINEAR))))
+            scales.append(normalized(np.asarray(image.resize((width, height), Image.BILINEAR))))
         return {"images": scales, "label": torch.from_numpy(label.astype(np.int64)), "index": index}
 
 

@@ -31,8 +31,6 @@ __all__ = [
     "UPerHead",
     "UperNet",
     "build_upernet",
-    "layer_id_for_dense",
-    "lr_scale_for_dense",
 ]
 
 
@@ -265,43 +263,3 @@ def build_upernet(
     backbone = build_dense_backbone(backbone_name, drop_path_rate=drop_path_rate, depths=depths, dims=dims,
                                     kernel_sizes=kernel_sizes, grad_checkpointing=grad_checkpointing)
     return UperNet(backbone, num_classes, channels=channels, aux_channels=aux_channels, dropout=dropout)
-
-
-def layer_id_for_dense(name: str, num_layers: int) -> int:
-    """The authors' ``layer_wise`` lr-decay id of an UperNet parameter name (ConvNeXt's rule).
-
-    ``num_layers`` is the config's ``num_layers`` N (12 for S/B/L, 9 for T). The authors'
-    constructor calls its id function with ``max_layer_id = N`` (and uses ``N + 2`` only inside
-    the scale formula, see :func:`lr_scale_for_dense`):
-
-    - ``backbone.downsample_layers.0`` (stem): 0; ``backbone.stages.0.*``: 1;
-    - ``backbone.downsample_layers.1`` and ``backbone.stages.1.*``: 2;
-    - ``backbone.downsample_layers.2``: 3; ``backbone.stages.2.<b>.*``: ``3 + b // 3``;
-    - ``backbone.downsample_layers.3`` and ``backbone.stages.3.*``: N;
-    - every other name: N + 1 (full lr). The authors' function has no rule for the backbone's
-      per-stage output norms ``backbone.norm0..norm3``, so their final ``else`` gives them N + 1,
-      like the heads; we keep that (they are new layers on a classification checkpoint anyway).
-
-    Raises ``ValueError`` when a stage-2 block would reach N (``num_layers`` too small for the depth).
-    """
-    max_layer_id = num_layers
-    parts = name.split(".")
-    if name.startswith("backbone.downsample_layers."):
-        return (0, 2, 3, max_layer_id)[int(parts[2])]
-    if name.startswith("backbone.stages."):
-        stage, block = int(parts[2]), int(parts[3])
-        if stage == 2:
-            layer_id = 3 + block // 3
-            if layer_id >= max_layer_id:
-                raise ValueError(
-                    f"{name}: stage-2 block {block} gets layer id {layer_id} >= num_layers={num_layers}; "
-                    f"raise num_layers to at least {layer_id + 1}")
-            return layer_id
-        return (1, 2, None, max_layer_id)[stage]
-    return max_layer_id + 1
-
-
-def lr_scale_for_dense(layer_id: int, num_layers: int, decay_rate: float) -> float:
-    """``decay_rate ** (num_layers + 2 - layer_id - 1)``: 1.0 for the heads (id N + 1), ``decay_rate``
-    for stage 3 (id N), ``decay_rate ** (N + 1)`` for the stem (id 0)."""
-    return decay_rate ** (num_layers + 2 - layer_id - 1)

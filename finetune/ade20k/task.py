@@ -8,11 +8,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pretrain.config import Config, ConfigError
+from pretrain.config import ConfigError
 from pretrain.distributed import WorldInfo
 
 from ..backbone import init_backbone
-from ..dense import DenseTask
+from ..dense import DenseTask, palette
+from .config import Ade20kRunConfig
 from .data import IGNORE_INDEX, EvalLoader, TrainLoader, class_names, list_split
 
 __all__ = ["Ade20kSegmentation", "build_segmentor", "init_backbone", "preflight", "segmentation_logits"]
@@ -23,19 +24,7 @@ PREVIEWS = 4
 """Validation images (per evaluation, rank 0's first) drawn with their predictions in TensorBoard."""
 
 
-def preflight(config: Config) -> None:
-    """Before any worker starts: ``ade20k.data_root`` holds both splits in the ADEChallengeData2016 layout (unless
-    ``ade20k.generate_demo`` writes it); ``ConfigError`` naming the missing path."""
-    if config.ade20k.generate_demo:
-        return
-    for split in ("training", "validation"):
-        try:
-            list_split(config.ade20k.data_root, split)
-        except FileNotFoundError as error:
-            raise ConfigError("ade20k.data_root", str(error)) from error
-
-
-def build_segmentor(config: Config) -> nn.Module:
+def build_segmentor(config: Ade20kRunConfig) -> nn.Module:
     """UperNet (+ auxiliary FCN head) over the backbone ``config.model`` names, initialized from ``model.init_from``."""
     from .heads import build_upernet
 
@@ -91,7 +80,8 @@ def segmentation_logits(model: nn.Module, images: list[torch.Tensor], size: tupl
 class Ade20kSegmentation(DenseTask):
     """UperNet fine-tuning on ADE20K (or the generated demo set in the same layout)."""
 
-    section_name, demo_layout = "ade20k", "ADE20K-layout"
+    demo_layout = "ADE20K-layout"
+    config: Ade20kRunConfig
 
     def build_model(self) -> nn.Module:
         return build_segmentor(self.config)
@@ -104,13 +94,13 @@ class Ade20kSegmentation(DenseTask):
     def build_train_loader(self, world: WorldInfo) -> TrainLoader:
         files = list_split(self.data_root(world), "training")
         return TrainLoader(files, self.section, batch_size=self.config.train.micro_batch_size, rank=world.rank,
-                           world_size=world.world_size, num_workers=self.config.data.num_workers,
+                           world_size=world.world_size, num_workers=self.config.loader.num_workers,
                            seed=self.config.train.seed)
 
     def build_eval_loader(self, world: WorldInfo) -> EvalLoader:
         files = list_split(self.section.data_root, "validation")
         return EvalLoader(files, self.section, rank=world.rank, world_size=world.world_size,
-                          num_workers=self.config.data.num_workers)
+                          num_workers=self.config.loader.num_workers)
 
     def prepare_batch(self, batch, device: torch.device):
         inputs, labels = batch
@@ -149,9 +139,29 @@ class Ade20kSegmentation(DenseTask):
 
     def _preview_pair(self, image: torch.Tensor, predictions: torch.Tensor, size: int = 128) -> torch.Tensor:
         """The image and the predicted classes' colours blended over it, side by side, ``size`` pixels high."""
-        from ..predict import palette
-
         picture = F.interpolate(self.preview(image), size=(size, size), mode="bilinear", align_corners=False)[0]
         labels = F.interpolate(predictions[:, None].float().cpu(), size=(size, size), mode="nearest")[0, 0].long()
         colours = torch.from_numpy(palette(self.section.num_classes)).float()[labels].permute(2, 0, 1) / 255
         return torch.cat([picture, 0.5 * picture + 0.5 * colours], dim=2)
+
+    def input_shape(self) -> tuple[int, ...]:
+        return (3, self.section.crop_size, self.section.crop_size)
+
+    def synthetic_batch(self, device: torch.device, generator: torch.Generator):
+        """Training crops of random pixels and random labels (every class present)."""
+        batch, size = self.config.train.micro_batch_size, self.section.crop_size
+        images = torch.randn(batch, 3, size, size, generator=generator)
+        labels = torch.randint(0, self.section.num_classes, (batch, size, size), generator=generator)
+        return images.to(device), labels.to(device)
+
+
+def preflight(config: Ade20kRunConfig) -> None:
+    """Before any worker starts: ``ade20k.data_root`` holds both splits (images with their labels), unless the
+    demo set is to be generated there. Raises ``ConfigError`` naming the key and the path."""
+    if config.ade20k.generate_demo:
+        return
+    for split in ("training", "validation"):
+        try:
+            list_split(config.ade20k.data_root, split)
+        except (FileNotFoundError, ValueError, OSError) as error:
+            raise ConfigError("ade20k.data_root", str(error)) from None

@@ -26,9 +26,11 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 from torch.utils.data import Dataset
 
-from finetune.ade20k.data import MEAN, STD
+from shards.indexed import ResumableBatches, worker_iterator
+from shards.seeding import epoch_generator, sample_generator
 
-from ..loading import ResumableBatches, worker_iterator
+from ..dense import MEAN, STD, normalized
+
 from .annotations import AnnotationFileError, BrokenAnnotation, read_instances
 
 __all__ = ["MEAN", "STD", "AnnotationFileError", "CocoSplit", "EvalLoader", "ImageRecord", "ImageSizeError",
@@ -200,10 +202,6 @@ def augment(image: np.ndarray, boxes: np.ndarray, masks: np.ndarray, config,
     return np.ascontiguousarray(image), boxes.astype(np.float32), np.ascontiguousarray(masks), kept, draws
 
 
-def _normalized(image: np.ndarray) -> torch.Tensor:
-    values = (image.astype(np.float32) - np.array(MEAN, np.float32)) / np.array(STD, np.float32)
-    return torch.from_numpy(np.ascontiguousarray(values.transpose(2, 0, 1)))
-
 
 def pad_batch(images: list[torch.Tensor], size_divisor: int) -> torch.Tensor:
     """``(B, 3, H, W)``: the images zero-padded at the bottom / right to the largest size, rounded up to
@@ -252,8 +250,12 @@ def _check_classes(split: CocoSplit, config) -> None:
                          f"coco.num_classes={config.num_classes}")
 
 
+SEED_PURPOSE = 0xC0C0
+"""COCO's part of every sample seed (:func:`shards.seeding.sample_generator`)."""
+
+
 def _sample_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
-    return np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, epoch, index, 0xC0C0])))
+    return sample_generator(seed, epoch, index, SEED_PURPOSE)
 
 
 class _TrainSamples(_Images):
@@ -290,7 +292,7 @@ class _TrainSamples(_Images):
             target = {"boxes": torch.from_numpy(boxes), "labels": torch.from_numpy(labels[kept]),
                       "masks": torch.from_numpy(masks), "image_id": record.image_id,
                       "image_size": (int(image.shape[0]), int(image.shape[1]))}
-            return _normalized(image), target, skipped
+            return normalized(image), target, skipped
         raise RuntimeError(f"{self.split.root}: no readable image in {self.split.split}")
 
 
@@ -332,7 +334,7 @@ class TrainLoader(ResumableBatches):
         return len(self._samples)
 
     def _all_batches(self) -> list[list[int]]:
-        generator = torch.Generator().manual_seed(self.seed * 100003 + self._epoch)
+        generator = epoch_generator(self.seed, self._epoch)
         batches = []
         for group in (0, 1):  # mmdet GroupSampler: shuffle within a group, cut into one-group batches
             members = torch.tensor([k for k, g in enumerate(self._groups) if g == group], dtype=torch.int64)
@@ -381,7 +383,7 @@ class _EvalSamples(_Images):
             _logger.warning("evaluation skips %s: %s: %s", self.path(record), type(error).__name__, error)
             return None, meta
         pixels = np.asarray(Image.fromarray(image).resize((width, height), Image.BILINEAR))
-        return pad_batch([_normalized(pixels)], self.config.size_divisor), meta
+        return pad_batch([normalized(pixels)], self.config.size_divisor), meta
 
 
 class EvalLoader:

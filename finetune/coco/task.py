@@ -3,6 +3,7 @@ backbone, trained by the one trainer (every launcher, resume, EMA, TensorBoard),
 from __future__ import annotations
 
 import logging
+import math
 import os
 import shutil
 
@@ -10,11 +11,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pretrain.config import Config, ConfigError
+from pretrain.config import ConfigError
+from unireplknet.files import atomic_open
 from pretrain.distributed import WorldInfo, barrier
 
 from ..backbone import init_backbone
-from ..dense import DenseTask
+from ..dense import DenseTask, palette
+from .config import CocoRunConfig
 from .data import EvalLoader, TrainLoader, check_layout, load_split
 from .metrics import CocoEvaluator
 
@@ -28,7 +31,7 @@ PREVIEW_SCORE = 0.3
 """Detections drawn in previews score at least this."""
 
 
-def preflight(config: Config) -> None:
+def preflight(config: CocoRunConfig) -> None:
     """Before any worker starts: ``coco.data_root`` holds both splits' annotation files and image folders (unless
     ``coco.generate_demo`` writes them); ``ConfigError`` naming the missing path."""
     if config.coco.generate_demo:
@@ -40,7 +43,7 @@ def preflight(config: Config) -> None:
             raise ConfigError("coco.data_root", str(error)) from error
 
 
-def build_detector_from_config(config: Config) -> nn.Module:
+def build_detector_from_config(config: CocoRunConfig) -> nn.Module:
     """The detector ``config.coco`` describes over the backbone ``config.model`` names, initialized from
     ``model.init_from``."""
     from .model import build_detector
@@ -63,7 +66,8 @@ def build_detector_from_config(config: Config) -> nn.Module:
 class CocoInstanceSegmentation(DenseTask):
     """Cascade Mask R-CNN fine-tuning on COCO 2017 (or the generated demo set in the same layout)."""
 
-    section_name, demo_layout = "coco", "COCO-layout"
+    demo_layout = "COCO-layout"
+    config: CocoRunConfig
 
     def build_model(self) -> nn.Module:
         return build_detector_from_config(self.config)
@@ -76,14 +80,14 @@ class CocoInstanceSegmentation(DenseTask):
     def build_train_loader(self, world: WorldInfo) -> TrainLoader:
         split = load_split(self.data_root(world), "train2017")
         return TrainLoader(split, self.section, batch_size=self.config.train.micro_batch_size, rank=world.rank,
-                           world_size=world.world_size, num_workers=self.config.data.num_workers,
+                           world_size=world.world_size, num_workers=self.config.loader.num_workers,
                            seed=self.config.train.seed)
 
     def build_eval_loader(self, world: WorldInfo) -> EvalLoader:
         split = load_split(self.section.data_root, "val2017")
         self._annotation_file = self._local_annotations(split.annotation_file, world)
         return EvalLoader(split, self.section, rank=world.rank, world_size=world.world_size,
-                          num_workers=self.config.data.num_workers)
+                          num_workers=self.config.loader.num_workers)
 
     def _local_annotations(self, url: str, world: WorldInfo) -> str:
         """COCOeval reads a local file: an fsspec annotation file is copied once into the run directory."""
@@ -94,10 +98,8 @@ class CocoInstanceSegmentation(DenseTask):
             return path
         local = os.path.join(self.config.run_dir, "cache", os.path.basename(path))
         if world.is_main and not os.path.isfile(local):
-            os.makedirs(os.path.dirname(local), exist_ok=True)
-            with fs.open(path, "rb") as source, open(local + ".tmp", "wb") as target:
+            with fs.open(path, "rb") as source, atomic_open(local, "wb") as target:
                 shutil.copyfileobj(source, target)
-            os.replace(local + ".tmp", local)
         barrier()
         return local
 
@@ -134,8 +136,6 @@ class CocoInstanceSegmentation(DenseTask):
         """The image with its confident detections (masks blended, boxes drawn) at ``size`` x ``size``."""
         from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 
-        from ..predict import palette
-
         height, width = (int(v) for v in meta["orig_size"])
         h, w = (int(v) for v in meta["image_size"])
         picture = F.interpolate(self.preview(image[None, :, :h, :w]), size=(height, width), mode="bilinear",
@@ -150,3 +150,32 @@ class CocoInstanceSegmentation(DenseTask):
                 canvas = draw_segmentation_masks(canvas, masks[keep].cpu() >= 0.5, alpha=0.45, colors=colours)
             canvas = draw_bounding_boxes(canvas, detection["boxes"][keep].cpu(), colors=colours, width=1)
         return F.interpolate(canvas[None].float() / 255, size=(size, size), mode="bilinear", align_corners=False)[0]
+
+    def input_shape(self) -> tuple[int, ...]:
+        height, width = self._train_size()
+        return (3, height, width)
+
+    def _train_size(self) -> tuple[int, int]:
+        """The largest padded training image: the largest scale's short side, 4:3, within ``max_size``."""
+        coco = self.section
+        short = max(coco.train_scales)
+        long = min(coco.max_size, round(short * 4 / 3))
+        return tuple(math.ceil(v / coco.size_divisor) * coco.size_divisor for v in (short, long))
+
+    def synthetic_batch(self, device: torch.device, generator: torch.Generator, objects: int = 8):
+        """Images of the largest training size with ``objects`` random box-shaped instances each."""
+        coco, batch = self.section, self.config.train.micro_batch_size
+        height, width = self._train_size()
+        images = torch.randn(batch, 3, height, width, generator=generator)
+        targets = []
+        for _ in range(batch):
+            corners = torch.rand(objects, 2, generator=generator) * torch.tensor([width * 0.7, height * 0.7])
+            extent = (torch.rand(objects, 2, generator=generator) * 0.25 + 0.05) * torch.tensor([width, height])
+            boxes = torch.cat([corners, corners + extent], dim=1).round()
+            masks = torch.zeros(objects, height, width, dtype=torch.uint8)
+            for k, (x1, y1, x2, y2) in enumerate(boxes.long().tolist()):
+                masks[k, y1:y2, x1:x2] = 1
+            targets.append({"boxes": boxes.to(device),
+                            "labels": torch.randint(0, coco.num_classes, (objects,), generator=generator).to(device),
+                            "masks": masks.to(device), "image_size": (height, width)})
+        return images.to(device), targets

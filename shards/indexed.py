@@ -1,14 +1,16 @@
-"""What the dense tasks' training loaders share: seeded batches per epoch, iteration through a DataLoader with
-the preemption signals left to the trainer (:mod:`shards.workers`), and the exact-resume state and epoch rules
-of every training loader (:mod:`shards.resume`)."""
+"""Resumable training batches over a map-style dataset (files in a folder layout, an annotation file): a seeded
+list of index batches per epoch, loaded through a DataLoader whose workers leave the preemption signals to the
+trainer (:mod:`shards.workers`), with the exact-resume state and epoch rules of every training loader
+(:mod:`shards.resume`). The dense tasks' loaders are built on it, and so can any task whose data is not in
+shards."""
 from __future__ import annotations
 
 from typing import Any, Callable, Iterator, Mapping
 
 from torch.utils.data import Dataset
 
-from shards.resume import ResumableLoader
-from shards.workers import worker_iterator
+from .resume import ResumableLoader
+from .workers import worker_iterator
 
 __all__ = ["ResumableBatches", "worker_iterator"]
 
