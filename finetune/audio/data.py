@@ -113,7 +113,7 @@ def _listing(root: str, num_classes: int | None) -> tuple[tuple[str, ...], dict[
 
 def list_split(root: str, split: str, num_classes: int | None = None) -> SplitFiles:
     """The clips of ``split`` (``training``, ``validation`` or ``testing``) with their classes; an empty split
-    raises ``FileNotFoundError`` naming it."""
+    raises ``FileNotFoundError`` naming it. The folder is listed once per process (the three splits share it)."""
     if split not in ("training", *SPLIT_LISTS):
         raise ValueError(f"unknown split {split!r}: expected training, validation or testing")
     classes, splits = _listing(root, num_classes)
