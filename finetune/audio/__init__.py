@@ -40,8 +40,9 @@ TASK = register_task(TaskSpec(
     path_keys=("audio.data_root",),
     metrics=("eval/top1", "test/top1"),
     data_key="audio.data_root",
-    environment={"UNIREPLKNET_SPEECHCOMMANDS_ROOT": "audio.data_root"},
+    environment={"UNIREPLKNET_AUDIO_ROOT": "audio.data_root"},
     real_data_overrides=("audio.generate_demo=false",),
+    pretrained_backbone=False,  # the authors train from scratch on one-channel log-mel maps
     write_demo_data=_write_demo_data,
     preflight=_preflight,
     smoke_overrides=("audio.num_mel_bins=32", "audio.target_length=48", "audio.freq_mask=12", "audio.time_mask=18",
