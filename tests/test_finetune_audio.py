@@ -381,3 +381,17 @@ def test_the_authors_preset_validates_builds_and_steps_at_reduced_size():
     factor = lr_factor(config.optim, total_steps=100 * 662, steps_per_epoch=662)
     assert [round(factor(e * 662), 6) for e in (0, 4, 5, 6, 10)] == [1.0, 1.0, 0.85, round(0.85 ** 2, 6),
                                                                       round(0.85 ** 6, 6)]
+
+
+def test_loader_bench_prints_clips_per_cpu_second(demo_root, capsys):
+    """The benchmark of point 13 runs (figures, not timings asserted); the AST-style reference it compares with
+    produces maps of the task's shape."""
+    from finetune.audio.bench import ast_style_sample, main
+    from finetune.audio.data import list_split
+
+    assert main([demo_root, "--clips", "4", "--mel", "32", "--frames", "48"]) == 0
+    assert "clips per CPU-second" in capsys.readouterr().out
+    pytest.importorskip("torchaudio")
+    files = list_split(demo_root, "training")
+    sample = ast_style_sample(files, 0, np.random.default_rng(0), small_section())
+    assert sample.shape == (48, 32)

@@ -71,7 +71,7 @@ def fbank(waveform: torch.Tensor, num_mel_bins: int = 128) -> torch.Tensor:
     previous = torch.cat([frames[..., :1], frames[..., :-1]], dim=-1)
     frames = frames - PREEMPHASIS * previous
     window = torch.hann_window(FRAME_LENGTH, periodic=False, dtype=torch.float64, device=frames.device)
-    spectrum = torch.fft.rfft(frames * window, n=FFT_SIZE).abs().pow(2)  # (batch, frames, 257)
+    spectrum = torch.view_as_real(torch.fft.rfft(frames * window, n=FFT_SIZE)).pow(2).sum(-1)  # |X|^2, (batch, frames, 257)
     banks = mel_banks(num_mel_bins).to(frames.device)
     energies = spectrum @ banks.T
     out = torch.log(torch.clamp(energies, min=torch.finfo(torch.float32).eps)).to(torch.float32)
