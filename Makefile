@@ -13,16 +13,20 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -c constraints.txt torch torchvision
 	$(PY) -m pip install -q -c constraints.txt -e ".[all,dev]"
+	# test-only: the audio fbank parity test compares with torchaudio's kaldi.fbank; 2.11.1 (the newest) imports
+	# beside the pinned torch but declares another torch, so it goes in without its dependencies
+	$(PY) -m pip install -q --no-deps torchaudio==2.11.1
 	touch $(STAMP)
 
 ## setup: create .venv and install the project (idempotent: a second run takes seconds)
 setup: $(STAMP)
 
-## system-deps: the Debian packages the cluster tests run for real (Slurm, munge, sshd); needs root.
+## system-deps: the Debian packages the cluster tests run for real (Slurm, munge, sshd) and the audio demo's
+## speech synthesizer (espeak-ng); needs root.
 ## The tests that need them skip without them (CI sets UNIREPLKNET_REQUIRE_SLURM=1: they fail instead).
-SYSTEM_PACKAGES := slurmctld slurmd slurm-client munge openssh-server rsync
+SYSTEM_PACKAGES := slurmctld slurmd slurm-client munge openssh-server rsync espeak-ng
 system-deps:
-	@if command -v sbatch >/dev/null && test -x /usr/sbin/slurmctld -a -x /usr/sbin/munged -a -x /usr/sbin/sshd && command -v rsync >/dev/null; then \
+	@if command -v sbatch >/dev/null && test -x /usr/sbin/slurmctld -a -x /usr/sbin/munged -a -x /usr/sbin/sshd && command -v rsync >/dev/null && command -v espeak-ng >/dev/null; then \
 	    echo "system packages present"; \
 	else \
 	    apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $(SYSTEM_PACKAGES); \

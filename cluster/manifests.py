@@ -18,7 +18,7 @@ __all__ = ["GPUS_PER_NODE", "render", "render_all"]
 GPUS_PER_NODE = 8
 FOLDER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kubernetes")
 
-TEMPLATE = string.Template('''# Fine-tune the exported UniRepLKNet backbone as a KubeRay RayJob, task ${task}:
+TEMPLATE = string.Template('''# ${what} as a KubeRay RayJob, task ${task}:
 # ${summary}
 # (ray.io/v1, KubeRay >= 1.5.1): a Ray cluster of a CPU head and one 8-GPU worker, the driver
 # `python -m cluster.stage ${stage}`, the cluster deleted when it finishes.
@@ -26,7 +26,7 @@ TEMPLATE = string.Template('''# Fine-tune the exported UniRepLKNet backbone as a
 #   kubectl apply -f cluster/kubernetes/rayjob-${component}.yaml
 #   kubectl logs -f job/unireplknet-${component}
 #
-# It reads the pretraining run's export (RUN_ROOT/export, `python -m cluster.stage export`) from the shared
+# ${reads}
 # volume (/runs, pvc-runs.yaml) and writes RUN_ROOT/${stage} there. Retries (`backoffLimit`) run on a new
 # Ray cluster and resume from `latest`; a completed stage is skipped.
 # The preset is the stage's default (${preset}); another one: `--config NAME` after the
@@ -131,8 +131,14 @@ def render(stage: str) -> str:
     data_env = "".join(
         f"                - name: {variable:<30s}# EDIT: {key} (a folder under /runs, or a URL)\n"
         f"                  value: s3://my-bucket/{spec.name}\n" for variable, key in spec.environment.items())
+    if spec.pretrained_backbone:
+        what = "Fine-tune the exported UniRepLKNet backbone"
+        reads = "It reads the pretraining run's export (RUN_ROOT/export, `python -m cluster.stage export`) from the shared"
+    else:
+        what = "Train UniRepLKNet from scratch (the task's recipe; `--init` starts from a backbone)"
+        reads = "It needs no pretraining run's export; it uses the shared"
     return TEMPLATE.substitute(
-        summary=spec.summary, task=spec.name, stage=stage, component=stage.replace("_", "-"), preset=spec.cluster_preset,
+        what=what, reads=reads, summary=spec.summary, task=spec.name, stage=stage, component=stage.replace("_", "-"), preset=spec.cluster_preset,
         data_env=data_env, workers=workers, replicas=replicas,
         batch_note=f"{config.train.micro_batch_size} per GPU x {workers} GPUs = the recipe's batch of "
                    f"{config.train.global_batch_size}")

@@ -51,10 +51,12 @@ DEMO_OVERRIDES = ("--set", "launch.device=cpu", "launch.num_workers=1")
 
 
 def pipelines() -> dict[str, Pipeline]:
-    """``demo`` and ``xl``: pretraining, then every registered fine-tuning task (its demo or cluster preset)."""
+    """``demo`` and ``xl``: pretraining, then every registered fine-tuning task that starts from the pretrained
+    backbone (its demo or cluster preset); tasks trained from scratch (``TaskSpec.pretrained_backbone=False``) have
+    their own stages but take nothing from the pretraining, so the pipeline leaves them out."""
     from .stage import PRETRAIN_PRESET, finetune_stages
 
-    stages = finetune_stages()
+    stages = {name: spec for name, spec in finetune_stages().items() if spec.pretrained_backbone}
     return {
         "demo": Pipeline(pretrain=("--config", "demo", *DEMO_OVERRIDES),
                          finetunes={name: ("--config", spec.demo_preset, *DEMO_OVERRIDES) for name, spec in stages.items()}),

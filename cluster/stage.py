@@ -151,8 +151,10 @@ def pretrain_xl(args: argparse.Namespace, run_dir: str) -> int:
 def finetune(name: str, args: argparse.Namespace, run_dir: str) -> int:
     """Fine-tuning task ``finetune_TASK`` through Ray Train on the exported backbone; resumes from ``latest``;
     75 when preempted."""
-    config = _stage_config(args, run_dir, finetune_stages()[name].cluster_preset, finetune=True)
-    if not args.dry_run and not os.path.isfile(config.model.init_from) and "://" not in config.model.init_from:
+    spec = finetune_stages()[name]
+    config = _stage_config(args, run_dir, spec.cluster_preset, finetune=spec.pretrained_backbone or bool(args.init))
+    if (config.model.init_from and not args.dry_run and not os.path.isfile(config.model.init_from)
+            and "://" not in config.model.init_from):
         raise SystemExit(f"{name}: no backbone at {config.model.init_from} (run the export stage first, "
                          "or pass --init / UNIREPLKNET_BACKBONE)")
     return _train_on_ray(name, config, args)

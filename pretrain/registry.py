@@ -79,6 +79,10 @@ class TaskSpec:
     """Overrides applied with ``--data`` or an ``environment`` value (e.g. stop generating the demo set)."""
     downstream: bool = True
     """Fine-tuned from the pretrained backbone: offered by ``python -m finetune`` and the pipeline's stages."""
+    pretrained_backbone: bool = True
+    """The cluster stage starts from the exported pretrained backbone (``--init``, ``UNIREPLKNET_BACKBONE``, the
+    export stage's file); False: from the preset's own ``model.init_from`` unless ``--init`` is given (a recipe
+    that trains from scratch, e.g. on one-channel inputs)."""
     write_demo_data: Callable[..., None] | None = None
     """``write_demo_data(out, seed=..., train_images=..., val_images=...)``: ``make-demo-data NAME OUT``."""
     preflight: Callable[["Config"], None] | None = None

@@ -43,7 +43,9 @@ class Task(Protocol):
     Training loaders follow the ``shards`` contract: ``set_epoch``, ``len`` (micro-batches per epoch,
     equal on all ranks), ``state_dict``/``load_state_dict``, ``bad_samples``. Evaluation loaders may hold
     a different number of batches on each rank and tell ``num_samples`` (this rank's share of the set;
-    the trainer sums them) and ``description`` (what the set is, for messages).
+    the trainer sums them) and ``description`` (what the set is, for messages). A task with a held-out test
+    set may add ``build_test_loader(world)`` (an evaluation loader, or None): the trainer scores it once when a
+    run completes, under ``test/`` in ``metrics.json``.
     """
 
     throughput_unit: str

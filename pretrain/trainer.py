@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import random
@@ -320,6 +321,8 @@ class Trainer:
             if self.last_checkpoint is None or not self.last_checkpoint.endswith(ckpt.tag_of_step(self.step)):
                 self.save()
             results = {} if self.stopping else self.evaluate()
+            if results and not self.stopping:
+                results = {**results, **self.test()}
             if self.stopping:
                 _logger.warning("stop requested (%s): checkpoint %s written at step %d; exiting for requeue",
                                 self.stopping, self.last_checkpoint, self.step)
@@ -464,47 +467,66 @@ class Trainer:
         with averaged_batchnorm_buffers(self.engine.module):  # what a checkpoint of this step holds
             return self._evaluate()
 
-    def _evaluate(self) -> dict[str, float]:
-        live = self._evaluate_weights()
+    def test(self) -> dict[str, float]:
+        """The task's held-out test set, once, after the last evaluation of a completed run: metrics under
+        ``test/`` (and ``test_ema/``), added to ``metrics.json``. Tasks without ``build_test_loader`` have none."""
+        build = getattr(self.task, "build_test_loader", None)
+        loader = build(self.world) if build is not None else None
+        if loader is None:
+            return {}
+        with averaged_batchnorm_buffers(self.engine.module):
+            return self._evaluate(loader, "test")
+
+    def _evaluate(self, loader=None, prefix: str = "eval") -> dict[str, float]:
+        loader = self.eval_loader if loader is None else loader
+        live = self._evaluate_weights(loader)
         if live is None:
             return {}
-        self._check_complete(live)
+        self._check_complete(live, loader, prefix)
         if self._eval_previews:
-            self.tensorboard.image_grid("eval/predictions", torch.stack(self._eval_previews), self.step)
-        results = {f"eval/{k}": v for k, v in live.items()}
+            self.tensorboard.image_grid(f"{prefix}/predictions", torch.stack(self._eval_previews), self.step)
+        results = {f"{prefix}/{k}": v for k, v in live.items()}
         if self.ema is not None:
             with self.ema.swapped_in():
-                ema = self._evaluate_weights()
+                ema = self._evaluate_weights(loader)
             if ema is None:
                 return {}
-            results.update({f"eval_ema/{k}": v for k, v in ema.items()})
+            results.update({f"{prefix}_ema/{k}": v for k, v in ema.items()})
         self.tensorboard.scalars(results, self.step)
         self.tensorboard.flush()
         if self.world.is_main:
-            atomic_write_json(os.path.join(self.config.run_dir, "metrics.json"), {"step": self.step, **results})
-        _logger.info("eval at step %d: %s", self.step, ", ".join(f"{k} {v:.4g}" for k, v in results.items()))
+            path = os.path.join(self.config.run_dir, "metrics.json")
+            earlier = {}
+            if prefix != "eval" and os.path.isfile(path):  # the test figures join this step's evaluation
+                with open(path) as f:
+                    earlier = json.load(f)
+                if earlier.get("step") != self.step:
+                    earlier = {}
+            atomic_write_json(path, {**earlier, "step": self.step, **results})
+        _logger.info("%s at step %d: %s", prefix, self.step, ", ".join(f"{k} {v:.4g}" for k, v in results.items()))
         return results
 
-    def _check_complete(self, results: dict[str, float]) -> None:
+    def _check_complete(self, results: dict[str, float], loader=None, prefix: str = "eval") -> None:
         """An evaluation must score every sample the evaluation set holds: fewer means damaged data. Every
         task's eval loader tells its share of the set (``num_samples``) and its evaluator the samples scored."""
-        assigned = getattr(self.eval_loader, "num_samples", None)
+        loader = self.eval_loader if loader is None else loader
+        assigned = getattr(loader, "num_samples", None)
         if assigned is None or "samples" not in results:
             missing = "its eval loader has no num_samples" if assigned is None else "its evaluator reports no samples"
             raise TypeError(f"task {self.config.task!r}: {missing}, so an incomplete evaluation would go unnoticed")
         total = all_reduce_sum(torch.tensor([float(assigned)], dtype=torch.float64, device=self.device)).item()
         if results["samples"] >= total:
             return
-        described = getattr(self.eval_loader, "description", None) or "the evaluation set"
+        described = getattr(loader, "description", None) or "the evaluation set"
         message = (f"evaluation at step {self.step} scored {results['samples']:.0f} of the {total:.0f} samples of "
                    f"{described}: {total - results['samples']:.0f} could not be read (named in the log)")
         if self.config.loader.eval_incomplete == "error":
             raise EvaluationIncompleteError(message + "; loader.eval_incomplete=warn evaluates what is readable")
         _logger.warning("%s", message)
-        self.tensorboard.scalars({"eval/unreadable_samples": total - results["samples"]}, self.step)
+        self.tensorboard.scalars({f"{prefix}/unreadable_samples": total - results["samples"]}, self.step)
 
     @torch.no_grad()
-    def _evaluate_weights(self) -> dict[str, float] | None:
+    def _evaluate_weights(self, loader) -> dict[str, float] | None:
         """The task's metrics over the whole eval set; None when a stop request cut the pass short."""
         evaluator = self.task.build_evaluator(self.device)
         evaluator.reset()
@@ -512,7 +534,7 @@ class Trainer:
         self.engine.eval()
         try:
             with _rng_untouched(), self._autocast():
-                iterator = iter(self.eval_loader)
+                iterator = iter(loader)
                 while True:
                     batch = next(iterator, None)
                     flags = all_reduce_sum(torch.tensor([float(batch is not None),

@@ -254,7 +254,8 @@ def check_stage_config(stage: str, config: dict | None, env: dict, run_root: Pat
         for variable, key in spec.environment.items():
             section, name = key.split(".")
             assert config[section][name] == env[variable]
-        assert config["model"]["init_from"] == str(run_root / "export" / "export" / "backbone.pth")
+        backbone = str(run_root / "export" / "export" / "backbone.pth") if spec.pretrained_backbone else ""
+        assert config["model"]["init_from"] == backbone
 
 
 def pipeline_stage_commands(args: list[str]) -> list[tuple[str, list[str]]]:
