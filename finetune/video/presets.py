@@ -58,10 +58,10 @@ def video_demo() -> VideoRunConfig:
                           sampling_rate=4, input_size=32, layout="reshape", auto_augment="", crop_scale=(0.5, 1.0),
                           hflip=0.0, random_erasing=0.0, repeated_aug=2, mixup_alpha=0.0, cutmix_alpha=0.0,
                           eval_views="single", layer_decay_layers=12),
-        optim=OptimConfig(lr=4e-3, min_lr=1e-5, warmup_steps=10, weight_decay=0.05, layer_decay=1.0, clip_grad=5.0),
-        train=TrainConfig(steps=150, global_batch_size=16, micro_batch_size=16, zero_stage=1, label_smoothing=0.0,
-                          log_every=10, eval_every=75),
-        checkpoint=CheckpointConfig(every=75, keep=2),
+        optim=OptimConfig(lr=4e-3, min_lr=1e-5, warmup_steps=20, weight_decay=0.05, layer_decay=1.0, clip_grad=5.0),
+        train=TrainConfig(steps=300, global_batch_size=16, micro_batch_size=16, zero_stage=1, label_smoothing=0.0,
+                          log_every=20, eval_every=150),
+        checkpoint=CheckpointConfig(every=150, keep=2),
         loader=LoaderConfig(num_workers=1),
     )
 
