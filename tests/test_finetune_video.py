@@ -370,3 +370,17 @@ def test_training_lifts_accuracy_well_above_chance_and_the_untrained_model(learn
     assert result.eval["eval/top1"] >= before["eval/top1"] + LEARNED_GAP
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["eval/top1"] == result.eval["eval/top1"]
+
+
+def test_the_preview_is_a_frame_grid(demo_root, tmp_path):
+    """TensorBoard's ``train/augmented_inputs``: one row per clip, its frames side by side, back in [0, 1]."""
+    from pretrain.registry import get_task
+
+    task = get_task("video").build(demo_config(demo_root, tmp_path))
+    clips = torch.randn(3, 3, 4, 32, 32)
+    grid = task.preview(clips)
+    assert grid.shape == (3, 3, 32, 4 * 32) and 0 <= grid.min() and grid.max() <= 1
+    from finetune.video.data import MEAN, STD
+
+    frame = (clips[1, :, 2] * torch.tensor(STD).view(3, 1, 1) + torch.tensor(MEAN).view(3, 1, 1)).clamp(0, 1)
+    assert torch.allclose(grid[1, :, :, 64:96], frame, atol=1e-6)
