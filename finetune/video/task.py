@@ -52,13 +52,19 @@ def video_probabilities(model: nn.Module, views: torch.Tensor, chunk: int) -> to
     return logits.softmax(dim=-1).view(b, v, -1).mean(dim=1)
 
 
+LOSS_GRID = 2.0 ** 24
+"""Evaluation loss terms are multiples of ``2**-24`` (each below 28, so sums stay exact below 2**29)."""
+
+
 def topk_sums(probabilities: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Per-batch sums of top-1 and top-5 hits, the negative log of the true class's averaged probability, count."""
+    """Per-batch sums of top-1 and top-5 hits, the negative log of the true class's averaged probability, count.
+    Each log term is rounded to a multiple of ``1 / LOSS_GRID``, so its float64 sums are exact and the totals do
+    not depend on how the videos are batched or split over ranks."""
     top = probabilities.topk(min(5, probabilities.shape[-1]), dim=-1).indices
     hits = top == labels[:, None]
     true = probabilities.gather(1, labels[:, None]).squeeze(1)
     return {"correct1": hits[:, 0].sum().double(), "correct5": hits.any(dim=-1).sum().double(),
-            "loss": -true.clamp_min(1e-12).double().log().sum(),
+            "loss": (torch.round(-true.clamp_min(1e-12).double().log() * LOSS_GRID) / LOSS_GRID).sum(),
             "count": torch.tensor(float(labels.numel()), dtype=torch.float64, device=labels.device)}
 
 
