@@ -27,12 +27,29 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 PLUGINS = REPO / "tests" / "plugins"
-sys.path.insert(0, str(PLUGINS))
-import toy_task  # noqa: E402,F401  (registers the out-of-tree task "bars" in this process)
+TOY_TASK = "bars"  # tests/plugins/toy_task.py, registered in this process only while this module's tests run
 
+from pretrain import registry  # noqa: E402
 from pretrain.registry import registered_tasks  # noqa: E402
 
-TASKS = sorted(registered_tasks())
+TASKS = sorted({*registered_tasks(), TOY_TASK})
+
+
+@pytest.fixture(scope="module", autouse=True)
+def toy_task_registered():
+    """Register the out-of-tree task for this module and take it out again afterwards: registered at collection,
+    it would be in every other module's in-process view of the registry (stage lists, pipelines) but not in
+    their subprocesses, which are not given ``UNIREPLKNET_TASKS=toy_task``."""
+    known = TOY_TASK in registry.registered_tasks()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.syspath_prepend(str(PLUGINS))
+        import toy_task
+
+        registry.register_task(toy_task.TASK)
+        yield
+    if not known:
+        with registry._lock:
+            registry._TASKS.pop(TOY_TASK, None)
 STEPS = 4
 CORE_SECTIONS = {"run_dir", "task", "model", "optim", "train", "checkpoint", "launch", "loader"}
 
