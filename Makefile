@@ -33,13 +33,15 @@ system-deps:
 	fi
 
 ## demo: set up, then run the whole pipeline on embedded demo data, on a local Ray cluster: generated digit
-## shards -> demo pretraining (DeepSpeed, CPU) -> export -> ADE20K demo fine-tune (generated set) -> summary
+## shards -> demo pretraining (DeepSpeed, CPU) -> export -> the fine-tunes from it, in parallel (generated sets) -> summary
 demo: setup
 	$(PY) -m cluster.pipeline --config demo
 
-## test: set up, then run the test suite
+## test: set up, then run the test suite, TEST_WORKERS processes at a time (pytest-xdist; each test module
+## stays on one worker, so its module fixtures are built once; TEST_WORKERS=0 runs it in this process)
+TEST_WORKERS ?= 2
 test: setup
-	$(PY) -m pytest -q --durations=30 tests; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
+	$(PY) -m pytest -q --durations=30 -n $(TEST_WORKERS) --dist loadfile tests; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
 
 clean:
 	rm -rf $(VENV) .cache

@@ -47,7 +47,9 @@ class Pipeline:
     unavailable: tuple[str, ...] = ()
 
 
-DEMO_OVERRIDES = ("--set", "launch.device=cpu", "launch.num_workers=1")
+DEMO_OVERRIDES = ("--set", "launch.device=cpu", "launch.num_workers=1", "launch.cpus_per_worker=1")
+"""Every demo stage on CPU, one worker reserving one logical CPU: the fine-tunes run side by side even on a
+2-core machine (Ray's default reservation, 1 + loader workers each, would queue one behind the other)."""
 
 
 def pipelines() -> dict[str, Pipeline]:

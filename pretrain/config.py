@@ -268,7 +268,7 @@ class LaunchConfig:
     max_failures: int = 3
     """Ray Train: restarts of the worker group after a worker or node dies (each resumes from ``latest``)."""
     cpus_per_worker: int | None = None
-    """Ray Train: CPUs reserved per worker (default: 1 + ``data.num_workers``, the loader processes)."""
+    """Ray Train: CPUs reserved per worker (default: 1 + ``loader.num_workers``, the loader processes)."""
 
     def validate(self) -> None:
         positive("num_workers", self.num_workers)

@@ -358,7 +358,8 @@ def test_ray_train_zero_stages_match_the_single_process_computation(stage, ray_c
 
 
 def ray_train_worker_pids() -> list[int]:
-    """PIDs of the Ray Train worker processes (not their DataLoader children, which inherit the title)."""
+    """PIDs of this test process's Ray Train workers (its ``ray.init`` cluster's, never another test worker's;
+    not their DataLoader children, which inherit the title)."""
     def title(pid) -> str:
         try:
             with open(f"/proc/{pid}/cmdline", "rb") as f:
@@ -370,7 +371,7 @@ def ray_train_worker_pids() -> list[int]:
         with open(f"/proc/{pid}/stat") as f:
             return int(f.read().rsplit(")", 1)[1].split()[1])
 
-    workers = [int(p) for p in os.listdir("/proc") if p.isdigit() and title(p).startswith("ray::RayTrainWorker")]
+    workers = [pid for pid in process_tree(os.getpid())[1:] if title(pid).startswith("ray::RayTrainWorker")]
     return [pid for pid in workers if not title(parent(pid)).startswith("ray::RayTrainWorker")]
 
 
