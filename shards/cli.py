@@ -25,10 +25,58 @@ def _fraction(value: str) -> float:
     return number
 
 
+LAYOUT_GROUP = "unireplknet.shard_layouts"
+"""Entry points naming a dataset layout's writer, ``write(root, out_url, *, samples_per_shard, workers, seed,
+progress, command) -> {split: info}`` (``speechcommands``: the audio task's): ``shards write LAYOUT ROOT OUT``."""
+
+
+def layout_writers() -> dict:
+    """The dataset layouts ``shards write`` knows by name (entry points of :data:`LAYOUT_GROUP`)."""
+    from importlib.metadata import entry_points
+
+    return {point.name: point for point in entry_points(group=LAYOUT_GROUP)}
+
+
+def cmd_write_layout(args: argparse.Namespace, point) -> int:
+    """``shards write LAYOUT ROOT OUT``: a dataset layout's splits as shard sets under OUT."""
+    from .writer import TargetLockedError
+
+    if args.root_out is None:
+        raise SystemExit(f"usage: python -m shards write {args.source} ROOT OUT (the {args.source} folder, then the "
+                         "target directory)")
+    ignored = [flag for flag, value, default in (("--max-side", args.max_side, None), ("--classes", args.classes, "auto"),
+               ("--num-samples", args.num_samples, None), ("--image-size", args.image_size, None), ("--prefix", args.prefix, "shard"),
+               ("--shard-bytes", args.shard_bytes, None), ("--jpeg-quality", args.jpeg_quality, 95)) if value != default]
+    if ignored:
+        raise SystemExit(f"{', '.join(ignored)}: not options of the {args.source} layout (it takes --samples-per-shard, "
+                         "--workers and --seed)")
+    root, out_url = args.out_url, args.root_out
+    try:
+        infos = point.load()(root, out_url, samples_per_shard=args.samples_per_shard, workers=args.workers,
+                             seed=args.seed, progress=True, command=shlex.join(["python", "-m", "shards", *args.argv]))
+    except TargetLockedError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    for split, info in infos.items():
+        print(f"{split}: wrote {info['total']} samples in {info['num_shards']} shards, {info['num_classes']} classes, "
+              f"to {out_url.rstrip('/')}/{split}" + (f"; skipped {len(info['skipped'])} that do not decode (listed "
+                                                      "in its info.json)" if info["skipped"] else ""))
+        for entry in info["skipped"][:20]:
+            print(f"  {entry['source']}: {entry['reason']}")
+    return 0
+
+
 def cmd_write(args: argparse.Namespace) -> int:
     """Write SOURCE as shards under OUT_URL, then print a summary."""
     from .sources import open_source
     from .writer import TargetLockedError, write_dataset
+
+    layouts = layout_writers()
+    if args.source in layouts:
+        return cmd_write_layout(args, layouts[args.source])
+    if args.root_out is not None:
+        raise SystemExit(f"{args.source!r} is not a dataset layout name ({', '.join(sorted(layouts)) or 'none installed'}); "
+                         "an image source takes SOURCE OUT_URL")
 
     demo = args.source == "demo" or args.source.startswith("demo:")
     generated = demo or args.source == "photos"
@@ -120,13 +168,16 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "Write SOURCE as {prefix}-000000.tar ... plus info.json and classes.txt under OUT_URL. "
             "SOURCE is an image tree (root/<class>/<image>), the ImageNet-22K fall11 layout (a directory "
-            "or one outer tar of nXXXXXXXX.tar files), or demo / demo:val. Re-running the same command "
-            "keeps complete shards and rewrites the rest."
+            "or one outer tar of nXXXXXXXX.tar files), or demo / demo:val. `write LAYOUT ROOT OUT` writes a "
+            "dataset layout's splits instead (speechcommands: OUT/{training,validation,testing}; kinetics, the "
+            "train.csv/val.csv list layout: OUT/{train,val}; clips and videos kept byte for byte). Re-running the same command keeps complete shards and rewrites the rest."
         ),
     )
     write.add_argument("source", metavar="SOURCE", help="local/fsspec directory, outer .tar, demo / demo:val (generated "
                        "digits), or photos (crops of scikit-image's photographs, for benchmarks)")
-    write.add_argument("out_url", metavar="OUT_URL", help="target directory: a path or fsspec URL (s3://, gs://, file://)")
+    write.add_argument("out_url", metavar="OUT_URL", help="target directory: a path or fsspec URL (s3://, gs://, file://); "
+                       "after a LAYOUT name: the layout's ROOT folder")
+    write.add_argument("root_out", metavar="OUT", nargs="?", help="after LAYOUT ROOT: the target directory")
     write.add_argument("--samples-per-shard", type=_positive_int, default=1000, metavar="N", help="samples per shard (default 1000)")
     write.add_argument("--shard-bytes", type=_positive_int, metavar="B", help="also cut a shard before it exceeds this many source bytes")
     write.add_argument("--max-side", type=_positive_int, help="downscale images whose longer side exceeds PX pixels", metavar="PX")

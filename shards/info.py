@@ -18,6 +18,8 @@ import braceexpand
 import fsspec
 
 INFO_NAME = "info.json"
+MANIFEST_DIR = ".manifests"
+"""Per-shard manifests (``.manifests/<shard>.json``): count, bytes, sha256, skipped sources, sample offsets."""
 CLASSES_NAME = "classes.txt"
 INFO_FORMAT = "unireplknet-shards"
 INFO_VERSION = 1
@@ -155,3 +157,61 @@ def resolve_shard_set(spec: str | Sequence[str], *, require_counts: bool) -> Sha
         counts_list.append(by_name[name])
     counts = tuple(counts_list) if len(counts_list) == len(urls) else None
     return ShardSet(tuple(urls), counts, classes)
+
+
+@dataclass(frozen=True, slots=True)
+class ShardMember:
+    """Where one sample's payload lies: ``offset`` and ``size`` bytes into the tar at ``shard``."""
+
+    shard: str
+    key: str
+    source: str
+    label: int
+    offset: int
+    size: int
+
+    @property
+    def where(self) -> str:
+        """``shard:key``, for messages."""
+        return f"{self.shard}:{self.key}"
+
+
+def read_members(directory: str) -> tuple[dict[str, Any], list[ShardMember]]:
+    """``info.json`` of a dataset directory and every sample's payload location, from the manifests the writer
+    keeps under ``.manifests/`` (random access into shards: one ranged read per sample, :func:`read_member`).
+    ``ValueError`` names a manifest that is missing, predates sample offsets or disagrees with ``info.json``."""
+    info = read_info(join_url(directory, INFO_NAME))
+    members: list[ShardMember] = []
+    for shard in info["shards"]:
+        url = join_url(join_url(directory, MANIFEST_DIR), shard["name"] + ".json")
+        try:
+            with fsspec.open(url, "rt", encoding="utf-8") as f:
+                manifest = json.load(f)
+        except (FileNotFoundError, json.JSONDecodeError) as exc:
+            raise ValueError(f"{url}: {type(exc).__name__}: {exc}; rewrite the shards with `python -m shards write` "
+                             "(it keeps the manifests that sample offsets are read from)") from exc
+        rows = manifest.get("members") if isinstance(manifest, dict) else None
+        if not isinstance(rows, list) or len(rows) != shard["count"]:
+            raise ValueError(f"{url}: expected 'members' with {shard['count']} samples (the shard's count in "
+                             f"{INFO_NAME}), got {'none' if rows is None else len(rows)}: written by an older "
+                             "`shards write`, or damaged; rewrite into an empty directory")
+        shard_url = join_url(directory, shard["name"])
+        members += [ShardMember(shard_url, str(key), str(source), int(label), int(offset), int(size))
+                    for key, source, label, offset, size in rows]
+    return info, members
+
+
+def read_member(fs: Any, member: ShardMember, path: str | None = None) -> bytes:
+    """The payload bytes of ``member`` (a ranged read of its shard through ``fs``; ``path``: the shard's path in
+    ``fs`` when it differs from the URL); ``ValueError`` naming the shard and key when the shard is missing or
+    ends before the member does (a cut or damaged file)."""
+    try:
+        with fs.open(path or member.shard, "rb") as f:
+            f.seek(member.offset)
+            data = f.read(member.size)
+    except OSError as exc:
+        raise ValueError(f"{member.where}: {type(exc).__name__}: {exc}") from exc
+    if len(data) != member.size:
+        raise ValueError(f"{member.where}: the shard ends {member.size - len(data)} bytes before this sample does "
+                         f"(offset {member.offset}, {member.size} bytes): cut or damaged")
+    return data

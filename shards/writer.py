@@ -29,7 +29,7 @@ import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 import fsspec
 import numpy as np
@@ -37,13 +37,12 @@ from fsspec import AbstractFileSystem
 from PIL import Image
 
 from .classes import is_wnid, resolve_classes
-from .info import CLASSES_NAME, INFO_FORMAT, INFO_NAME, INFO_VERSION
+from .info import CLASSES_NAME, INFO_FORMAT, INFO_NAME, INFO_VERSION, MANIFEST_DIR
 from .samples import DECODE_ERRORS, to_rgb
 from .sources import DemoSource, ImageSource, SourceItem, in_this_process, open_source
 
 _logger = logging.getLogger(__name__)
 
-MANIFEST_DIR = ".manifests"
 SAMPLE_MTIME = 0
 
 
@@ -55,6 +54,37 @@ class EncodeOptions:
     """Downscale so the longer side is at most this many pixels (aspect kept); ``None`` keeps the size."""
     jpeg_quality: int = 95
     """Quality for re-encoded images (non-JPEG sources, resized or CMYK/alpha images)."""
+
+
+class SampleEncoder(Protocol):
+    """How a source file becomes a shard sample: ``encode(data, item)`` returns the payload stored as
+    ``KEY.<extension>`` and the fields it adds to the sample's json, or raises one of ``errors`` for a file
+    that does not decode (skipped and listed). ``options`` enters each shard's fingerprint and ``info.json``."""
+
+    extension: str
+    errors: tuple[type[BaseException], ...]
+
+    @property
+    def options(self) -> dict[str, Any]: ...
+
+    def encode(self, data: bytes, item: SourceItem) -> tuple[bytes, dict[str, Any]]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class ImageEncoder:
+    """Images as shard JPEGs (:func:`encode_image`); the json gets the original ``width`` and ``height``."""
+
+    encode_options: EncodeOptions = EncodeOptions()
+    extension: str = "jpg"
+    errors: tuple[type[BaseException], ...] = DECODE_ERRORS
+
+    @property
+    def options(self) -> dict[str, Any]:
+        return asdict(self.encode_options)
+
+    def encode(self, data: bytes, item: SourceItem) -> tuple[bytes, dict[str, Any]]:
+        jpeg, (width, height) = encode_image(data, self.encode_options)
+        return jpeg, {"width": width, "height": height}
 
 
 class _ShardTask(NamedTuple):
@@ -126,8 +156,10 @@ def plan_shards(
     return shards
 
 
-def _fingerprint(options: EncodeOptions, keys: Sequence[str], items: Sequence[SourceItem], labels: Sequence[int]) -> str:
-    digest = hashlib.sha256(json.dumps(asdict(options), sort_keys=True).encode())
+def _fingerprint(encoder: SampleEncoder, keys: Sequence[str], items: Sequence[SourceItem], labels: Sequence[int]) -> str:
+    digest = hashlib.sha256(json.dumps(encoder.options, sort_keys=True).encode())
+    if encoder.extension != "jpg":
+        digest.update(f"extension={encoder.extension}\n".encode())
     for key, item, label in zip(keys, items, labels):
         digest.update(f"{key}\t{item.path}\t{label}\n".encode())
     return digest.hexdigest()
@@ -140,8 +172,8 @@ def _join(directory: str, name: str) -> str:
 class _ShardWriter:
     """Writes one planned shard (runs in pool workers; holds the source and target)."""
 
-    def __init__(self, source: ImageSource, fs: AbstractFileSystem, out_path: str, options: EncodeOptions):
-        self.source, self._fs, self.out_path, self.options = source, fs, out_path, options
+    def __init__(self, source: ImageSource, fs: AbstractFileSystem, out_path: str, encoder: SampleEncoder):
+        self.source, self._fs, self.out_path, self.encoder = source, fs, out_path, encoder
 
     @property
     def fs(self) -> AbstractFileSystem:
@@ -156,39 +188,48 @@ class _ShardWriter:
         contents = self.source.read_many(task.items)
         temporary = f"{final}.tmp-{uuid.uuid4().hex}"
         try:
-            count, skipped, sha256 = self._write_tar(temporary, task, contents)
+            count, skipped, sha256, members = self._write_tar(temporary, task, contents)
             self.fs.mv(temporary, final)
         except BaseException:
             if self.fs.exists(temporary):
                 self.fs.rm(temporary)
             raise
         manifest = {"name": task.name, "count": count, "bytes": self.fs.size(final), "sha256": sha256,
-                    "skipped": skipped, "fingerprint": task.fingerprint}
+                    "skipped": skipped, "fingerprint": task.fingerprint, "members": members}
         _write_atomic(self.fs, manifest_path, json.dumps(manifest).encode())
         return {**manifest, "reused": False}
 
-    def _write_tar(self, path: str, task: _ShardTask, contents: Sequence[bytes]) -> tuple[int, list[dict[str, str]], str]:
-        """Write the shard's tar; returns (samples written, skipped sources, sha256 of the file)."""
-        skipped, count = [], 0
+    def _write_tar(self, path: str, task: _ShardTask, contents: Sequence[bytes]
+                   ) -> tuple[int, list[dict[str, str]], str, list[list]]:
+        """Write the shard's tar; returns (samples written, skipped sources, sha256 of the file, members).
+
+        ``members``: ``[key, source path, label, offset, size]`` of each sample's payload in the tar, so a
+        reader can fetch one sample with a ranged read (:func:`read_shard_index`)."""
+        skipped, count, members = [], 0, []
+        encoder = self.encoder
         with self.fs.open(path, "wb") as raw:
             stream = _HashingWriter(raw)
             archive = tarfile.open(fileobj=stream, mode="w|")
             for item, key, label, data in zip(task.items, task.keys, task.labels, contents):
                 try:
-                    jpeg, (width, height) = encode_image(data, self.options)
-                except DECODE_ERRORS as exc:
+                    payload, fields = encoder.encode(data, item)
+                except encoder.errors as exc:
                     skipped.append({"source": item.path, "shard": task.name, "reason": f"{type(exc).__name__}: {exc}"})
                     continue
-                meta = {"class": item.class_name, "label": label, "source": item.path, "width": width, "height": height}
+                meta = {"class": item.class_name, "label": label, "source": item.path, **fields}
                 if is_wnid(item.class_name):
                     meta["wnid"] = item.class_name
-                for extension, payload in (("jpg", jpeg), ("cls", str(label).encode()), ("json", json.dumps(meta).encode())):
+                for extension, content in ((encoder.extension, payload), ("cls", str(label).encode()),
+                                           ("json", json.dumps(meta).encode())):
                     member = tarfile.TarInfo(f"{key}.{extension}")
-                    member.size, member.mtime, member.mode = len(payload), SAMPLE_MTIME, 0o444
-                    archive.addfile(member, io.BytesIO(payload))
+                    member.size, member.mtime, member.mode = len(content), SAMPLE_MTIME, 0o444
+                    archive.addfile(member, io.BytesIO(content))
+                    if extension == encoder.extension:  # the data ends the member's padded blocks
+                        padded = -(-len(content) // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+                        members.append([key, item.path, label, archive.offset - padded, len(content)])
                 count += 1
             archive.close()
-        return count, skipped, stream.digest.hexdigest()
+        return count, skipped, stream.digest.hexdigest(), members
 
     def _completed(self, final: str, manifest_path: str, fingerprint: str) -> dict[str, Any] | None:
         """The manifest of a shard an earlier run completed, if the file is still byte for byte what it wrote."""
@@ -361,6 +402,8 @@ def write_dataset(
     jpeg_quality: int = 95,
     command: str | None = None,
     progress: bool = True,
+    encoder: SampleEncoder | None = None,
+    class_names: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """Write ``source`` (a URL, ``demo``/``demo:val``, or an ``ImageSource``) as shards under ``out_url``.
 
@@ -369,10 +412,12 @@ def write_dataset(
     sample order is shuffled with ``seed`` across all shards. Undecodable source files are skipped
     and listed in ``info.json``. Re-running the same call keeps completed shards (verified against
     their sha256). One write at a time per target: a second one fails with :class:`TargetLockedError`.
+    ``encoder`` stores another modality (default: images as JPEGs, ``max_side`` and ``jpeg_quality``);
+    ``class_names`` fixes the class list (labels = positions), e.g. to share it across splits.
     Returns the info dict.
     """
     image_source = open_source(source) if isinstance(source, str) else source
-    options = EncodeOptions(max_side=max_side, jpeg_quality=jpeg_quality)
+    encoder = encoder or ImageEncoder(EncodeOptions(max_side=max_side, jpeg_quality=jpeg_quality))
     fs, out_path = fsspec.core.url_to_fs(out_url)
     if "memory" in fs.protocol and workers > 1:
         _logger.info("memory:// target: writing in-process (forked workers do not share a memory filesystem)")
@@ -386,8 +431,15 @@ def write_dataset(
     with _executor(workers) as executor:
         items = sorted(image_source.list_items(executor.ordered, progress), key=lambda item: item.path)
     if not items:
-        raise ValueError(f"source {image_source.description} contains no images")
-    class_names, class_map = resolve_classes(classes, {item.class_name for item in items}, archive_layout=image_source.archive_layout)
+        raise ValueError(f"source {image_source.description} contains no samples")
+    if class_names is None:
+        class_names, class_map = resolve_classes(classes, {item.class_name for item in items},
+                                                 archive_layout=image_source.archive_layout)
+    else:
+        class_names, class_map = list(class_names), "given"
+        unknown = sorted({item.class_name for item in items} - set(class_names))
+        if unknown:
+            raise ValueError(f"source {image_source.description}: classes {unknown[:5]} are not in the class list")
     label_of = {name: label for label, name in enumerate(class_names)}
     keys = sample_keys(items)
     plan = plan_shards([item.size for item in items], seed=seed, samples_per_shard=samples_per_shard, shard_bytes=shard_bytes)
@@ -396,18 +448,18 @@ def write_dataset(
         shard_items = [items[i] for i in members]
         shard_keys = [keys[i] for i in members]
         labels = [label_of[item.class_name] for item in shard_items]
-        fingerprint = _fingerprint(options, shard_keys, shard_items, labels)
+        fingerprint = _fingerprint(encoder, shard_keys, shard_items, labels)
         tasks.append(_ShardTask(index, f"{prefix}-{index:06d}.tar", shard_items, shard_keys, labels, fingerprint))
     _remove_temporaries(fs, out_path, prefix)
-    _logger.info("%s: %d images, %d classes -> %d shards in %s", image_source.description, len(items), len(class_names), len(tasks), out_url)
+    _logger.info("%s: %d samples, %d classes -> %d shards in %s", image_source.description, len(items), len(class_names), len(tasks), out_url)
 
     from tqdm import tqdm
 
-    writer = _ShardWriter(image_source, fs, out_path, options)
+    writer = _ShardWriter(image_source, fs, out_path, encoder)
     manifests: dict[int, dict[str, Any]] = {}
     index_of = {task.name: task.index for task in tasks}
     with _executor(workers, _install_writer, (writer,)) as executor, tqdm(
-        total=len(items), unit="img", desc="write", disable=not progress
+        total=len(items), unit="sample", desc="write", disable=not progress
     ) as bar:
         for manifest in executor.unordered(_write_in_worker if executor.parallel else writer, tasks):
             index = index_of[manifest["name"]]
@@ -437,6 +489,8 @@ def write_dataset(
         "shard_bytes": shard_bytes,
         "max_side": max_side,
         "jpeg_quality": jpeg_quality,
+        "extension": encoder.extension,
+        "encoder": encoder.options,
         "command": command,
     }
     _write_atomic(fs, _join(out_path, INFO_NAME), json.dumps(info, indent=1).encode())
@@ -447,6 +501,18 @@ def write_dataset(
             len(skipped), _join(out_url, INFO_NAME), skipped[0]["source"], skipped[0]["reason"],
         )
     return info
+
+
+def write_splits(sources: dict[str, ImageSource], out_url: str, *, encoder: SampleEncoder, class_names: Sequence[str],
+                 **options: Any) -> dict[str, dict[str, Any]]:
+    """Each split's source as a shard set under ``out_url/<split>`` (:func:`write_dataset` with ``options``), with
+    one encoder and one class list for all of them (a dataset layout's writer); returns each split's info."""
+    infos = {}
+    for split, source in sources.items():
+        infos[split] = write_dataset(source, f"{out_url.rstrip('/')}/{split}", encoder=encoder,
+                                     class_names=class_names, **options)
+        _logger.info("%s: %d samples in %d shards", split, infos[split]["total"], infos[split]["num_shards"])
+    return infos
 
 
 def write_demo(

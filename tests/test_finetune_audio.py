@@ -257,6 +257,112 @@ def test_damaged_clips_are_skipped_named_and_counted_in_every_split(demo_root, t
     assert val.clips[5][0] in caplog.text
 
 
+# ------------------------------------------------------------------------------------------- shards
+
+
+@pytest.fixture(scope="module")
+def audio_shards(demo_root, tmp_path_factory) -> str:
+    """``python -m shards write speechcommands`` of the demo set: 200 clips per shard, 2 writer processes."""
+    out = tmp_path_factory.mktemp("audio_shards") / "shards"
+    result = subprocess.run([sys.executable, "-m", "shards", "write", "speechcommands", demo_root, str(out),
+                             "--samples-per-shard", "200", "--workers", "2"], cwd=REPO, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "training: wrote 720 samples in 4 shards, 10 classes" in result.stdout, result.stdout
+    return str(out)
+
+
+def test_speechcommands_shards_hold_every_clip_byte_for_byte_with_checksums(demo_root, audio_shards):
+    import hashlib
+    import tarfile
+
+    from finetune.audio.data import list_classes, list_split
+
+    words = sorted(p.name for p in Path(demo_root).iterdir() if p.is_dir() and not p.name.startswith("_"))
+    for split, count in (("training", 720), ("validation", 120), ("testing", 120)):
+        directory = Path(audio_shards, split)
+        info = json.loads((directory / "info.json").read_text())
+        assert (info["total"], info["classes"], info["skipped"]) == (count, words, [])
+        assert (directory / "classes.txt").read_text().split() == words
+        held = {}
+        for shard in info["shards"]:
+            path = directory / shard["name"]
+            assert hashlib.sha256(path.read_bytes()).hexdigest() == shard["sha256"]
+            with tarfile.open(path) as archive:
+                names = archive.getnames()
+                for name in names:
+                    if name.endswith(".json"):
+                        meta = json.loads(archive.extractfile(name).read())
+                        wav = archive.extractfile(name[:-5] + ".wav").read()
+                        assert int(archive.extractfile(name[:-5] + ".cls").read()) == meta["label"]
+                        assert words[meta["label"]] == meta["class"] == meta["source"].split("/")[0]
+                        held[meta["source"]] = wav
+        folder = list_split(demo_root, split, 10)
+        assert sorted(held) == sorted(path for path, _ in folder.clips)
+        assert all(held[path] == Path(demo_root, path).read_bytes() for path in held)
+    assert list_classes(audio_shards, 10) == tuple(words)
+
+
+def test_the_task_reads_the_shards_batch_for_batch_as_the_folder(demo_root, audio_shards):
+    from finetune.audio.data import EvalLoader, TrainLoader, list_split
+
+    for split in ("training", "validation", "testing"):
+        assert list_split(audio_shards, split, 10).clips == list_split(demo_root, split, 10).clips
+    loaders = [TrainLoader(list_split(root, "training", 10), small_section(), batch_size=16, rank=1, world_size=2,
+                           num_workers=2, seed=3) for root in (demo_root, audio_shards)]
+    for loader in loaders:
+        loader.set_epoch(2)
+    for folder_batch, shard_batch in zip(*loaders):
+        assert torch.equal(folder_batch[0], shard_batch[0]) and torch.equal(folder_batch[1], shard_batch[1])
+    evaluations = [list(EvalLoader(list_split(root, "testing", 10), small_section(), batch_size=32, rank=0,
+                                   world_size=1, num_workers=2)) for root in (demo_root, audio_shards)]
+    assert len(evaluations[0]) == len(evaluations[1]) == 4
+    for (x, y), (u, v) in zip(*evaluations):
+        assert torch.equal(x, u) and torch.equal(y, v)
+
+
+def test_damaged_clips_are_left_out_of_the_shards_and_a_cut_shard_costs_only_its_lost_clips(demo_root, tmp_path):
+    from finetune.audio.data import EvalLoader, list_split
+    from finetune.audio.shards import write_speechcommands
+
+    root = tmp_path / "damaged"
+    shutil.copytree(demo_root, root)
+    damaged = {split: list_split(str(root), split, 10).clips[3][0] for split in ("training", "validation", "testing")}
+    for relative in damaged.values():
+        Path(root, relative).write_bytes(b"RIFF\x00\x00not a wav")
+    out = tmp_path / "shards"
+    infos = write_speechcommands(str(root), str(out), samples_per_shard=50, progress=False)
+    for split, info in infos.items():
+        assert [entry["source"] for entry in info["skipped"]] == [damaged[split]]
+        assert "does not decode" in info["skipped"][0]["reason"]
+    assert (infos["training"]["total"], infos["validation"]["total"]) == (719, 119)
+    again = write_speechcommands(str(root), str(out), samples_per_shard=50, progress=False)
+    assert again == infos  # every shard verified against its sha256 and kept
+
+    files = list_split(str(out), "validation", 10)
+    shard = Path(files.members[0].shard)
+    in_shard = [m for m in files.members if m.shard == str(shard)]
+    cut = int(np.random.default_rng(7).integers(in_shard[0].offset + 1, shard.stat().st_size - 1024))
+    shard.write_bytes(shard.read_bytes()[:cut])
+    lost = sum(m.offset + m.size > cut for m in in_shard)
+    assert lost >= 1
+    evaluation = EvalLoader(files, small_section(), batch_size=32, rank=0, world_size=1, num_workers=2)
+    scored = sum(len(labels) for _, labels in evaluation)
+    assert (evaluation.num_samples, scored, evaluation.bad_samples) == (119, 119 - lost, lost)
+
+
+def test_shards_write_refuses_image_options_and_unknown_layouts(demo_root, tmp_path):
+    def write(*arguments):
+        return subprocess.run([sys.executable, "-m", "shards", "write", *arguments], cwd=REPO, capture_output=True,
+                              text=True, timeout=120)
+
+    result = write("speechcommands", demo_root, str(tmp_path / "a"), "--max-side", "64")
+    assert result.returncode != 0 and "--max-side" in result.stderr
+    result = write("speechcomands", demo_root, str(tmp_path / "b"))
+    assert result.returncode != 0 and "not a dataset layout name" in result.stderr and "speechcommands" in result.stderr
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
 # ------------------------------------------------------------------------------------------- metric
 
 

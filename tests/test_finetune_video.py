@@ -279,6 +279,59 @@ class _Fixed(torch.nn.Module):
         return out
 
 
+# ----------------------------------------------------------------------------------------------- shards
+
+
+def test_kinetics_shards_keep_every_video_and_the_task_reads_them_as_the_list(damaged_root, tmp_path):
+    """``shards write kinetics`` (CLI, 2 writer processes): every readable video byte for byte with its label and a
+    sha256 per shard, the damaged ones listed as skipped; the loaders over the shards yield the list layout's
+    batches (full augmentation, 2 workers; the shards order videos by listed path); a rerun keeps every shard."""
+    import dataclasses
+    import hashlib
+    import subprocess
+    import sys
+
+    out = tmp_path / "shards"
+    command = [sys.executable, "-m", "shards", "write", "kinetics", str(damaged_root), str(out), "--samples-per-shard",
+               "10", "--workers", "2"]
+    repo = Path(__file__).resolve().parents[1]
+    result = subprocess.run(command, cwd=repo, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "train: wrote 47 samples in 5 shards, 6 classes" in result.stdout, result.stdout
+    train, val = read_list(str(damaged_root), "train"), read_list(str(damaged_root), "val")
+    infos = {split: json.loads((out / split / "info.json").read_text()) for split in ("train", "val")}
+    assert [e["source"] for e in infos["train"]["skipped"]] == [train.videos[3][0]]
+    assert sorted(e["source"] for e in infos["val"]["skipped"]) == sorted([val.videos[5][0], val.videos[2][0]])
+    for split in ("train", "val"):
+        for shard in infos[split]["shards"]:
+            assert hashlib.sha256((out / split / shard["name"]).read_bytes()).hexdigest() == shard["sha256"]
+
+    sharded = read_list(str(out), "val")
+    listed = {url: label for url, label in val.videos}
+    assert len(sharded) == 22 and [m.label for m in sharded.members] == [listed[m.source] for m in sharded.members]
+    assert all(sharded.read(i) == Path(m.source).read_bytes() for i, m in enumerate(sharded.members))
+
+    config = full_augmentation(out, tmp_path)
+    shard_batches = list(_set_epoch(loader(config, 2), 1))
+    listed_train = read_list(str(damaged_root), "train")  # the same videos, minus the damaged, in path order
+    kept = sorted(video for video in listed_train.videos if video != train.videos[3])
+    reference = TrainLoader(dataclasses.replace(listed_train, videos=tuple(kept)), config.video,
+                            batch_size=config.train.micro_batch_size, rank=0, world_size=1, num_workers=0,
+                            seed=config.train.seed, label_smoothing=config.train.label_smoothing)
+    reference.set_epoch(1)
+    expected = list(reference)
+    assert len(shard_batches) == len(expected) == 47 // (config.train.micro_batch_size // config.video.repeated_aug)
+    for (clips, targets), (expected_clips, expected_targets) in zip(shard_batches, expected):
+        assert torch.equal(clips, expected_clips) and torch.equal(targets, expected_targets)
+    rerun = subprocess.run(command, cwd=repo, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0 and "kept 5 complete shards" in rerun.stderr, rerun.stderr[-2000:]
+
+
+def _set_epoch(train: TrainLoader, epoch: int) -> TrainLoader:
+    train.set_epoch(epoch)
+    return train
+
+
 def test_multi_view_softmax_is_averaged_per_video_by_hand():
     """Video 0, 2 views: softmax(ln 6, 0, 0)... chosen so single views disagree: view a says class 0 with p 0.6,
     view b class 1 with p 0.5 and class 0 with p 0.4: average (0.5, 0.35, 0.15) -> class 0."""

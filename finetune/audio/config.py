@@ -14,7 +14,8 @@ class AudioConfig:
     and augmentation."""
 
     data_root: str = ""
-    """The dataset folder or fsspec URL: word folders of WAVs, ``validation_list.txt``, ``testing_list.txt``."""
+    """The dataset folder or fsspec URL: word folders of WAVs, ``validation_list.txt``, ``testing_list.txt``; or the
+    shards ``python -m shards write speechcommands`` made of one (``training/``, ``validation/``, ``testing/``)."""
     generate_demo: bool = False
     """Write the spoken-word demo set (``python -m finetune make-demo-data audio``) into ``data_root`` first."""
     num_classes: int = 35

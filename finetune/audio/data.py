@@ -8,6 +8,10 @@ Layout::
     ROOT/validation_list.txt                  relative paths (word/file.wav), one per line
     ROOT/testing_list.txt                     idem; training = every other clip
 
+or the shards ``python -m shards write speechcommands ROOT OUT`` made of it (``OUT/{training,validation,
+testing}/``, :mod:`finetune.audio.shards`): the same clips in the same order, each read with one ranged read
+of its shard, so the batches are those of the folder.
+
 A clip is read with soundfile (any format it knows, any sample rate and channel count), mixed down to mono,
 resampled to 16 kHz (``scipy.signal.resample_poly``) and cut to 1 s; a shorter clip gives fewer frames, padded
 with zero rows after the log as the authors do. Training sample ``(epoch, index)`` draws all of its randomness
@@ -31,6 +35,7 @@ from torch.utils.data import Dataset
 
 from pretrain.config import ConfigError
 from shards.indexed import ResumableBatches, worker_iterator
+from shards.info import INFO_NAME, ShardMember, read_info, read_member, read_members
 from shards.seeding import epoch_order, sample_generator
 
 from .features import SAMPLE_RATE, fbank, noise_and_roll, normalize, pad_or_cut, spec_augment
@@ -40,6 +45,7 @@ __all__ = ["SPLIT_LISTS", "AudioSample", "EvalLoader", "SplitFiles", "TrainLoade
 
 _logger = logging.getLogger(__name__)
 
+SPLITS = ("training", "validation", "testing")
 SPLIT_LISTS = {"validation": "validation_list.txt", "testing": "testing_list.txt"}
 """The list file of each held-out split; ``training`` is every clip in neither."""
 SEED_PURPOSE = 0xA0D10
@@ -54,12 +60,14 @@ def _filesystem(root: str):
 
 @dataclass(frozen=True)
 class SplitFiles:
-    """One split: the root URL, the class names (index = position) and the (relative path, class) clips, sorted."""
+    """One split: the root URL, the class names (index = position) and the (relative path, class) clips, sorted;
+    from shards, ``members`` locates each clip in them (else each is the file ``root/path``)."""
 
     root: str
     split: str
     classes: tuple[str, ...]
     clips: tuple[tuple[str, int], ...]
+    members: tuple[ShardMember, ...] | None = None
 
     def __len__(self) -> int:
         return len(self.clips)
@@ -68,6 +76,9 @@ class SplitFiles:
 def list_classes(root: str, num_classes: int | None = None) -> tuple[str, ...]:
     """The sorted word folders of ``root`` (folders starting with ``_`` or ``.`` are not classes). With
     ``num_classes``, another count raises ``ConfigError`` on ``audio.num_classes`` naming the count found."""
+    if _is_sharded(root):
+        return _checked_classes(root, tuple(read_info(f"{root.rstrip('/')}/training/{INFO_NAME}")["classes"]),
+                                num_classes)
     fs, base = _filesystem(root)
     if not fs.isdir(base):
         raise FileNotFoundError(f"{root}: no such folder; expected the Speech Commands layout (word folders of WAVs, "
@@ -76,9 +87,13 @@ def list_classes(root: str, num_classes: int | None = None) -> tuple[str, ...]:
                            and not os.path.basename(p.rstrip("/")).startswith(("_", "."))))
     if not classes:
         raise FileNotFoundError(f"{root}: no word folders (the Speech Commands layout has one folder of WAVs per word)")
+    return _checked_classes(root, classes, num_classes)
+
+
+def _checked_classes(root: str, classes: tuple[str, ...], num_classes: int | None) -> tuple[str, ...]:
     if num_classes is not None and len(classes) != num_classes:
         shown = ", ".join(classes[:8]) + (", ..." if len(classes) > 8 else "")
-        raise ConfigError("audio.num_classes", f"expected the number of word folders in {root}: found {len(classes)} "
+        raise ConfigError("audio.num_classes", f"expected the number of classes of {root}: found {len(classes)} "
                           f"({shown}), got {num_classes}")
     return classes
 
@@ -95,6 +110,9 @@ def _listing(root: str, num_classes: int | None) -> tuple[tuple[str, ...], dict[
     fs, base = _filesystem(root)
     base = base.rstrip("/")
     classes = list_classes(root, num_classes)
+    if _is_sharded(root):
+        return classes, {split: tuple((m.source, m.label) for m in members)
+                         for split, members in _shard_members(root).items()}
     held_out = {split: _read_list(fs, f"{base}/{name}") for split, name in SPLIT_LISTS.items()}
     overlap = held_out["validation"] & held_out["testing"]
     if overlap:
@@ -111,6 +129,19 @@ def _listing(root: str, num_classes: int | None) -> tuple[tuple[str, ...], dict[
     return classes, {split: tuple(clips) for split, clips in splits.items()}
 
 
+@lru_cache(maxsize=16)
+def _shard_members(root: str) -> dict[str, tuple[ShardMember, ...]]:
+    """Each split's clips in the shards under ``root``, in the folder listing's order (class, then path); a split
+    with another class list than ``training`` raises ``ValueError`` naming it."""
+    found = {}
+    for split in SPLITS:
+        info, members = read_members(f"{root.rstrip('/')}/{split}")
+        if split != "training" and info["classes"] != found["training"][0]:
+            raise ValueError(f"{root.rstrip('/')}/{split}/{INFO_NAME}: another class list than the training split's")
+        found[split] = (info["classes"], tuple(sorted(members, key=lambda m: (m.label, m.source))))
+    return {split: members for split, (_, members) in found.items()}
+
+
 def list_split(root: str, split: str, num_classes: int | None = None) -> SplitFiles:
     """The clips of ``split`` (``training``, ``validation`` or ``testing``) with their classes; an empty split
     raises ``FileNotFoundError`` naming it. The folder is listed once per process (the three splits share it)."""
@@ -120,7 +151,14 @@ def list_split(root: str, split: str, num_classes: int | None = None) -> SplitFi
     if not splits[split]:
         raise FileNotFoundError(f"{root}: the {split} split has no clips"
                                 + (f" (listed in {SPLIT_LISTS[split]})" if split in SPLIT_LISTS else ""))
-    return SplitFiles(root, split, classes, splits[split])
+    members = _shard_members(root)[split] if splits[split] and _is_sharded(root) else None
+    return SplitFiles(root, split, classes, splits[split], members)
+
+
+def _is_sharded(root: str) -> bool:
+    """Whether ``root`` holds the shards of ``shards write speechcommands`` (``training/info.json``)."""
+    fs, base = _filesystem(root)
+    return fs.isfile(f"{base.rstrip('/')}/training/{INFO_NAME}")
 
 
 def to_mono_16k(samples: np.ndarray, sample_rate: int, max_seconds: float = 1.0) -> np.ndarray:
@@ -186,6 +224,9 @@ class _Clips(Dataset):
         if self._fs is None:
             self._fs, base = _filesystem(self.files.root)
             self._base = base.rstrip("/")
+        if self.files.members is not None:
+            member = self.files.members[index]
+            return read_clip(read_member(self._fs, member), member.where)
         path = f"{self._base}/{self.files.clips[index][0]}"
         try:
             with self._fs.open(path, "rb") as f:

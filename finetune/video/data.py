@@ -2,7 +2,9 @@
 resumable loaders.
 
 Layout: ``ROOT/train.csv`` and ``ROOT/val.csv``, one ``path label`` per line, space separated, no header;
-paths relative to ROOT or absolute (a local path or a URL); mp4, webm, avi, anything FFmpeg reads.
+paths relative to ROOT or absolute (a local path or a URL); mp4, webm, avi, anything FFmpeg reads. Or the shards
+``python -m shards write kinetics ROOT OUT`` made of them (``OUT/train``, ``OUT/val``; :mod:`finetune.video.shards`):
+each video one ranged read of its shard, the videos in the order of their listed paths.
 
 Train (per video, all randomness from ``(seed, epoch, index)``, so a resumed run sees exactly the batches of
 an uninterrupted one with any number of loader workers): ``num_frames`` frames at stride ``sampling_rate``
@@ -24,7 +26,6 @@ from __future__ import annotations
 import io
 import logging
 import math
-import os
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence
 
@@ -34,6 +35,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from shards.indexed import ResumableBatches, worker_iterator
+from shards.info import INFO_NAME, ShardMember, read_member, read_members
 from shards.seeding import SeedPurpose, epoch_order, sample_generator, seeded_global_rngs, stream_seed
 
 __all__ = ["MEAN", "STD", "SEED_PURPOSE", "EvalLoader", "TrainLoader", "VideoList", "augment_clip", "check_labels",
@@ -54,15 +56,26 @@ SPLITS = ("train", "val")
 
 @dataclass(frozen=True)
 class VideoList:
-    """One split: the list file, and each video's URL (absolute, or joined to the root) with its label."""
+    """One split: the list file, and each video's URL (absolute, or joined to the root) with its label; from
+    shards, ``members`` locates each video in them (its "URL" is then ``shard:key``, for messages)."""
 
     root: str
     split: str
     source: str
     videos: tuple[tuple[str, int], ...]
+    members: tuple[ShardMember, ...] | None = None
 
     def __len__(self) -> int:
         return len(self.videos)
+
+    def read(self, index: int) -> bytes:
+        """The bytes of video ``index`` (its file, or one ranged read of its shard)."""
+        if self.members is None:
+            return read_bytes(self.videos[index][0])
+        import fsspec
+
+        member = self.members[index]
+        return read_member(fsspec.core.url_to_fs(member.shard)[0], member)
 
     @property
     def labels(self) -> np.ndarray:
@@ -79,6 +92,8 @@ def read_list(root: str, split: str) -> VideoList:
     import fsspec
 
     fs, base = fsspec.core.url_to_fs(root)
+    if fs.isfile(f"{base.rstrip('/')}/{split}/{INFO_NAME}"):
+        return _sharded_list(root, split)
     source = f"{root.rstrip('/')}/{split}.csv"
     path = f"{base.rstrip('/')}/{split}.csv"
     if not fs.isfile(path):
@@ -99,6 +114,16 @@ def read_list(root: str, split: str) -> VideoList:
     if not videos:
         raise FileNotFoundError(f"{source}: no videos listed")
     return VideoList(root, split, source, tuple(videos))
+
+
+def _sharded_list(root: str, split: str) -> VideoList:
+    """The videos of ``ROOT/SPLIT``'s shards, ordered by their listed paths."""
+    source = f"{root.rstrip('/')}/{split}"
+    _, members = read_members(source)
+    if not members:
+        raise FileNotFoundError(f"{source}: no videos in the shards")
+    members = sorted(members, key=lambda m: m.source)
+    return VideoList(root, split, source, tuple((m.where, m.label) for m in members), tuple(members))
 
 
 def check_labels(videos: VideoList, num_classes: int) -> None:
@@ -338,7 +363,7 @@ class _TrainSamples(Dataset):
             url, label = self.videos.videos[position]
             rng = sample_generator(self.seed, epoch, position, SEED_PURPOSE)
             try:
-                frames = decode_frames(read_bytes(url), url,
+                frames = decode_frames(self.videos.read(position), url,
                                        lambda n: frame_indices(n, v.num_frames, v.sampling_rate, rng))
             except Exception as error:  # noqa: BLE001 - any damage: skip, count, name the file
                 skipped += 1
@@ -420,7 +445,7 @@ class _EvalSamples(Dataset):
         url, label = self.videos.videos[self.indices[item]]
         v = self.section
         try:
-            views = eval_views(read_bytes(url), url, num_frames=v.num_frames, stride=v.sampling_rate,
+            views = eval_views(self.videos.read(self.indices[item]), url, num_frames=v.num_frames, stride=v.sampling_rate,
                                size=v.input_size, mode=v.eval_views, segments=v.test_segments, crops=v.test_crops)
         except Exception as error:  # noqa: BLE001
             _logger.warning("evaluation skips %s", error if isinstance(error, ValueError) else f"{url}: {error!r}")
