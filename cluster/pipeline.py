@@ -1,4 +1,4 @@
-"""``python -m cluster.pipeline --config demo|xl [--run-root DIR] [--set STAGE:key=value ...]``: the whole chain.
+"""``python -m cluster.pipeline --config demo|xl|universal_demo|universal [--run-root DIR] [--set STAGE:key=value ...]``.
 
 pretrain -> export -> the fine-tunes (in parallel, on the same Ray cluster) -> one summary
 (``RUN_ROOT/pipeline/summary.json`` and TensorBoard scalars under ``RUN_ROOT/pipeline/tensorboard``).
@@ -12,6 +12,9 @@ Pipelines (the fine-tunes are every registered fine-tuning task: ``python -m fin
            (generated sets in the standard layouts); minutes on a laptop.
     xl     XL ImageNet-22K pretraining at 384 -> export -> each task's paper-scale preset (ADE20K UperNet
            640 160k, COCO Cascade Mask R-CNN 3x, ...; data from the ``cluster.stage`` environment variables).
+    universal_demo, universal
+           the tasks the authors train from scratch (audio, video, ...: ``TaskSpec.pretrained_backbone=False``),
+           in parallel, no pretraining: their demo presets on CPU, or their paper-scale presets.
 
 Exit status: 0 done; 75 preempted (rerun to resume): SIGTERM / SIGUSR1 to the pipeline or its process group,
 any number of times, reach every running stage, which checkpoints; no further stage starts, and the summary
@@ -42,7 +45,8 @@ _logger = logging.getLogger(__name__)
 class Pipeline:
     """Each stage's ``cluster.stage`` arguments; ``finetunes`` run in parallel after the export."""
 
-    pretrain: tuple[str, ...]
+    pretrain: tuple[str, ...] | None
+    """The pretraining stage's arguments; ``None``: no pretraining, the fine-tunes start from scratch."""
     finetunes: dict[str, tuple[str, ...]] = field(default_factory=dict)
     unavailable: tuple[str, ...] = ()
 
@@ -54,12 +58,17 @@ DEMO_OVERRIDES = ("--set", "launch.device=cpu", "launch.num_workers=1", "launch.
 
 def pipelines() -> dict[str, Pipeline]:
     """``demo`` and ``xl``: pretraining, then every registered fine-tuning task that starts from the pretrained
-    backbone (its demo or cluster preset); tasks trained from scratch (``TaskSpec.pretrained_backbone=False``) have
-    their own stages but take nothing from the pretraining, so the pipeline leaves them out."""
+    backbone (its demo or cluster preset). ``universal_demo`` and ``universal``: the tasks trained from scratch
+    (``TaskSpec.pretrained_backbone=False``), which take nothing from the pretraining."""
     from .stage import PRETRAIN_PRESET, finetune_stages
 
     stages = {name: spec for name, spec in finetune_stages().items() if spec.pretrained_backbone}
+    scratch = {name: spec for name, spec in finetune_stages().items() if not spec.pretrained_backbone}
     return {
+        "universal_demo": Pipeline(pretrain=None, finetunes={name: ("--config", spec.demo_preset, *DEMO_OVERRIDES)
+                                                             for name, spec in scratch.items()}),
+        "universal": Pipeline(pretrain=None, finetunes={name: ("--config", spec.cluster_preset)
+                                                        for name, spec in scratch.items()}),
         "demo": Pipeline(pretrain=("--config", "demo", *DEMO_OVERRIDES),
                          finetunes={name: ("--config", spec.demo_preset, *DEMO_OVERRIDES) for name, spec in stages.items()}),
         "xl": Pipeline(pretrain=("--config", PRETRAIN_PRESET),
@@ -158,13 +167,18 @@ def _with_overrides(arguments: tuple[str, ...], extra: list[str]) -> list[str]:
 def _pipeline_status(pipeline: Pipeline, stages: dict[str, dict], stop_signal: str | None) -> int:
     """0 when every stage completed; 75 when the rest is a rerun away (stages preempted, or, once the
     pipeline was asked to stop, not started or ended by the stop signal); else 1."""
-    if all(stages.get(stage, {}).get("status") == 0 for stage in ("pretrain_xl", "export", *pipeline.finetunes)):
+    if all(stages.get(stage, {}).get("status") == 0 for stage in (*_pretraining(pipeline), *pipeline.finetunes)):
         return 0
     statuses = [result["status"] for result in stages.values() if result.get("status") is not None]
     stopped = {0, REQUEUE_EXIT_CODE} | ({-sig for sig in PREEMPTION_SIGNALS} if stop_signal else set())
     if (stop_signal or REQUEUE_EXIT_CODE in statuses) and all(s in stopped for s in statuses):
         return REQUEUE_EXIT_CODE
     return 1
+
+
+def _pretraining(pipeline: Pipeline) -> tuple[str, ...]:
+    """The stages before the fine-tunes: pretraining and export, or none."""
+    return ("pretrain_xl", "export") if pipeline.pretrain is not None else ()
 
 
 def run_pipeline(name: str, run_root: str, overrides: dict[str, list[str]] | None = None,
@@ -187,14 +201,18 @@ def run_pipeline(name: str, run_root: str, overrides: dict[str, list[str]] | Non
             local_ray = LocalRayCluster(log_path=os.path.join(run_root, "pipeline", "ray_head.log")).start()
             env.update(local_ray.environment)
         stages = summary["stages"]
-        stages["pretrain_xl"] = _run("pretrain_xl", _with_overrides(pipeline.pretrain, overrides.get("pretrain_xl", [])),
-                                     run_root, env, stop)
-        if stages["pretrain_xl"]["status"] == 0:
-            stages["export"] = _run("export", ["--source", os.path.join(run_root, "pretrain_xl")], run_root, env, stop)
-        if stages.get("export", {}).get("status") == 0:
-            backbone = os.path.join(run_root, "export", "export", "backbone.pth")
+        init: list[str] = []
+        if pipeline.pretrain is not None:
+            stages["pretrain_xl"] = _run("pretrain_xl", _with_overrides(pipeline.pretrain,
+                                                                        overrides.get("pretrain_xl", [])),
+                                         run_root, env, stop)
+            if stages["pretrain_xl"]["status"] == 0:
+                stages["export"] = _run("export", ["--source", os.path.join(run_root, "pretrain_xl")], run_root, env,
+                                        stop)
+            init = ["--init", os.path.join(run_root, "export", "export", "backbone.pth")]
+        if pipeline.pretrain is None or stages.get("export", {}).get("status") == 0:
             with ThreadPoolExecutor(max_workers=max(1, len(pipeline.finetunes))) as pool:
-                futures = {stage: pool.submit(_run, stage, ["--init", backbone, *_with_overrides(arguments,
+                futures = {stage: pool.submit(_run, stage, [*init, *_with_overrides(arguments,
                                               overrides.get(stage, []))], run_root, env, stop)
                            for stage, arguments in pipeline.finetunes.items()}
                 for stage, future in futures.items():
@@ -236,7 +254,8 @@ def _write_summary(summary: dict, folder: str) -> None:
 def _parse_overrides(parser: argparse.ArgumentParser, pipeline: str, items: list[str]) -> dict[str, list[str]]:
     """``STAGE:key=value`` items by stage; a malformed item or a stage the pipeline does not configure is a usage
     error (exit 2) before anything starts."""
-    configurable = ("pretrain_xl", *pipelines()[pipeline].finetunes)
+    chosen = pipelines()[pipeline]
+    configurable = (*_pretraining(chosen)[:1], *chosen.finetunes)
     parsed: dict[str, list[str]] = {}
     for item in items:
         stage, sep, override = item.partition(":")

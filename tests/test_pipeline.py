@@ -25,8 +25,8 @@ def pipeline_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "UNIREPLKNET_RUN_ROOT")}
 
 
-def pipeline(run_root: Path, *overrides: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "cluster.pipeline", "--config", "demo", "--run-root", str(run_root),
+def pipeline(run_root: Path, *overrides: str, config: str = "demo") -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "cluster.pipeline", "--config", config, "--run-root", str(run_root),
                            "--set", *overrides], cwd=REPO, capture_output=True, text=True, timeout=900,
                           env=pipeline_env())
 
@@ -168,3 +168,26 @@ def test_a_misspelt_stage_in_set_is_refused_before_anything_starts(tmp_path):
     assert "'finetune_ade'" in result.stderr
     assert "expected one of pretrain_xl, finetune_ade20k, finetune_coco" in result.stderr
     assert not (tmp_path / "runs").exists()
+
+
+def test_the_universal_demo_pipeline_trains_the_tasks_the_authors_train_from_scratch(tmp_path):
+    """``--config universal_demo``: the audio and video demo stages side by side on one local Ray cluster, no
+    pretraining or export, no ``--init``; the summary holds each stage's headline metrics."""
+    from finetune.audio.demo_data import write_demo as write_audio
+    from finetune.video.demo_data import write_demo as write_video
+
+    write_audio(str(tmp_path / "audio"), seed=0, train_images=8, val_images=2)  # 80 / 20 / 20 spoken words
+    write_video(tmp_path / "video", train_videos=48, val_videos=24, frames=24, seed=3)
+    runs = tmp_path / "runs"
+    result = pipeline(runs, f"finetune_audio:audio.data_root={tmp_path / 'audio'}", "finetune_audio:audio.generate_demo=false",
+                      "finetune_audio:train.steps=4", "finetune_audio:train.eval_every=0", f"finetune_video:video.data_root={tmp_path / 'video'}",
+                      "finetune_video:video.generate_demo=false", "finetune_video:train.steps=4",
+                      "finetune_video:train.eval_every=0", config="universal_demo")
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    summary = json.loads((runs / "pipeline" / "summary.json").read_text())
+    assert summary["status"] == "complete" and set(summary["stages"]) == {"finetune_audio", "finetune_video"}
+    for stage, metric in (("finetune_audio", "test/top1"), ("finetune_video", "eval/top5")):
+        assert summary["stages"][stage]["status"] == 0 and 0 <= summary["stages"][stage]["metrics"][metric] <= 100
+        assert json.loads((runs / stage / "config.json").read_text())["model"]["init_from"] in (None, "")
+    assert not (runs / "pretrain_xl").exists() and not (runs / "export").exists()
+    assert "finetune_audio   exit 0" in result.stdout and "finetune_video   exit 0" in result.stdout
