@@ -171,8 +171,9 @@ def test_a_misspelt_stage_in_set_is_refused_before_anything_starts(tmp_path):
 
 
 def test_the_universal_demo_pipeline_trains_the_tasks_the_authors_train_from_scratch(tmp_path):
-    """``--config universal_demo``: the audio and video demo stages side by side on one local Ray cluster, no
-    pretraining or export, no ``--init``; the summary holds each stage's headline metrics."""
+    """``--config universal_demo``: the audio and video demo stages side by side on one local Ray cluster (Ray
+    Train), no pretraining or export, no ``--init``, here with ZeRO-2 and EMA; the summary holds each stage's
+    headline metrics, ``metrics.json`` the EMA weights' too."""
     from finetune.audio.demo_data import write_demo as write_audio
     from finetune.video.demo_data import write_demo as write_video
 
@@ -180,7 +181,9 @@ def test_the_universal_demo_pipeline_trains_the_tasks_the_authors_train_from_scr
     write_video(tmp_path / "video", train_videos=48, val_videos=24, frames=24, seed=3)
     runs = tmp_path / "runs"
     result = pipeline(runs, f"finetune_audio:audio.data_root={tmp_path / 'audio'}", "finetune_audio:audio.generate_demo=false",
-                      "finetune_audio:train.steps=4", "finetune_audio:train.eval_every=0", f"finetune_video:video.data_root={tmp_path / 'video'}",
+                      "finetune_audio:train.steps=4", "finetune_audio:train.eval_every=0",
+                      *(f"{stage}:{key}" for stage in ("finetune_audio", "finetune_video")
+                        for key in ("train.zero_stage=2", "train.ema_decay=0.9")), f"finetune_video:video.data_root={tmp_path / 'video'}",
                       "finetune_video:video.generate_demo=false", "finetune_video:train.steps=4",
                       "finetune_video:train.eval_every=0", config="universal_demo")
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
@@ -188,6 +191,9 @@ def test_the_universal_demo_pipeline_trains_the_tasks_the_authors_train_from_scr
     assert summary["status"] == "complete" and set(summary["stages"]) == {"finetune_audio", "finetune_video"}
     for stage, metric in (("finetune_audio", "test/top1"), ("finetune_video", "eval/top5")):
         assert summary["stages"][stage]["status"] == 0 and 0 <= summary["stages"][stage]["metrics"][metric] <= 100
-        assert json.loads((runs / stage / "config.json").read_text())["model"]["init_from"] in (None, "")
+        config = json.loads((runs / stage / "config.json").read_text())
+        assert config["model"]["init_from"] in (None, "") and config["train"]["zero_stage"] == 2
+        metrics = json.loads((runs / stage / "metrics.json").read_text())
+        assert metrics["step"] == 4 and 0 <= metrics["eval_ema/top1"] <= 100
     assert not (runs / "pretrain_xl").exists() and not (runs / "export").exists()
     assert "finetune_audio   exit 0" in result.stdout and "finetune_video   exit 0" in result.stdout
