@@ -366,6 +366,20 @@ def test_shards_write_refuses_image_options_and_unknown_layouts(demo_root, tmp_p
 # ------------------------------------------------------------------------------------------- metric
 
 
+def test_the_preview_shows_each_log_mel_map_low_frequencies_at_the_bottom():
+    from pretrain.registry import get_task
+    from pretrain.config import load_config
+
+    task = get_task("audio").build(load_config("audio_demo", ["audio.generate_demo=false"]))
+    maps = torch.arange(2 * 4 * 3, dtype=torch.float32).reshape(2, 1, 4, 3)  # (batch, 1, mel, frames)
+    maps[1] *= -2.0
+    grey = task.preview(maps)
+    assert grey.shape == (2, 3, 4, 3) and torch.equal(grey[:, 0], grey[:, 2])
+    assert grey[0, 0, -1, 0] == 0 and grey[0, 0, 0, -1] == 1  # the lowest band (row 0 of the map) at the bottom
+    assert grey[1, 0, -1, 0] == 1 and grey[1, 0, 0, -1] == 0  # each map scaled on its own
+    assert torch.allclose(grey[0, 0, 2, 1], torch.tensor(4 / 11))  # map row 1 (value 4 of 0..11) is image row 2
+
+
 def test_accuracy_on_hand_cases():
     """Top-1 = mean(argmax == label) over clips (not class-averaged): 3 of 4 right is 75%, whatever the classes."""
     from finetune.audio.task import accuracy_results, accuracy_sums
@@ -410,6 +424,12 @@ def test_the_test_list_is_scored_at_the_end_and_an_incomplete_evaluation_is_repo
     assert metrics["step"] == 2 and metrics["eval/samples"] == 119 and metrics["test/samples"] == 120
     assert 0 <= metrics["test/top1"] <= 100 and results.eval["test/top1"] == metrics["test/top1"]
     assert val[0] in (tmp_path / "warn" / "train.log").read_text()
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "warn" / "tensorboard"), size_guidance={"images": 0})
+    events.Reload()
+    spectrograms = events.Images("train/augmented_inputs")
+    assert [image.step for image in spectrograms] == [0] and spectrograms[0].width > spectrograms[0].height > 32
     trainer = Trainer(load_config("audio_demo", run_overrides(str(root), tmp_path / "error")))
     try:
         with pytest.raises(EvaluationIncompleteError, match="scored 119 of the 120 samples"):
