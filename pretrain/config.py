@@ -114,8 +114,9 @@ class ModelConfig:
 class OptimConfig:
     """Optimizer and learning-rate schedule (per optimizer step)."""
 
-    name: Literal["adamw", "lamb"] = "adamw"
-    """``adamw`` (fused on GPU, NVIDIA apex FusedAdam when installed) or ``lamb`` (apex, DeepSpeed or timm)."""
+    name: Literal["adamw", "adam", "lamb"] = "adamw"
+    """``adamw`` (fused on GPU, NVIDIA apex FusedAdam when installed), ``adam`` (``torch.optim.Adam``: weight decay
+    added to the gradient as L2, as the authors' audio recipe) or ``lamb`` (apex, DeepSpeed or timm)."""
     lr: float = 4e-3
     """Peak learning rate (for the whole global batch)."""
     min_lr: float = 1e-6

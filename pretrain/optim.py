@@ -66,21 +66,24 @@ def optimizer_implementation(config: OptimConfig, device: torch.device) -> str:
         if apex:
             return "apex.FusedAdam"
         return "torch.AdamW(fused)" if on_gpu else "torch.AdamW(foreach)"
+    if config.name == "adam":
+        return "torch.Adam(fused)" if on_gpu else "torch.Adam(foreach)"
     if apex:
         return "apex.FusedLAMB"
     return "deepspeed.FusedLamb" if on_gpu else "timm.Lamb"
 
 
 def build_optimizer(param_groups: list[dict], config: OptimConfig, device: torch.device) -> torch.optim.Optimizer:
-    """AdamW or LAMB over ``param_groups``; the fused GPU implementation when one is available."""
+    """AdamW, Adam or LAMB over ``param_groups``; the fused GPU implementation when one is available."""
     implementation = optimizer_implementation(config, device)
     groups = [{k: v for k, v in g.items() if k != "param_names"} for g in param_groups]
     common = dict(lr=config.lr, betas=config.betas, eps=config.eps, weight_decay=config.weight_decay)
     if implementation == "apex.FusedAdam":
         optimizer = _apex_optimizers()[0](groups, adam_w_mode=True, **common)
-    elif implementation.startswith("torch.AdamW"):
+    elif implementation.startswith(("torch.AdamW", "torch.Adam(")):
         fused = device.type == "cuda"
-        optimizer = torch.optim.AdamW(groups, fused=fused, foreach=None if fused else True, **common)
+        kind = torch.optim.AdamW if implementation.startswith("torch.AdamW") else torch.optim.Adam
+        optimizer = kind(groups, fused=fused, foreach=None if fused else True, **common)
     elif implementation == "apex.FusedLAMB":
         optimizer = _apex_optimizers()[1](groups, **common)
     elif implementation == "deepspeed.FusedLamb":

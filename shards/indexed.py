@@ -10,9 +10,10 @@ from typing import Any, Callable, Iterator, Mapping
 from torch.utils.data import Dataset
 
 from .resume import ResumableLoader
+from .seeding import epoch_order
 from .workers import worker_iterator
 
-__all__ = ["ResumableBatches", "worker_iterator"]
+__all__ = ["ResumableBatches", "ShuffledBatches", "worker_iterator"]
 
 
 class ResumableBatches(ResumableLoader):
@@ -57,3 +58,37 @@ class ResumableBatches(ResumableLoader):
 
     def _restore(self, state: Mapping[str, Any]) -> None:
         self._bad = int(state["bad_samples"])
+
+
+class ShuffledBatches(ResumableBatches):
+    """A training loader whose epoch is a seeded shuffle of the dataset's indices (:func:`shards.seeding.epoch_order`)
+    dealt to the ranks (``rank::world_size``) and cut into batches of ``per_batch`` indices: every rank the same
+    number of batches. Subclasses call :meth:`_shuffled` from ``__init__``; ``count_key`` names the dataset's size
+    in the saved identity ("images", "clips": a saved position keeps its key across versions)."""
+
+    count_key = "samples"
+
+    def _shuffled(self, samples: Dataset, collate: Callable, *, root: str, size: int, described: str, per_batch: int,
+                  batch_size: int, rank: int, world_size: int, num_workers: int, seed: int) -> None:
+        """Set up and start; ``ValueError`` naming ``described`` ("ROOT: 20 training clips") when a rank's share
+        holds no batch."""
+        self._samples, self._collate, self.root, self._size, self.per_batch = samples, collate, root, size, per_batch
+        self.batch_size, self.rank, self.world_size, self.num_workers, self.seed = (batch_size, rank, world_size,
+                                                                                    num_workers, seed)
+        self._per_rank = size // world_size
+        if self._per_rank < per_batch:
+            raise ValueError(f"{described} give {self._per_rank} per rank, fewer than one batch of {per_batch} on "
+                             f"{world_size} rank(s)")
+        self._start()
+
+    def __len__(self) -> int:
+        return self._per_rank // self.per_batch
+
+    def _all_batches(self) -> list[list[int]]:
+        order = epoch_order(self._size, self.seed, self._epoch)
+        mine = order[self.rank::self.world_size][:len(self) * self.per_batch].tolist()
+        return [mine[b * self.per_batch:(b + 1) * self.per_batch] for b in range(len(self))]
+
+    def _identity(self) -> dict[str, Any]:
+        return {"root": self.root, self.count_key: self._size, "seed": self.seed, "rank": self.rank,
+                "world_size": self.world_size, "batch_size": self.batch_size}

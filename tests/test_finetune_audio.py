@@ -494,6 +494,8 @@ def test_the_authors_preset_validates_builds_and_steps_at_reduced_size():
     from pretrain.optim import lr_factor
 
     config = validate(PRESETS["audio_s_speechcommands"]())
+    assert (config.optim.name, config.optim.lr, config.optim.betas, config.optim.weight_decay) == (
+        "adam", 2.5e-4, (0.95, 0.999), 5e-7)
     task = AudioClassification(config)
     assert task.input_shape() == (1, 128, 128)
     model = task.build_model()

@@ -51,7 +51,7 @@ def test_recipes_carry_the_papers_numbers():
     (["trian.epochs=1"], "trian.epochs", "unknown key"),
     (["optim.lr=fast"], "optim.lr", "expected a number"),
     (["train.epochs=1.5"], "train.epochs", "expected an integer"),
-    (["optim.name=sgd"], "optim.name", "one of 'adamw', 'lamb'"),
+    (["optim.name=sgd"], "optim.name", "one of 'adamw', 'adam', 'lamb'"),
     (["optim.name=lamb"], "train.zero_stage", "expected 0 with optim.name=lamb"),
     (["train.global_batch_size=100", "train.micro_batch_size=32"], "train.global_batch_size", "multiple"),
     (["data.img_size=100"], "data.img_size", "multiple of 32"),

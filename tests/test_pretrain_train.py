@@ -338,6 +338,27 @@ def test_bench_reports_throughput_memory_and_tflops():
                                                       rel=1e-6)
 
 
+def test_plain_adam_adds_weight_decay_to_the_gradient_by_hand():
+    """``optim.name=adam``: torch's Adam, weight decay as L2 in the gradient (the authors' audio recipe), not
+    AdamW's decoupled decay; one step from zero moments, in float64, by hand."""
+    from pretrain.config import OptimConfig
+    from pretrain.optim import build_optimizer, optimizer_implementation
+
+    config = OptimConfig(name="adam", lr=0.01, betas=(0.95, 0.999), eps=1e-8, weight_decay=0.1)
+    assert optimizer_implementation(config, torch.device("cpu")) == "torch.Adam(foreach)"
+    weight = torch.nn.Parameter(torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64))
+    optimizer = build_optimizer([dict(params=[weight], param_names=["w"], lr=0.01, weight_decay=0.1)], config,
+                                torch.device("cpu"))
+    assert type(optimizer) is torch.optim.Adam
+    gradient = torch.tensor([0.5, 0.25, -0.05], dtype=torch.float64)
+    weight.grad = gradient.clone()
+    optimizer.step()
+    with_l2 = [0.5 + 0.1 * 1.0, 0.25 + 0.1 * -2.0, -0.05 + 0.1 * 0.5]  # 0.6, 0.05, 0.0
+    # first step: m_hat = g, v_hat = g^2 (bias corrections cancel (1 - beta)), so the step is lr * g / (|g| + eps)
+    expected = [w - 0.01 * g / (abs(g) + 1e-8) for w, g in zip([1.0, -2.0, 0.5], with_l2)]
+    assert torch.allclose(weight.detach(), torch.tensor(expected, dtype=torch.float64), rtol=0, atol=1e-12)
+
+
 def test_lamb_runs_under_zero_0_and_apex_stays_optional(pretrain_shards, tmp_path):
     """LAMB (timm's on CPU; DeepSpeed's or apex's on GPU) steps the weights; apex is never required."""
     import importlib.util

@@ -24,8 +24,8 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from shards.samples import DECODE_ERRORS
-from shards.indexed import ResumableBatches, worker_iterator
-from shards.seeding import epoch_order, sample_generator
+from shards.indexed import ShuffledBatches, worker_iterator
+from shards.seeding import sample_generator
 
 from ..dense import MEAN, STD, normalized
 
@@ -272,36 +272,21 @@ def _collate_train(samples: list[SegmentationSample]) -> tuple[torch.Tensor, tor
             sum(s.skipped for s in samples))
 
 
-class TrainLoader(ResumableBatches):
+class TrainLoader(ShuffledBatches):
     """This rank's training batches ``(images, labels)``: every rank the same number per epoch (the
     shuffled split is cut to a multiple of world x batch); resumable mid-epoch with ``state_dict``.
     ``set_epoch`` / iteration semantics as ``shards.TrainLoader``."""
 
     name = "ADE20K"
 
+    count_key = "images"
+
     def __init__(self, files: SplitFiles, config, *, batch_size: int, rank: int, world_size: int, num_workers: int,
                  seed: int):
-        self._samples = _TrainSamples(files, config, seed)
-        self.files, self.batch_size, self.rank, self.world_size = files, batch_size, rank, world_size
-        self.num_workers, self.seed = num_workers, seed
-        self._per_rank = len(files) // world_size
-        if self._per_rank < batch_size:
-            raise ValueError(f"{files.root}: {len(files)} {files.split} images give {self._per_rank} per rank, fewer "
-                             f"than one batch of {batch_size} on {world_size} rank(s)")
-        self._collate = _collate_train
-        self._start()
-
-    def __len__(self) -> int:
-        return self._per_rank // self.batch_size
-
-    def _all_batches(self) -> list[list[int]]:
-        order = epoch_order(len(self.files), self.seed, self._epoch)
-        mine = order[self.rank::self.world_size][:len(self) * self.batch_size].tolist()
-        return [mine[b * self.batch_size:(b + 1) * self.batch_size] for b in range(len(self))]
-
-    def _identity(self) -> dict[str, Any]:
-        return {"root": self.files.root, "images": len(self.files), "seed": self.seed, "rank": self.rank,
-                "world_size": self.world_size, "batch_size": self.batch_size}
+        self.files = files
+        self._shuffled(_TrainSamples(files, config, seed), _collate_train, root=files.root, size=len(files),
+                       described=f"{files.root}: {len(files)} {files.split} images", per_batch=batch_size,
+                       batch_size=batch_size, rank=rank, world_size=world_size, num_workers=num_workers, seed=seed)
 
 
 class _EvalSamples(_Files):

@@ -27,16 +27,16 @@ import os
 from dataclasses import dataclass
 from functools import lru_cache
 from math import gcd
-from typing import Any, Iterator, Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
 from pretrain.config import ConfigError
-from shards.indexed import ResumableBatches, worker_iterator
+from shards.indexed import ShuffledBatches, worker_iterator
 from shards.info import INFO_NAME, ShardMember, read_info, read_member, read_members
-from shards.seeding import epoch_order, sample_generator
+from shards.seeding import sample_generator
 
 from .features import SAMPLE_RATE, fbank, noise_and_roll, normalize, pad_or_cut, spec_augment
 
@@ -286,35 +286,20 @@ def _collate_train(samples: list[AudioSample]) -> tuple[torch.Tensor, torch.Tens
             sum(s.skipped for s in samples))
 
 
-class TrainLoader(ResumableBatches):
+class TrainLoader(ShuffledBatches):
     """This rank's training batches ``(inputs (B, 1, mel, frames), soft targets (B, classes))``: every rank the
     same number per epoch (the shuffled split cut to a multiple of world x batch), resumable mid-epoch."""
 
     name = "Speech Commands"
 
+    count_key = "clips"
+
     def __init__(self, files: SplitFiles, config, *, batch_size: int, rank: int, world_size: int, num_workers: int,
                  seed: int):
-        self._samples = TrainSamples(files, config, seed)
-        self.files, self.batch_size, self.rank, self.world_size = files, batch_size, rank, world_size
-        self.num_workers, self.seed = num_workers, seed
-        self._per_rank = len(files) // world_size
-        if self._per_rank < batch_size:
-            raise ValueError(f"{files.root}: {len(files)} training clips give {self._per_rank} per rank, fewer than "
-                             f"one batch of {batch_size} on {world_size} rank(s)")
-        self._collate = _collate_train
-        self._start()
-
-    def __len__(self) -> int:
-        return self._per_rank // self.batch_size
-
-    def _all_batches(self) -> list[list[int]]:
-        order = epoch_order(len(self.files), self.seed, self._epoch)
-        mine = order[self.rank::self.world_size][:len(self) * self.batch_size].tolist()
-        return [mine[b * self.batch_size:(b + 1) * self.batch_size] for b in range(len(self))]
-
-    def _identity(self) -> dict[str, Any]:
-        return {"root": self.files.root, "clips": len(self.files), "seed": self.seed, "rank": self.rank,
-                "world_size": self.world_size, "batch_size": self.batch_size}
+        self.files = files
+        self._shuffled(TrainSamples(files, config, seed), _collate_train, root=files.root, size=len(files),
+                       described=f"{files.root}: {len(files)} training clips", per_batch=batch_size,
+                       batch_size=batch_size, rank=rank, world_size=world_size, num_workers=num_workers, seed=seed)
 
 
 class _EvalSamples(_Clips):

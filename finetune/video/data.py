@@ -34,9 +34,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from shards.indexed import ResumableBatches, worker_iterator
+from shards.indexed import ShuffledBatches, worker_iterator
 from shards.info import INFO_NAME, ShardMember, read_member, read_members
-from shards.seeding import SeedPurpose, epoch_order, sample_generator, seeded_global_rngs, stream_seed
+from shards.seeding import SeedPurpose, sample_generator, seeded_global_rngs, stream_seed
 
 __all__ = ["MEAN", "STD", "SEED_PURPOSE", "EvalLoader", "TrainLoader", "VideoList", "augment_clip", "check_labels",
            "decode_frames", "eval_views", "frame_indices", "read_list", "resized_crop_box", "segment_starts",
@@ -383,24 +383,18 @@ def _collate_train(samples: list[tuple[torch.Tensor, int, int]]) -> tuple[torch.
     return clips, labels, sum(s[2] for s in samples)
 
 
-class TrainLoader(ResumableBatches):
+class TrainLoader(ShuffledBatches):
     """This rank's training batches ``(clips (B, 3, T, S, S), targets)``: ``batch_size`` clips, i.e.
     ``batch_size / repeated_aug`` videos, every rank the same number per epoch (the shuffled list cut to a
     multiple of world x videos per batch); targets are class indices, or soft rows under mixup/cutmix.
     Resumable mid-epoch with ``state_dict``; ``set_epoch`` / iteration as ``shards.TrainLoader``."""
 
     name = "video"
+    count_key = "videos"
 
     def __init__(self, videos: VideoList, section, *, batch_size: int, rank: int, world_size: int, num_workers: int,
                  seed: int, label_smoothing: float = 0.0):
-        self._samples = _TrainSamples(videos, section, seed)
-        self.videos, self.batch_size, self.rank, self.world_size = videos, batch_size, rank, world_size
-        self.num_workers, self.seed = num_workers, seed
-        self.videos_per_batch = batch_size // section.repeated_aug
-        self._per_rank = len(videos) // world_size
-        if self._per_rank < self.videos_per_batch:
-            raise ValueError(f"{videos.source}: {len(videos)} videos give {self._per_rank} per rank, fewer than one "
-                             f"batch of {self.videos_per_batch} videos on {world_size} rank(s)")
+        self.videos = videos
         self._mixup = None
         if section.uses_mixup:
             from shards.image import MixupConfig, timm_mixup
@@ -408,17 +402,9 @@ class TrainLoader(ResumableBatches):
             self._mixup = timm_mixup(MixupConfig(mixup_alpha=section.mixup_alpha, cutmix_alpha=section.cutmix_alpha,
                                                  switch_prob=section.mixup_switch_prob,
                                                  label_smoothing=label_smoothing), section.num_classes)
-        self._collate = _collate_train
-        self._start()
-
-    def __len__(self) -> int:
-        return self._per_rank // self.videos_per_batch
-
-    def _all_batches(self) -> list[list[int]]:
-        order = epoch_order(len(self.videos), self.seed, self._epoch)
-        count = self.videos_per_batch
-        mine = order[self.rank::self.world_size][:len(self) * count].tolist()
-        return [mine[b * count:(b + 1) * count] for b in range(len(self))]
+        self._shuffled(_TrainSamples(videos, section, seed), _collate_train, root=videos.root, size=len(videos),
+                       described=f"{videos.source}: {len(videos)} videos", per_batch=batch_size // section.repeated_aug,
+                       batch_size=batch_size, rank=rank, world_size=world_size, num_workers=num_workers, seed=seed)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for clips, labels in super().__iter__():
@@ -429,9 +415,6 @@ class TrainLoader(ResumableBatches):
                 clips = flat.view(clips.shape)
             yield clips, labels
 
-    def _identity(self) -> dict[str, Any]:
-        return {"root": self.videos.root, "videos": len(self.videos), "seed": self.seed, "rank": self.rank,
-                "world_size": self.world_size, "batch_size": self.batch_size}
 
 
 class _EvalSamples(Dataset):
