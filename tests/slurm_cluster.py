@@ -1,7 +1,9 @@
 """A real Slurm on this machine for tests: munged, slurmctld and two slurmd daemons as nodes n1 and n2.
 
-Every daemon runs in the foreground under this process, with its config, state, spool, logs and
-munge socket in a temporary directory, and is stopped by its PID. n1 and n2 listen on the
+Every daemon runs in the foreground under this process, with its config, state and logs in a temporary
+directory and its sockets (munge's, slurmd's spool) in a short one of its own under /tmp (a Unix socket path
+holds at most 108 bytes, and pytest's temporary paths grow with test and worker names), and is stopped by its
+PID. n1 and n2 listen on the
 loopback addresses 127.0.0.2 and 127.0.0.3 (the whole of 127/8 is loopback), which a Ray
 cluster inside a job then uses as its node IPs (Ray replaces 127.0.0.1 by the machine's address).
 ``SlurmCluster(root, WORKSTATION)`` is the one-node install of a workstation instead: n1 at 127.0.0.1.
@@ -12,6 +14,7 @@ import os
 import shutil
 import socket
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -42,20 +45,23 @@ class SlurmCluster:
         self.root, self.nodes = root, dict(nodes)
         self.processes: dict[str, subprocess.Popen] = {}
         self.conf = root / "slurm.conf"
-        self.munge_socket = root / "munge" / "munge.socket"
+        self.sockets = Path(tempfile.mkdtemp(prefix="slurm-", dir="/tmp"))
+        self.munge_socket = self.sockets / "munge.socket"
         self.env = {**os.environ, "SLURM_CONF": str(self.conf)}
 
     def _write_config(self) -> None:
         root = self.root
-        for sub in ("state", "munge", "logs", *(f"spool-{n}" for n in self.nodes)):
+        for sub in ("state", "munge", "logs"):
             (root / sub).mkdir(parents=True, exist_ok=True)
+        for node in self.nodes:
+            (self.sockets / f"spool-{node}").mkdir(exist_ok=True)
         lines = [
             "ClusterName=unireplknet-test",
             "SlurmctldHost=localhost(127.0.0.1)",
             f"SlurmctldPort={_free_port()}",
             "SlurmUser=root", "SlurmdUser=root",
             "AuthType=auth/munge", f"AuthInfo=socket={self.munge_socket}", "CredType=cred/munge",
-            f"StateSaveLocation={root / 'state'}", f"SlurmdSpoolDir={root}/spool-%n",
+            f"StateSaveLocation={root / 'state'}", f"SlurmdSpoolDir={self.sockets}/spool-%n",
             f"SlurmctldPidFile={root}/slurmctld.pid", f"SlurmdPidFile={root}/slurmd-%n.pid",
             f"SlurmctldLogFile={root}/logs/slurmctld.log", f"SlurmdLogFile={root}/logs/slurmd-%n.log",
             "ProctrackType=proctrack/linuxproc", "TaskPlugin=task/none", "MpiDefault=none",
@@ -130,3 +136,4 @@ class SlurmCluster:
                     process.kill()
                     process.wait()
         self.processes.clear()
+        shutil.rmtree(self.sockets, ignore_errors=True)
