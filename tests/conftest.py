@@ -16,8 +16,9 @@ LONGEST_FIRST = ("test_task_conformance.py", "test_finetune_coco.py", "test_slur
                  "test_pretrain_train.py", "test_ray_launcher.py", "test_finetune_ade20k.py", "test_cluster_stage.py",
                  "test_task_registry.py", "test_cluster_manifests.py", "test_finetune_video.py", "test_kernels.py")
 """The modules that take minutes on 2 cores (``make test`` prints the slowest tests), longest first. ``make test``
-gives each module whole to one of its pytest-xdist workers in collection order, so these start first and run side
-by side; a module missing here runs after them, in its usual order."""
+gives each module whole to one of its pytest-xdist workers in collection order (``--no-loadscope-reorder``: xdist
+would otherwise order modules by their number of tests), so these start first and run side by side; a module
+missing here runs after them, in its usual order."""
 
 
 def pytest_collection_modifyitems(config, items):
