@@ -201,12 +201,11 @@ def read_members(directory: str) -> tuple[dict[str, Any], list[ShardMember]]:
     return info, members
 
 
-def read_member(fs: Any, member: ShardMember, path: str | None = None) -> bytes:
-    """The payload bytes of ``member`` (a ranged read of its shard through ``fs``; ``path``: the shard's path in
-    ``fs`` when it differs from the URL); ``ValueError`` naming the shard and key when the shard is missing or
-    ends before the member does (a cut or damaged file)."""
+def read_member(fs: Any, member: ShardMember) -> bytes:
+    """The payload bytes of ``member`` (a ranged read of its shard through ``fs``); ``ValueError`` naming the shard
+    and key when the shard is missing or ends before the member does (a cut or damaged file)."""
     try:
-        with fs.open(path or member.shard, "rb") as f:
+        with fs.open(member.shard, "rb") as f:
             f.seek(member.offset)
             data = f.read(member.size)
     except OSError as exc:
