@@ -89,7 +89,7 @@ _SLOW_HASH_S = 5.0
 """Hashing or verifying that takes longer than this is logged as a warning (it delays every save or resume)."""
 
 RESUME_MAY_CHANGE = (
-    "run_dir", "launch.", "checkpoint.", "train.max_steps", "train.log_every", "train.eval_every",
+    "run_dir", "launch.", "checkpoint.", "train.max_steps", "train.log_every", "train.eval_every", "train.best_",
     "train.deterministic", "train.label_smoothing", "optim.clip_grad", "model.grad_checkpointing",
     "model.channels_last", "model.fused_branches", "model.sync_batchnorm", "loader.eval_incomplete",
 )
@@ -284,12 +284,13 @@ def _save_failed(root: str, tag: str, error: str) -> CheckpointWriteError:
 
 
 def save_checkpoint(engine, root: str, step: int, rank_state: dict, world: WorldInfo, *, keep: int,
-                    zero_stage: int, config: dict) -> str:
+                    zero_stage: int, config: dict, protect: tuple[int, ...] = ()) -> str:
     """All ranks: write the DeepSpeed checkpoint and this rank's trainer state into a fresh
     ``.incomplete-TAG`` folder (hashing every file as it is written, then fsync); rank 0 adds the
     manifest and the config, renames the folder to ``TAG``, points ``latest`` at it and deletes all
-    but the newest ``keep`` up to ``step``. A failed write (on any rank) removes the folder and raises
-    :class:`CheckpointWriteError` on every rank; ``latest`` is left as it was."""
+    but the newest ``keep`` up to ``step`` and those of the steps in ``protect`` (the best one). A failed write
+    (on any rank) removes the folder and raises :class:`CheckpointWriteError` on every rank; ``latest`` is left
+    as it was."""
     tag = tag_of_step(step)
     staging_tag = INCOMPLETE_PREFIX + tag
     staging, final = os.path.join(root, staging_tag), os.path.join(root, tag)
@@ -330,7 +331,7 @@ def save_checkpoint(engine, root: str, step: int, rank_state: dict, world: World
     if world.is_main:
         try:
             _commit(root, staging, final, tag, step, keep, world.world_size, zero_stage, config,
-                    {name: record for _, files in reports for name, record in files.items()}, started)
+                    {name: record for _, files in reports for name, record in files.items()}, started, protect)
         except OSError as failure:
             shutil.rmtree(staging, ignore_errors=True)
             error = f"{_os_error_text(failure)} ({failure.filename or root})"
@@ -339,7 +340,8 @@ def save_checkpoint(engine, root: str, step: int, rank_state: dict, world: World
 
 
 def _commit(root: str, staging: str, final: str, tag: str, step: int, keep: int, world_size: int,
-            zero_stage: int, config: dict, records: dict[str, tuple[int, str]], started: float) -> None:
+            zero_stage: int, config: dict, records: dict[str, tuple[int, str]], started: float,
+            protect: tuple[int, ...] = ()) -> None:
     """Rank 0, once every rank's files are written and flushed: config and manifest, then the folder
     renamed into place, ``latest`` replaced, old checkpoints deleted."""
     records[CONFIG_NAME] = _write_json(os.path.join(staging, CONFIG_NAME), config)
@@ -377,7 +379,7 @@ def _commit(root: str, staging: str, final: str, tag: str, step: int, keep: int,
             os.remove(latest_tmp)
     # Folders past this step are leftovers of an abandoned timeline: never counted among the
     # newest, so they cannot push a complete checkpoint out.
-    for old in [s for s in checkpoint_steps(root) if s <= step][:-keep]:
+    for old in [s for s in checkpoint_steps(root) if s <= step and s not in protect][:-keep]:
         shutil.rmtree(os.path.join(root, tag_of_step(old)), ignore_errors=True)
 
 
@@ -561,7 +563,7 @@ def _choose(root: str, resume: str, world_size: int | None, config: dict | None,
     if saved is not None:
         from .config import ConfigError, upgrade_config_dict
 
-        try:
+        try:  # moved keys put where they live now, keys added since at their defaults: only real changes count
             saved = upgrade_config_dict(saved)
         except ConfigError as error:
             raise CheckpointError(f"{os.path.join(folder, CONFIG_NAME)}: {error}") from None

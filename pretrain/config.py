@@ -208,6 +208,13 @@ class TrainConfig:
     """Steps between log lines and TensorBoard scalars."""
     eval_every: int = 0
     """Steps between evaluations (0: only at the end)."""
+    best_metric: str = ""
+    """An evaluation metric (e.g. ``eval/top1``) that picks the run's best weights: the checkpoint of the best
+    evaluation is kept (``checkpoints/best.json`` names it; never pruned) and scores the task's test set when the
+    run completes, as the authors' Speech Commands protocol does. Empty: the test set is scored with the last
+    weights."""
+    best_mode: Literal["max", "min"] = "max"
+    """Whether a higher (``max``: accuracy) or a lower (``min``: an error) ``best_metric`` is better."""
 
     def validate(self) -> None:
         positive("epochs", self.epochs)
@@ -228,6 +235,9 @@ class TrainConfig:
         positive("log_every", self.log_every)
         if self.eval_every < 0:
             raise ConfigError("eval_every", f"expected >= 0, got {self.eval_every}")
+        if self.best_metric and self.zero_stage == 3:
+            raise ConfigError("best_metric", "needs train.zero_stage 0-2: the best checkpoint's weights are loaded "
+                              "whole on every rank to score the test set")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -519,7 +529,8 @@ def _move_key(values: dict, old: str, new: str | None) -> None:
 def upgrade_config_dict(values: dict) -> dict:
     """A saved config in today's layout: earlier versions wrote every task's section on every run and a few
     keys elsewhere (``data.num_workers``); this moves or drops them by the core's and the task's
-    ``legacy_keys``. Today's configs pass through unchanged. Returns a new dict."""
+    ``legacy_keys``, and gives keys added since their defaults (the promise a new key keeps: its default is the
+    earlier behaviour). Today's configs pass through unchanged. Returns a new dict."""
     from .registry import UnknownTaskError, get_task
 
     values = json.loads(json.dumps(values))
@@ -533,7 +544,7 @@ def upgrade_config_dict(values: dict) -> dict:
     for section in list(values):  # a section emptied by the moves above (e.g. ``data`` of a dense run)
         if values[section] == {}:
             del values[section]
-    return values
+    return config_to_dict(_dataclass_from_dict(spec.config_class, values))
 
 
 def config_from_dict(values: dict) -> Config:

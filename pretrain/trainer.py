@@ -22,6 +22,7 @@ from unireplknet.files import atomic_write_json
 
 from . import checkpoint as ckpt
 from . import engine
+from .best import Best, read_best, weights_of, write_best
 from .config import Config, config_to_dict, save_config
 from .distributed import WorldInfo, all_reduce_sum, averaged_batchnorm_buffers, batchnorm_buffers, pick_device
 from .ema import ModelEMA
@@ -233,6 +234,13 @@ class Trainer:
         self._warned_data_bound = False
         self._eval_previews: list[torch.Tensor] | None = None
         self._resume()
+        self.best: Best | None = read_best(self.checkpoint_root, config.train.best_metric, config.train.best_mode) \
+            if self.resume_from is not None else None
+        """The best evaluation so far by ``train.best_metric`` (None: none yet, or no such metric)."""
+        if self.best is not None and self.best.step > self.step:
+            _logger.warning("the best %s was recorded at step %d, after the resumed step %d (a later timeline): the "
+                            "best is chosen anew from here on", self.best.metric, self.best.step, self.step)
+            self.best = None
         if self.world.is_main:  # only once the resume worked: a refused resume leaves the run's config as it was
             save_config(config, os.path.join(config.run_dir, "config.json"))
         self.tensorboard = TensorBoard(os.path.join(config.run_dir, "tensorboard"), self.world.is_main)
@@ -315,12 +323,13 @@ class Trainer:
                     if before_the_end and self.step % cfg.checkpoint.every == 0:
                         self.save()
                     if before_the_end and cfg.train.eval_every and self.step % cfg.train.eval_every == 0:
-                        self.evaluate()
+                        self._keep_if_best(self.evaluate())
             finally:
                 progress.close()
             if self.last_checkpoint is None or not self.last_checkpoint.endswith(ckpt.tag_of_step(self.step)):
                 self.save()
             results = {} if self.stopping else self.evaluate()
+            self._keep_if_best(results)
             if results and not self.stopping:
                 results = {**results, **self.test()}
             if self.stopping:
@@ -474,8 +483,34 @@ class Trainer:
         loader = build(self.world) if build is not None else None
         if loader is None:
             return {}
-        with averaged_batchnorm_buffers(self.engine.module):
+        weights = contextlib.nullcontext()
+        if self.best is not None and self.best.step != self.step:  # the best evaluation's weights (and EMA)
+            folder = os.path.join(self.checkpoint_root, ckpt.tag_of_step(self.best.step))
+            state = ckpt.read_rank_states(folder)[self.world.rank]
+            weights = weights_of(self.engine.module, ckpt.consolidated_state_dict(folder), self.ema, state["ema"])
+            _logger.info("the test set is scored with the weights of step %d (best %s %.4g), not step %d's",
+                         self.best.step, self.best.metric, self.best.value, self.step)
+        with weights, averaged_batchnorm_buffers(self.engine.module):
             return self._evaluate(loader, "test")
+
+    def _keep_if_best(self, results: dict[str, float]) -> None:
+        """After an evaluation: when ``train.best_metric`` improved, make sure this step has a checkpoint and
+        record it as the best (kept from pruning; its weights score the test set at the end)."""
+        cfg = self.config.train
+        if not cfg.best_metric or not results:
+            return
+        if cfg.best_metric not in results:
+            raise ValueError(f"train.best_metric {cfg.best_metric!r} is not among the metrics of this task's "
+                             f"evaluation ({', '.join(sorted(results))})")
+        value = float(results[cfg.best_metric])
+        if self.best is not None and not self.best.beaten_by(value):
+            return
+        if self.last_checkpoint is None or not self.last_checkpoint.endswith(ckpt.tag_of_step(self.step)):
+            self.save()
+        self.best = Best(cfg.best_metric, cfg.best_mode, value, self.step)
+        if self.world.is_main:
+            write_best(self.checkpoint_root, self.best)
+        _logger.info("best %s so far: %.4g at step %d", cfg.best_metric, value, self.step)
 
     def _evaluate(self, loader=None, prefix: str = "eval") -> dict[str, float]:
         loader = self.eval_loader if loader is None else loader
@@ -574,7 +609,7 @@ class Trainer:
             self.last_checkpoint = ckpt.save_checkpoint(
                 self.engine, self.checkpoint_root, self.step, rank_state, self.world,
                 keep=self.config.checkpoint.keep, zero_stage=self.config.train.zero_stage,
-                config=config_to_dict(self.config))
+                config=config_to_dict(self.config), protect=(self.best.step,) if self.best is not None else ())
         _logger.info("saved %s", self.last_checkpoint)
         return self.last_checkpoint
 

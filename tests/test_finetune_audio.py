@@ -438,6 +438,55 @@ def test_the_test_list_is_scored_at_the_end_and_an_incomplete_evaluation_is_repo
         trainer.close()
 
 
+def test_the_test_list_is_scored_with_the_weights_of_the_best_evaluation_across_a_resume(demo_root, tmp_path):
+    """``train.best_metric`` (the authors score the test list with the best validation epoch's weights). Here the
+    metric is one that never improves (``eval/samples``: every evaluation scores all 120 clips), so the first
+    evaluation's weights (step 2) stay the best through a resume, while ``checkpoint.keep=1`` prunes the others;
+    the run's test score is that of step 2's weights, scored separately, and the model ends with the last weights."""
+    from test_pretrain_train import read_scalars
+
+    from pretrain.checkpoint import consolidated_state_dict
+    from pretrain.config import load_config
+    from pretrain.trainer import Trainer
+
+    run, checkpoints = tmp_path / "run", tmp_path / "run" / "checkpoints"
+    settings = {"train.eval_every": 2, "checkpoint.every": 2, "checkpoint.keep": 1,
+                "train.best_metric": "eval/samples"}
+
+    def train(run_dir: Path, steps: int, **changes):
+        trainer = Trainer(load_config("audio_demo", run_overrides(demo_root, run_dir, **{
+            **settings, "train.max_steps": steps, **changes})))
+        try:
+            return trainer, trainer.train()
+        finally:
+            trainer.close()
+
+    train(run, 4)  # evaluations at steps 2 and 4; the rerun resumes from 4 and evaluates at 6
+    trainer, result = train(run, 6)
+    assert json.loads((checkpoints / "best.json").read_text()) == {
+        "metric": "eval/samples", "mode": "max", "value": 120.0, "step": 2}
+    assert sorted(p.name for p in checkpoints.iterdir() if p.name.startswith("step_")) == [
+        "step_00000002", "step_00000006"]
+    assert [step for step, _ in read_scalars(run)["eval/samples"]] == [2, 4, 6]
+    assert "the test set is scored with the weights of step 2 (best eval/samples 120), not step 6's" in \
+        (run / "train.log").read_text()
+    final = consolidated_state_dict(str(checkpoints / "step_00000006"))
+    live = trainer.engine.module.state_dict()
+    assert all(torch.equal(live[name].cpu(), final[name]) for name in final), "the last weights were not put back"
+
+    scored = {}
+    for step in (2, 6):  # each checkpoint's weights scored on the test list by a run resumed from it
+        other = Trainer(load_config("audio_demo", run_overrides(demo_root, tmp_path / f"score{step}", **{
+            **settings, "train.best_metric": "", "checkpoint.resume": checkpoints / f"step_{step:08d}"})))
+        try:
+            scored[step] = other.test()["test/top1"]
+        finally:
+            other.close()
+    print(f"test top-1: step 2's weights {scored[2]:.2f}, step 6's {scored[6]:.2f}")
+    assert result.eval["test/top1"] == scored[2]
+    assert json.loads((run / "metrics.json").read_text())["test/top1"] == scored[2]
+
+
 def test_make_demo_data_command_writes_the_layout(tmp_path):
     out = tmp_path / "demo"
     result = subprocess.run([sys.executable, "-m", "finetune", "make-demo-data", "audio", str(out), "--train-images",

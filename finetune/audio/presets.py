@@ -19,10 +19,10 @@ def audio_s_speechcommands() -> AudioRunConfig:
     scratch, ``in_chans=1``, drop path 0.4, 128 x 128 log-mel maps; mixup 0.6 Beta(10, 10), SpecAugment 48/48,
     noise and roll; BCE; Adam lr 2.5e-4, betas (0.95, 0.999), weight decay 5e-7; batch 128 (16 per GPU x 8);
     100 epochs, lr x 0.85 after every epoch from epoch 5 (multistep at epochs 5..99), no warmup, fp32;
-    validation every epoch.
-    Differences: norms and biases get no weight decay (the trainer's rule; the authors decay every parameter, at
-    5e-7 a negligible difference), and the test list is scored with the last weights, not the best validation
-    epoch's."""
+    validation every epoch; the epoch with the best validation accuracy is scored on the test list
+    (``train.best_metric``).
+    Difference: norms and biases get no weight decay (the trainer's rule; the authors decay every parameter, at
+    5e-7 a negligible difference)."""
     steps_per_epoch = SPEECH_COMMANDS_TRAIN_CLIPS // 128
     return AudioRunConfig(
         run_dir="runs/audio_s_speechcommands",
@@ -32,7 +32,7 @@ def audio_s_speechcommands() -> AudioRunConfig:
         optim=OptimConfig(name="adam", lr=2.5e-4, min_lr=0.0, betas=(0.95, 0.999), weight_decay=5e-7,
                           warmup_epochs=0.0, schedule="multistep", milestones=tuple(float(e) for e in range(5, 100)), gamma=0.85),
         train=TrainConfig(epochs=100, global_batch_size=128, micro_batch_size=16, zero_stage=1, precision="fp32",
-                          label_smoothing=0.0, log_every=50, eval_every=steps_per_epoch),
+                          label_smoothing=0.0, log_every=50, eval_every=steps_per_epoch, best_metric="eval/top1"),
         checkpoint=CheckpointConfig(every=steps_per_epoch, keep=3),
     )
 
