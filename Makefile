@@ -37,12 +37,13 @@ system-deps:
 demo: setup
 	$(PY) -m cluster.pipeline --config demo
 
-## test: set up, then run the test suite; TEST_WORKERS=2 runs it on two pytest-xdist workers, each test module whole
-## on one worker, the modules that take minutes first (56 instead of ~78 minutes on 2 cores, but then two Ray
-## clusters can start side by side, and once a Slurm job's second Ray node failed to join: not the default yet)
-TEST_WORKERS ?= 0
+## test: set up, then run the test suite on TEST_WORKERS pytest-xdist workers (3 by default: many tests wait on
+## subprocesses, so 3 keep 2 cores busy). Each test module runs whole on one worker, except that every test that
+## starts a Ray cluster or a Slurm (marker ray_cluster) runs on one worker, one after another (tests/conftest.py).
+## TEST_WORKERS=0 runs it in this one process.
+TEST_WORKERS ?= 3
 test: setup
-	$(PY) -m pytest -q --durations=30 -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder tests; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
+	$(PY) -m pytest -q --durations=30 -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder tests; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
 
 clean:
 	rm -rf $(VENV) .cache

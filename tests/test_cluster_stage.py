@@ -141,6 +141,7 @@ def session_members(session: int) -> list[str]:
             if int(row.split()[0]) == session and not row.split()[1].startswith("Z")]
 
 
+@pytest.mark.ray_cluster
 @pytest.mark.slow
 def test_a_stage_on_its_own_ray_cluster_checkpoints_on_a_group_sigterm_and_leaves_nothing(tmp_path):
     """Without RAY_ADDRESS the stage starts its own Ray cluster, outside its process group: SIGTERM to the group,

@@ -84,6 +84,7 @@ def started():
             process.wait()
 
 
+@pytest.mark.ray_cluster
 def test_demo_pipeline_preempted_by_signals_resumes_every_stage_then_skips_complete_ones(started, tmp_path):
     runs = tmp_path / "runs"
     # the demo pipeline reserves 1 CPU per Ray Train worker (DEMO_OVERRIDES), so both fine-tunes run at once
@@ -91,6 +92,9 @@ def test_demo_pipeline_preempted_by_signals_resumes_every_stage_then_skips_compl
               "pretrain_xl:data.demo_val_samples=128", "pretrain_xl:train.epochs=1",
               f"finetune_ade20k:ade20k.data_root={tmp_path / 'ade20k'}", "finetune_ade20k:ade20k.crop_size=96",
               "finetune_ade20k:train.steps=100000", f"finetune_coco:coco.data_root={tmp_path / 'coco'}",
+              *(f"finetune_coco:coco.{key}" for key in ("train_scales=96,112", "max_size=192", "eval_scale=192,112",
+                                                         "rpn_proposals_train=100", "rpn_proposals_test=100",
+                                                         "roi_batch=64", "box_channels=32", "mask_channels=32")),
               *(f"{stage}:{key}" for stage in FINETUNES for key in ("train.log_every=1",))]
     train_logs = {stage: runs / stage / "train.log" for stage in FINETUNES}
 
@@ -170,6 +174,7 @@ def test_a_misspelt_stage_in_set_is_refused_before_anything_starts(tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.ray_cluster
 def test_the_universal_demo_pipeline_trains_the_tasks_the_authors_train_from_scratch(tmp_path):
     """``--config universal_demo``: the audio and video demo stages side by side on one local Ray cluster (Ray
     Train), no pretraining or export, no ``--init``, here with ZeRO-2 and EMA; the summary holds each stage's

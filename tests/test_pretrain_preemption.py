@@ -148,6 +148,7 @@ def test_torchrun_launcher_survives_a_group_sigterm_with_loader_workers(pretrain
     assert_same_weights(final_weights(run_dir, stopped_at + 2), final_weights(uninterrupted, stopped_at + 2))
 
 
+@pytest.mark.ray_cluster
 @pytest.mark.slow
 def test_a_ray_train_run_asked_to_stop_checkpoints_exits_for_requeue_and_resumes_exactly(pretrain_shards, tmp_path):
     """SIGTERM to the Ray driver (what Kubernetes sends a job's pod) becomes RUN_DIR/STOP; the Ray Train

@@ -160,7 +160,7 @@ import pytest  # noqa: E402  (the helpers above run without pytest)
 import torch  # noqa: E402
 import yaml  # noqa: E402
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.ray_cluster]
 
 
 def free_port() -> int:

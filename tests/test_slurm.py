@@ -18,7 +18,7 @@ from slurm_cluster import NODES, WORKSTATION, SlurmCluster, missing_binaries
 
 REPO = Path(__file__).resolve().parents[1]
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.ray_cluster]
 
 
 def started_slurm(root: Path, nodes: dict[str, str], workers: int):
@@ -129,11 +129,8 @@ def test_pretrain_xl_runs_on_two_nodes_resumes_and_requeues_on_usr1(slurm, pretr
     node_logs = Path(slurm.env["UNIREPLKNET_RUN_ROOT"]) / "slurm-logs" / job
     assert {p.name for p in node_logs.iterdir()} == {"n1.log", "n2.log"}
 
-    second = tmp_path / "second.out"
-    sbatch(slurm, second, *demo_args(pretrain_shards, **{"train.max_steps": 6}), wait=True)
-    assert f"resumed from {run_dir / 'checkpoints' / 'step_00000004'} at step 4" in log.read_text()
-    assert (run_dir / "checkpoints" / "latest").read_text() == "step_00000006"
-
+    # the next submission resumes from the first one's checkpoint; USR1 (Slurm's warning before the time limit)
+    # checkpoints it and requeues the job, which resumes again and finishes
     third = tmp_path / "third.out"
     final_step = 40
     job = sbatch(slurm, third, *demo_args(pretrain_shards, **{"train.max_steps": final_step}), wait=False)
@@ -151,9 +148,10 @@ def test_pretrain_xl_runs_on_two_nodes_resumes_and_requeues_on_usr1(slurm, pretr
     assert "USR1: asking stage pretrain_xl (pid " in output
     assert f"requeueing job {job}" in output
     text = log.read_text()
+    assert f"resumed from {run_dir / 'checkpoints' / 'step_00000004'} at step 4" in text
     assert f"stop requested ({run_dir / 'STOP'})" in text
     resumed = [line for line in text.splitlines() if "resumed from" in line]
-    assert len(resumed) >= 3 and f"step_{final_step:08d}" not in resumed[-1]
+    assert len(resumed) >= 2 and f"step_{final_step:08d}" not in resumed[-1]
     assert (run_dir / "checkpoints" / "latest").read_text() == f"step_{final_step:08d}"
     assert not (run_dir / "STOP").exists()
 

@@ -53,7 +53,8 @@ TASK = register_task(TaskSpec(
     preflight=_preflight,
     predict=_predict,
     smoke_overrides=("coco.train_scales=96", "coco.max_size=160", "coco.crop_policy=false", "coco.eval_scale=160,96",
-                     "coco.rpn_proposals_train=100", "coco.rpn_proposals_test=100", "coco.roi_batch=64"),
+                     "coco.rpn_proposals_train=100", "coco.rpn_proposals_test=100", "coco.roi_batch=64",
+                     "coco.box_channels=32", "coco.mask_channels=32"),
     legacy_keys={"data": None, "ade20k": None, "optim.layer_decay_layers": "coco.layer_decay_layers"},
 ))
 
