@@ -12,9 +12,9 @@ the official checkpoints), ``decode_head`` (``psp_modules.{i}.1``, ``bottleneck`
 (``convs.{i}``, ``conv_seg``); every conv + norm + ReLU unit is ``conv``/``bn``/``activate`` like
 mmcv's ``ConvModule``.
 
-Norm layers are ``nn.BatchNorm2d``; the trainer converts to ``SyncBatchNorm`` itself (note that
-the authors' backbone keeps plain BatchNorm, ``use_sync_bn=False``; only the heads are SyncBN in
-their configs).
+Norm layers are ``nn.BatchNorm2d``; the trainer converts them to ``SyncBatchNorm`` itself with
+``model.sync_batchnorm`` (the authors' segmentation and detection configs use SyncBN in the backbone,
+``use_sync_bn=True``, and in every head ConvModule, at 2 images per GPU x 8 GPUs).
 """
 from __future__ import annotations
 

@@ -13,7 +13,7 @@ stage trains on that stage's positive RoIs; the next stage samples from the refi
 sampled RoIs (ground truth removed, then added again); at test time the stages' classification *logits*
 are averaged before the softmax (mmdet ``CascadeRoIHead.simple_test``), boxes come from the last stage,
 and all stages' mask heads run on the final boxes with their sigmoids averaged (``merge_aug_masks``).
-Known difference: torchvision's RPN loss is smooth-L1 (beta 1/9) on deltas where mmdet's base config uses L1.
+The RPN loss is smooth-L1 (beta 1/9) on deltas, as the authors' (mmdet) configs have it.
 """
 from __future__ import annotations
 
