@@ -341,3 +341,17 @@ def test_xl_preset_builds_and_runs_one_forward_backward_at_a_reduced_size():
     sum(losses.values()).backward()
     assert set(losses) == {"loss_seg", "loss_aux"} and all(torch.isfinite(v) for v in losses.values())
     assert model.backbone.stages[3][0].pwconv1[1].weight.grad is not None
+
+
+def test_presets_start_from_the_files_the_authors_configs_name():
+    """The authors' UperNet configs start S-22K, B and L from the 22K->1K 384 files and T, S-1K from the 1K ones
+    (spec: released files; the names as released, with their top-1 in them)."""
+    from pretrain.config import load_config
+
+    expected = {"ade20k_t_upernet_512_160k": "unireplknet_t_in1k_224_acc83.21.pth",
+                "ade20k_s_upernet_512_160k": "unireplknet_s_in1k_224_acc83.91.pth",
+                "ade20k_s_upernet_640_160k": "unireplknet_s_in22k_to_in1k_384_acc86.44.pth",
+                "ade20k_b_upernet_640_160k": "unireplknet_b_in22k_to_in1k_384_acc87.40.pth",
+                "ade20k_l_upernet_640_160k": "unireplknet_l_in22k_to_in1k_384_acc87.88.pth",
+                "ade20k_xl_upernet_640_160k": "unireplknet_xl_in22k_to_in1k_384_acc87.96.pth"}
+    assert {name: load_config(name, []).model.init_from for name in expected} == expected

@@ -34,17 +34,26 @@ _ADE20K_VARIANTS = {"t": (0.2, 9, 1.0, 512), "s": (0.3, 12, 0.9, 512), "b": (0.3
                     "l": (0.4, 12, 0.85, 640), "xl": (0.4, 12, 0.85, 640)}
 
 
+def _released_file(variant: str, tag: str) -> str:
+    """The file name of the authors' released backbone ``unireplknet_{variant}.{tag}`` (the model registry's)."""
+    from unireplknet.model import default_cfgs
+
+    return default_cfgs[f"unireplknet_{variant}"].cfgs[tag].hf_hub_filename
+
+
 def ade20k_upernet(variant: str, crop: int | None = None) -> Ade20kRunConfig:
     """The authors' UperNet 160k recipe: AdamW lr 1e-4, weight decay 0.05, layer-wise decay, poly (power 1)
     with 1500 warmup iterations from 1e-6, 16 images per step (2 per GPU x 8), crop 512 with resize
-    (2048, 512) or 640 with (2560, 640), whole-image evaluation every 16k iterations."""
+    (2048, 512) or 640 with (2560, 640), whole-image evaluation every 16k iterations. The backbone starts
+    from the file the authors' config names: the ImageNet-1K one at 512 (T, S), the 22K->1K 384 one at 640
+    (S-22K, B, L; XL likewise)."""
     drop_path, layers, decay, default_crop = _ADE20K_VARIANTS[variant]
     crop = crop or default_crop
     scale = (2048, 512) if crop == 512 else (2560, 640)
     return Ade20kRunConfig(
         run_dir=f"runs/ade20k_{variant}_upernet_{crop}_160k",
         model=ModelConfig(name=f"unireplknet_{variant}", drop_path_rate=drop_path,
-                          init_from=f"unireplknet_{variant}_{'in1k' if crop == 512 else 'in22k'}_pretrain.pth",
+                          init_from=_released_file(variant, "in1k" if crop == 512 else "in22k_ft_in1k_384"),
                           grad_checkpointing=variant in ("l", "xl")),
         loader=LoaderConfig(num_workers=4),
         ade20k=Ade20kConfig(data_root="data/ADEChallengeData2016", num_classes=150, crop_size=crop,
