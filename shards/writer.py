@@ -58,8 +58,10 @@ class EncodeOptions:
 
 class SampleEncoder(Protocol):
     """How a source file becomes a shard sample: ``encode(data, item)`` returns the payload stored as
-    ``KEY.<extension>`` and the fields it adds to the sample's json, or raises one of ``errors`` for a file
-    that does not decode (skipped and listed). ``options`` enters each shard's fingerprint and ``info.json``."""
+    ``KEY.<payload_extension(item)>`` and the fields it adds to the sample's json, or raises one of ``errors``
+    for a file that does not decode (skipped and listed). ``extension`` is the usual payload extension (an
+    encoder that keeps source bytes names each payload by its source's format). ``options`` enters each shard's
+    fingerprint and ``info.json``."""
 
     extension: str
     errors: tuple[type[BaseException], ...]
@@ -68,6 +70,15 @@ class SampleEncoder(Protocol):
     def options(self) -> dict[str, Any]: ...
 
     def encode(self, data: bytes, item: SourceItem) -> tuple[bytes, dict[str, Any]]: ...
+
+    def payload_extension(self, item: SourceItem) -> str: ...
+
+
+def source_extension(path: str, known: tuple[str, ...], default: str) -> str:
+    """The extension of ``path`` (lower case) when it is one of ``known``, else ``default``: the payload name of
+    an encoder that stores the source's bytes unchanged."""
+    _, dot, suffix = path.rsplit("/", 1)[-1].rpartition(".")
+    return suffix.lower() if dot and suffix.lower() in known else default
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,6 +96,9 @@ class ImageEncoder:
     def encode(self, data: bytes, item: SourceItem) -> tuple[bytes, dict[str, Any]]:
         jpeg, (width, height) = encode_image(data, self.encode_options)
         return jpeg, {"width": width, "height": height}
+
+    def payload_extension(self, item: SourceItem) -> str:
+        return self.extension  # always a JPEG
 
 
 class _ShardTask(NamedTuple):
@@ -219,12 +233,13 @@ class _ShardWriter:
                 meta = {"class": item.class_name, "label": label, "source": item.path, **fields}
                 if is_wnid(item.class_name):
                     meta["wnid"] = item.class_name
-                for extension, content in ((encoder.extension, payload), ("cls", str(label).encode()),
+                payload_extension = encoder.payload_extension(item)
+                for extension, content in ((payload_extension, payload), ("cls", str(label).encode()),
                                            ("json", json.dumps(meta).encode())):
                     member = tarfile.TarInfo(f"{key}.{extension}")
                     member.size, member.mtime, member.mode = len(content), SAMPLE_MTIME, 0o444
                     archive.addfile(member, io.BytesIO(content))
-                    if extension == encoder.extension:  # the data ends the member's padded blocks
+                    if extension == payload_extension:  # the data ends the member's padded blocks
                         padded = -(-len(content) // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
                         members.append([key, item.path, label, archive.offset - padded, len(content)])
                 count += 1

@@ -327,6 +327,46 @@ def test_kinetics_shards_keep_every_video_and_the_task_reads_them_as_the_list(da
     assert rerun.returncode == 0 and "kept 5 complete shards" in rerun.stderr, rerun.stderr[-2000:]
 
 
+def test_kinetics_shards_name_each_video_by_its_source_format(tmp_path):
+    """Kinetics ships mp4, webm and avi: each payload keeps its bytes and its source's extension (``KEY.webm``,
+    not ``KEY.mp4``), and the task reads every one back."""
+    import tarfile
+
+    import av
+
+    from finetune.video.shards import write_kinetics
+
+    root = tmp_path / "kinetics"
+    root.mkdir()
+    frames = np.random.default_rng(0).integers(0, 256, (8, 32, 32, 3), dtype=np.uint8)
+    for name, container_format, codec in (("a.mp4", "mp4", "mpeg4"), ("b.webm", "webm", "libvpx"),
+                                          ("c.AVI", "avi", "mpeg4")):
+        with av.open(str(root / name), mode="w", format=container_format) as container:
+            stream = container.add_stream(codec, rate=25)
+            stream.width, stream.height, stream.pix_fmt = 32, 32, "yuv420p"
+            for frame in frames:
+                container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+            container.mux(stream.encode())
+    (root / "train.csv").write_text("a.mp4 0\nb.webm 1\nc.AVI 0\n")
+    (root / "val.csv").write_text("b.webm 1\n")
+    write_kinetics(str(root), str(tmp_path / "out"), progress=False)
+
+    payloads = {}
+    for shard in sorted((tmp_path / "out" / "train").glob("*.tar")):
+        with tarfile.open(shard) as archive:
+            for member in archive.getmembers():
+                key, _, extension = member.name.partition(".")
+                if extension not in ("cls", "json"):
+                    payloads[extension] = archive.extractfile(member).read()
+    assert payloads == {"mp4": (root / "a.mp4").read_bytes(), "webm": (root / "b.webm").read_bytes(),
+                        "avi": (root / "c.AVI").read_bytes()}
+    sharded = read_list(str(tmp_path / "out"), "train")
+    for index, member in enumerate(sharded.members):
+        data = sharded.read(index)
+        assert data == Path(member.source).read_bytes()
+        assert decode_frames(data, member.source, lambda count: [0, count - 1]).shape[0] == 2
+
+
 def _set_epoch(train: TrainLoader, epoch: int) -> TrainLoader:
     train.set_epoch(epoch)
     return train

@@ -32,6 +32,9 @@ class AudioEncoder:
     def options(self) -> dict[str, Any]:
         return {"audio": "source bytes"}
 
+    def payload_extension(self, item: SourceItem) -> str:
+        return self.extension  # the layout lists .wav files only
+
     def encode(self, data: bytes, item: SourceItem) -> tuple[bytes, dict[str, Any]]:
         import soundfile
 

@@ -2,8 +2,9 @@
 
 ``OUT/train`` and ``OUT/val`` are each a shard set of the image writer's kind (:func:`shards.writer.write_dataset`:
 ``info.json`` with a sha256 per shard, resumable, one writer per target, videos that do not decode skipped and
-listed), one ``KEY.mp4`` (the source bytes, unchanged, whatever their container: ``container`` in the json
-names it), ``KEY.cls`` and ``KEY.json`` (label, listed path, frame count, size, container) per video; class
+listed), one ``KEY.mp4`` / ``.webm`` / ``.avi`` / ``.mkv`` / ``.mov`` (the source bytes, unchanged, named by the
+source file's extension; ``.mp4`` for any other name), ``KEY.cls`` and ``KEY.json`` (label, listed path, frame
+count, size, ``container`` as FFmpeg names it) per video; class
 ``i`` is label ``i`` of the lists. The video task reads ``OUT`` like the list layout (``--data OUT``): each video
 is one ranged read of its shard (the writer's manifests give its offset).
 """
@@ -14,11 +15,14 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 from shards.sources import SourceItem
-from shards.writer import write_splits
+from shards.writer import source_extension, write_splits
 
 from .data import SPLITS, _frame_count, decode_frames, read_bytes, read_list
 
-__all__ = ["KineticsSource", "VideoEncoder", "write_kinetics"]
+__all__ = ["KineticsSource", "VIDEO_EXTENSIONS", "VideoEncoder", "write_kinetics"]
+
+VIDEO_EXTENSIONS = ("mp4", "webm", "avi", "mkv", "mov")
+"""Source extensions a shard payload keeps as its name (Kinetics ships mp4, webm and avi)."""
 
 @dataclass(frozen=True, slots=True)
 class VideoEncoder:
@@ -30,6 +34,9 @@ class VideoEncoder:
     @property
     def options(self) -> dict[str, Any]:
         return {"video": "source bytes"}
+
+    def payload_extension(self, item: SourceItem) -> str:
+        return source_extension(item.path, VIDEO_EXTENSIONS, self.extension)
 
     def encode(self, data: bytes, item: SourceItem) -> tuple[bytes, dict[str, Any]]:
         import av
