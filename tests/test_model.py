@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 import unireplknet
 from unireplknet import CheckpointMismatchError, UniRepLKNet, export_official, load_official
+from unireplknet.checkpoint import read_state_dict
 from unireplknet.model import DILATED_BRANCHES, VARIANTS
 from unireplknet.tools import max_relative_difference, randomize_statistics
 
@@ -284,6 +285,45 @@ def test_checkpoint_is_loaded_weights_only(tmp_path):
     torch.save({"model": export_official(small_model("a")), "object": object()}, path)
     with pytest.raises(Exception, match="(?i)weights only|weights_only|unsupported"):
         load_official(small_model("a"), path)
+
+
+def _as_numpy1_pickle(path):
+    """Rewrite a ``torch.save`` file so its pickle names numpy's scalar as numpy 1.x wrote it
+    (``numpy.core.multiarray``), as in the authors' mmcv files of 2023."""
+    import zipfile
+
+    with zipfile.ZipFile(path) as archive:
+        entries = {info: archive.read(info) for info in archive.infolist()}
+    with zipfile.ZipFile(path, "w") as archive:
+        for info, data in entries.items():
+            if info.filename.endswith("data.pkl"):
+                assert b"numpy._core.multiarray" in data
+                data = data.replace(b"numpy._core.multiarray", b"numpy.core.multiarray")
+            archive.writestr(info, data)
+
+
+@pytest.mark.parametrize("numpy1", [False, True], ids=["numpy2-names", "numpy1-names"])
+def test_an_mmcv_container_with_numpy_scalars_in_meta_loads_weights_only(tmp_path, numpy1):
+    """mmcv's ``{"meta", "state_dict", "optimizer"}`` with numpy scalars in ``meta`` (``save_best``) loads with
+    the numpy-scalar allow-list; an array or any other object in the same place is still refused."""
+    import numpy as np
+
+    model = small_model("a")
+    weights = {f"backbone.{k}": v for k, v in export_official(model).items()}
+    meta = {"epoch": 160, "hook_msgs": {"best_score": np.float64(0.4856), "best_iter": np.int64(160000)},
+            "scale": np.float32(0.5)}
+    path = tmp_path / "upernet.pth"
+    torch.save({"meta": meta, "state_dict": weights, "optimizer": {"state": {}, "param_groups": []}}, path)
+    if numpy1:
+        _as_numpy1_pickle(path)
+    loaded = read_state_dict(path)
+    assert loaded.keys() == export_official(model).keys()
+    with pytest.raises(Exception, match="(?i)weights only|weights_only|unsupported"):
+        torch.load(path, weights_only=True)  # what plain weights-only loading says about the same file
+    for unsafe in (np.arange(3), object()):
+        torch.save({"meta": {"extra": unsafe}, "state_dict": weights}, tmp_path / "unsafe.pth")
+        with pytest.raises(Exception, match="(?i)weights only|weights_only|unsupported"):
+            read_state_dict(tmp_path / "unsafe.pth")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -18,7 +18,8 @@ import torch.nn as nn
 
 from .model import DilatedReparamBlock, UniRepLKNet
 
-__all__ = ["CheckpointMismatchError", "load_official", "export_official", "read_state_dict", "load_pretrained"]
+__all__ = ["CheckpointMismatchError", "load_official", "export_official", "read_state_dict", "load_pretrained",
+           "released_file_globals"]
 
 _logger = logging.getLogger(__name__)
 
@@ -30,14 +31,29 @@ class CheckpointMismatchError(RuntimeError):
     """Keys or shapes of a checkpoint do not match the model; the message lists them."""
 
 
+def released_file_globals() -> list:
+    """What the authors' mmcv containers pickle besides tensors, for ``torch.load(weights_only=True)``: mmcv
+    stores numpy scalars in ``meta`` (``hook_msgs.best_score`` with ``save_best``). Allowed: numpy's scalar
+    constructor under its numpy 1 and numpy 2 names, ``np.dtype`` and the numeric dtype classes; nothing that
+    runs code, no arrays, no other type."""
+    import numpy as np
+
+    scalar = np._core.multiarray.scalar if hasattr(np, "_core") else np.core.multiarray.scalar
+    dtype_classes = {type(np.dtype(code)) for code in "?bhilqBHILQefdgFDG"}
+    return [(scalar, "numpy.core.multiarray.scalar"), (scalar, "numpy._core.multiarray.scalar"), np.dtype,
+            *sorted(dtype_classes, key=lambda cls: cls.__name__)]
+
+
 def read_state_dict(path_or_state_dict: str | os.PathLike | Mapping[str, Any]) -> dict[str, torch.Tensor]:
-    """Read a state dict from a file (``weights_only=True``) or a mapping, unwrapping ``{"model": ...}``."""
+    """Read a state dict from a file (``weights_only=True``, numpy scalars allowed: :func:`released_file_globals`)
+    or a mapping, unwrapping ``{"model": ...}`` and mmcv's ``{"meta": ..., "state_dict": ...}``."""
     if isinstance(path_or_state_dict, (str, os.PathLike)):
         path = os.fspath(path_or_state_dict)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"checkpoint file not found: {path}")
         try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+            with torch.serialization.safe_globals(released_file_globals()):
+                obj = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as error:  # EOFError, UnpicklingError, RuntimeError (zip reader), ...
             raise CheckpointMismatchError(
                 f"{path} is not a PyTorch checkpoint that loads with weights_only=True "
