@@ -63,6 +63,7 @@ __all__ = [
     "find_checkpoint",
     "load_checkpoint",
     "read_manifest",
+    "read_rank_state",
     "read_rank_states",
     "read_saved_config",
     "resume_rules",
@@ -513,7 +514,7 @@ def _choose(root: str, resume: str, world_size: int | None, config: dict | None,
     """Rank 0's decision: the folder to resume from (None: start at step 0) and warnings to log.
     ``world_size`` / ``config`` None: any world size and settings (export). Every file of the folder
     chosen matches its manifest (size and sha256). The saved config is compared with ``config`` in
-    today's layout (:func:`pretrain.config.upgrade_config_dict`)."""
+    today's layout (:func:`pretrain.upgrade.upgrade_config_dict`)."""
     warnings: list[str] = []
     if resume == "none":
         return None, warnings
@@ -561,7 +562,8 @@ def _choose(root: str, resume: str, world_size: int | None, config: dict | None,
                               "(python -m pretrain export) and start a new run with model.init_from")
     saved = read_saved_config(folder) if config is not None else None
     if saved is not None:
-        from .config import ConfigError, upgrade_config_dict
+        from .config import ConfigError
+        from .upgrade import upgrade_config_dict
 
         try:  # moved keys put where they live now, keys added since at their defaults: only real changes count
             saved = upgrade_config_dict(saved)
@@ -723,6 +725,11 @@ def read_rank_states(folder: str) -> list[dict]:
     """Every rank's trainer state in a checkpoint folder, in rank order (weights-only loading)."""
     names = sorted(n for n in os.listdir(folder) if re.fullmatch(r"trainer_rank\d+\.pt", n))
     return [_load_rank_file(os.path.join(folder, n)) for n in names]
+
+
+def read_rank_state(folder: str, rank: int) -> dict:
+    """Rank ``rank``'s trainer state in a checkpoint folder (weights-only loading)."""
+    return _load_rank_file(os.path.join(folder, _RANK_FILE.format(rank=rank)))
 
 
 def consolidated_state_dict(folder: str) -> dict[str, torch.Tensor]:

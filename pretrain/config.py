@@ -9,7 +9,7 @@ task. ``--set section.key=value`` overrides are parsed against the field's annot
 whose message starts with the dotted key and says what was expected.
 
 A saved config (``config.json``) holds only the run's own sections. Configs saved by earlier
-versions (which carried every task's section) are upgraded when read: :func:`upgrade_config_dict`.
+versions (which carried every task's section) are upgraded when read: :mod:`pretrain.upgrade`.
 """
 from __future__ import annotations
 
@@ -22,6 +22,8 @@ import types
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Literal
+
+from .upgrade import LEGACY_KEYS, moved_to_today
 
 __all__ = [
     "CheckpointConfig",
@@ -41,7 +43,6 @@ __all__ = [
     "off_words_to_empty",
     "positive",
     "save_config",
-    "upgrade_config_dict",
     "validate",
 ]
 
@@ -499,60 +500,12 @@ def _dataclass_from_dict(cls, values: dict, prefix: str = ""):
     return cls(**{name: _coerce(prefix + name, value, known[name]) for name, value in values.items()})
 
 
-LEGACY_TASK = "classification"
-"""The task of a saved config written before configs named their task (the trainer's first task)."""
-LEGACY_KEYS: dict[str, str | None] = {"data.num_workers": "loader.num_workers",
-                                      "data.eval_incomplete": "loader.eval_incomplete"}
-"""Core keys of earlier versions -> their key now: applied to saved configs and to ``--set`` (with a warning)."""
-
-
-def _move_key(values: dict, old: str, new: str | None) -> None:
-    """Move (or drop, ``new`` None) the dotted key ``old`` of nested ``values``, in place."""
-    *path, last = old.split(".")
-    holder = values
-    for part in path:
-        holder = holder.get(part)
-        if not isinstance(holder, dict):
-            return
-    if last not in holder:
-        return
-    value = holder.pop(last)
-    if new is None:
-        return
-    *path, last = new.split(".")
-    holder = values
-    for part in path:
-        holder = holder.setdefault(part, {})
-    holder.setdefault(last, value)
-
-
-def upgrade_config_dict(values: dict) -> dict:
-    """A saved config in today's layout: earlier versions wrote every task's section on every run and a few
-    keys elsewhere (``data.num_workers``); this moves or drops them by the core's and the task's
-    ``legacy_keys``, and gives keys added since their defaults (the promise a new key keeps: its default is the
-    earlier behaviour). Today's configs pass through unchanged. Returns a new dict."""
-    from .registry import UnknownTaskError, get_task
-
-    values = json.loads(json.dumps(values))
-    values.setdefault("task", LEGACY_TASK)
-    try:
-        spec = get_task(values["task"])
-    except UnknownTaskError as error:
-        raise ConfigError("task", str(error)) from None
-    for old, new in {**LEGACY_KEYS, **spec.legacy_keys}.items():
-        _move_key(values, old, new)
-    for section in list(values):  # a section emptied by the moves above (e.g. ``data`` of a dense run)
-        if values[section] == {}:
-            del values[section]
-    return config_to_dict(_dataclass_from_dict(spec.config_class, values))
-
-
 def config_from_dict(values: dict) -> Config:
     """Build the task's Config from nested plain values (as written by :func:`config_to_dict`, by this version
-    or an earlier one); not yet validated."""
+    or an earlier one: :mod:`pretrain.upgrade`; keys added since take their defaults); not yet validated."""
     from .registry import get_task
 
-    values = upgrade_config_dict(values)
+    values = moved_to_today(values)
     return _dataclass_from_dict(get_task(values["task"]).config_class, values)
 
 

@@ -326,8 +326,7 @@ class Trainer:
                         self._keep_if_best(self.evaluate())
             finally:
                 progress.close()
-            if self.last_checkpoint is None or not self.last_checkpoint.endswith(ckpt.tag_of_step(self.step)):
-                self.save()
+            self._save_unless_saved()
             results = {} if self.stopping else self.evaluate()
             self._keep_if_best(results)
             if results and not self.stopping:
@@ -486,8 +485,8 @@ class Trainer:
         weights = contextlib.nullcontext()
         if self.best is not None and self.best.step != self.step:  # the best evaluation's weights (and EMA)
             folder = os.path.join(self.checkpoint_root, ckpt.tag_of_step(self.best.step))
-            state = ckpt.read_rank_states(folder)[self.world.rank]
-            weights = weights_of(self.engine.module, ckpt.consolidated_state_dict(folder), self.ema, state["ema"])
+            ema_state = ckpt.read_rank_state(folder, self.world.rank)["ema"] if self.ema is not None else None
+            weights = weights_of(self.engine.module, ckpt.consolidated_state_dict(folder), self.ema, ema_state)
             _logger.info("the test set is scored with the weights of step %d (best %s %.4g), not step %d's",
                          self.best.step, self.best.metric, self.best.value, self.step)
         with weights, averaged_batchnorm_buffers(self.engine.module):
@@ -505,8 +504,7 @@ class Trainer:
         value = float(results[cfg.best_metric])
         if self.best is not None and not self.best.beaten_by(value):
             return
-        if self.last_checkpoint is None or not self.last_checkpoint.endswith(ckpt.tag_of_step(self.step)):
-            self.save()
+        self._save_unless_saved()
         self.best = Best(cfg.best_metric, cfg.best_mode, value, self.step)
         if self.world.is_main:
             write_best(self.checkpoint_root, self.best)
@@ -591,6 +589,11 @@ class Trainer:
         finally:
             self.engine.train()
         return evaluator.compute(self.world)
+
+    def _save_unless_saved(self) -> None:
+        """A checkpoint of this step, unless the last one saved (or resumed from) is of this step."""
+        if self.last_checkpoint is None or not self.last_checkpoint.endswith(ckpt.tag_of_step(self.step)):
+            self.save()
 
     def save(self) -> str:
         """A complete checkpoint of this step. The model holds the BatchNorm statistics averaged over

@@ -113,7 +113,8 @@ configs name (the 1K 224 files at 512, the 22K->1K 384 files at 640), not from n
 
 def test_the_previous_release_presets_upgrade_to_todays(previous_release):
     """Every preset of the previous release, saved as it saved it and read by today's code, is today's preset."""
-    from pretrain.config import all_presets, config_to_dict, upgrade_config_dict
+    from pretrain.config import all_presets, config_to_dict
+    from pretrain.upgrade import upgrade_config_dict
 
     env = {k: v for k, v in os.environ.items() if k != "UNIREPLKNET_TASKS"}
     env["PYTHONPATH"] = str(previous_release)
