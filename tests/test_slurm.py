@@ -132,7 +132,7 @@ def test_pretrain_xl_runs_on_two_nodes_resumes_and_requeues_on_usr1(slurm, pretr
     # the next submission resumes from the first one's checkpoint; USR1 (Slurm's warning before the time limit)
     # checkpoints it and requeues the job, which resumes again and finishes
     third = tmp_path / "third.out"
-    final_step = 40
+    final_step = 24
     job = sbatch(slurm, third, *demo_args(pretrain_shards, **{"train.max_steps": final_step}), wait=False)
     wait_for(lambda: log.exists() and "step 8/" in log.read_text(), 300, "the third job to train")
     slurm.run("scancel", "--signal=USR1", "--batch", job)

@@ -5,8 +5,8 @@ out-of-tree toy task ``bars`` (``tests/plugins/toy_task.py``, found through ``UN
 task's demo preset, shrunk by its ``smoke_overrides``, must
 - validate and print only its own sections in a dry run (``python -m pretrain`` and ``python -m finetune``),
 - train a few steps and evaluate every sample of its evaluation set,
-- resume exactly after SIGKILL and after SIGTERM sent twice to the process group (exit 75), ending with the
-  weights of an uninterrupted run,
+- resume exactly after SIGTERM sent twice to the process group (exit 75) and then after SIGKILL, ending with
+  the weights of an uninterrupted run,
 - evaluate on 2 ranks exactly as on 1,
 - export weights that load into the task's model.
 A new task gets these tests by registering.
@@ -178,44 +178,48 @@ def test_trains_and_evaluates_every_sample(name, reference):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", TASKS)
-def test_sigkill_then_rerun_ends_with_the_uninterrupted_weights(name, reference, data_dirs, tmp_path):
-    run_dir = tmp_path / "run"
-    args = command(name, data_dirs, run_dir)
-    process = subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                               start_new_session=True, env=plugin_env())
-    latest = run_dir / "checkpoints" / "latest"
-    wait_for(lambda: latest.exists() and latest.read_text().strip() == "step_00000002", process,
-             "the checkpoint of step 2")
-    os.killpg(process.pid, signal.SIGKILL)
-    process.communicate(timeout=60)
-    rerun = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=600, env=plugin_env())
-    assert rerun.returncode == 0, rerun.stderr[-3000:]
-    assert "resumed from" in (run_dir / "train.log").read_text()
-    assert_same_weights(final_weights(run_dir), final_weights(reference[0]))
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("name", TASKS)
-def test_sigterm_twice_to_the_process_group_exits_75_and_the_rerun_resumes_exactly(name, reference, data_dirs,
-                                                                                    tmp_path):
+def test_sigterm_twice_then_sigkill_then_rerun_ends_with_the_uninterrupted_weights(name, reference, data_dirs,
+                                                                                 tmp_path):
+    """One run directory preempted both ways clusters do it: SIGTERM sent twice to the process group (exit 75
+    after a checkpoint, off the schedule when it stops at step 1), then the rerun SIGKILLed as soon as it has
+    resumed (no chance to save), then a last rerun ends with the uninterrupted run's weights, bit for bit.
+    A loader worker in every run, as in the reference (a stream's batches depend on the worker count)."""
+    from pretrain.checkpoint import find_checkpoint
     from pretrain.train import REQUEUE_EXIT_CODE
 
     run_dir = tmp_path / "run"
     args = command(name, data_dirs, run_dir)
-    process = subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                               start_new_session=True, env=plugin_env())
     log = run_dir / "train.log"
-    wait_for(lambda: log.exists() and "step 1/" in log.read_text(), process, "step 1 in the log")
-    os.killpg(process.pid, signal.SIGTERM)
+
+    def start() -> subprocess.Popen:
+        return subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True, env=plugin_env())
+
+    def last_checkpoint() -> str:
+        return Path(find_checkpoint(str(run_dir / "checkpoints"))).name
+
+    stopped = start()
+    wait_for(lambda: log.exists() and "step 1/" in log.read_text(), stopped, "step 1 in the log")
+    os.killpg(stopped.pid, signal.SIGTERM)
     time.sleep(0.3)
-    os.killpg(process.pid, signal.SIGTERM)
-    output, _ = process.communicate(timeout=300)
-    assert process.returncode == REQUEUE_EXIT_CODE, output[-3000:]
-    saved = sorted(p.name for p in (run_dir / "checkpoints").iterdir() if p.name.startswith("step_"))
-    assert saved and saved[-1] != f"step_{STEPS:08d}", saved
+    os.killpg(stopped.pid, signal.SIGTERM)
+    output, _ = stopped.communicate(timeout=300)
+    assert stopped.returncode == REQUEUE_EXIT_CODE, output[-3000:]
+    saved = last_checkpoint()
+    assert saved < f"step_{STEPS:08d}", saved
+
+    killed = start()
+    resumed = f"resumed from {run_dir / 'checkpoints' / saved}"
+    wait_for(lambda: resumed in log.read_text(), killed, "the rerun's resume")
+    os.killpg(killed.pid, signal.SIGKILL)
+    killed.communicate(timeout=60)
+    complete = last_checkpoint()
+    assert complete < f"step_{STEPS:08d}", f"the rerun finished ({complete}) before it was killed"
+
     rerun = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=600, env=plugin_env())
     assert rerun.returncode == 0, rerun.stderr[-3000:]
-    assert f"resumed from {run_dir / 'checkpoints' / saved[-1]}" in log.read_text()
+    assert log.read_text().count("resumed from") == 2
+    assert f"resumed from {run_dir / 'checkpoints' / complete}" in log.read_text().split(resumed, 1)[1]
     assert_same_weights(final_weights(run_dir), final_weights(reference[0]))
 
 
