@@ -1,5 +1,6 @@
 """``python -m finetune TASK --config PRESET --data ROOT [--init CKPT] [--set key=value ...]``, and ``presets``,
-``make-demo-data TASK OUT``, ``predict RUN_DIR IMAGE...``, ``bench --config PRESET``.
+``make-demo-data TASK OUT``, ``predict RUN_DIR IMAGE...``, ``export-onnx RUN_OR_FILE OUT.onnx``,
+``bench --config PRESET``.
 
 Every fine-tuning task registered with the trainer (``pretrain.registry``) is a command here.
 """
@@ -23,6 +24,9 @@ examples:
   python -m finetune ade20k --config ade20k_demo --init runs/pipeline_demo/export/export/backbone.pth
   python -m finetune coco --config coco_demo                         # tiny Cascade Mask R-CNN, CPU, minutes
   python -m finetune predict runs/ade20k_demo photo.jpg --out predictions/
+  python -m finetune export-onnx runs/ade20k_demo upernet.onnx       # any batch, height and width
+  python -m finetune export-onnx upernet_unireplknet_t_512_160k_ade20k_miou48.56.pth upernet_t.onnx \\
+      --config ade20k_t_upernet_512_160k
   python -m finetune bench --config coco_xl_cascade_3x               # one training step: s/iter, peak memory
   python -m finetune coco --config coco_xl_cascade_3x --data /data/coco \\
       --init unireplknet_xl_in22k_pretrain.pth --set launch.launcher=torchrun launch.num_workers=8
@@ -32,6 +36,8 @@ checkpoint when rerun); exit status 0 done, 75 preempted after saving (rerun to 
 Tasks defined outside this project: list their modules in UNIREPLKNET_TASKS (or declare the entry point
 group "unireplknet.tasks" in their package).
 predict: stdout lists the PNGs written, stderr names each image it could not read (exit status 1), 2 a bad run.
+export-onnx: prints a JSON summary (onnxruntime vs torch difference included); exit status 1 when they differ by
+more than --tolerance (nothing kept), 2 a bad run, file or config.
 """
 
 
@@ -45,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m finetune", description=__doc__, epilog=_EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True,
-                                     metavar="{" + ",".join([*tasks, "make-demo-data", "predict", "presets", "bench"]) + "}")
+                                     metavar="{" + ",".join([*tasks, "make-demo-data", "predict", "export-onnx", "presets", "bench"]) + "}")
     for name, spec in tasks.items():
         sub = commands.add_parser(name, help=spec.summary, epilog=_EPILOG,
                                   formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -75,6 +81,22 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--checkpoint", default="latest", help="latest (default) or a checkpoint folder")
     predict.add_argument("--ema", action="store_true", help="use the EMA weights")
     predict.add_argument("--min-score", type=float, default=0.3, help="detection: draw boxes scoring at least this")
+    onnx = commands.add_parser(
+        "export-onnx", help="a fine-tuned model as ONNX (inference structure), checked with onnxruntime",
+        description="Re-parameterize the backbone, export the model with a dynamic batch (and, for dense tasks, "
+                    "dynamic height and width), run the file in onnxruntime on CPU against torch and keep it only "
+                    "when they agree. TensorRT: `trtexec --onnx=OUT.onnx --saveEngine=OUT.plan` (README).")
+    onnx.add_argument("source", metavar="RUN_OR_FILE",
+                      help="a run directory, or a whole model's weights file (the authors' mmseg layout) with --config")
+    onnx.add_argument("out", help="the .onnx file to write")
+    onnx.add_argument("--config", default=None, help="preset or JSON config of a weights file's model")
+    onnx.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                      help="overrides of --config (e.g. ade20k.crop_size=640: the export's example size)")
+    onnx.add_argument("--checkpoint", default="latest", help="of a run directory: latest (default) or a folder")
+    onnx.add_argument("--ema", action="store_true", help="of a run directory: the EMA weights")
+    onnx.add_argument("--fixed-size", action="store_true", help="height and width fixed at the task's input size")
+    onnx.add_argument("--tolerance", type=float, default=None,
+                      help="largest accepted max|onnx - torch| / max|torch| (default 1e-4)")
     commands.add_parser("presets", help="list every task's presets")
     commands.add_parser("bench", add_help=False, help="time training steps of a preset on synthetic data "
                         "(`python -m pretrain bench`; bench --help)")
@@ -108,6 +130,28 @@ def make_demo_data(spec: TaskSpec, out: str, train_images: int | None, val_image
     spec.write_demo_data(out, seed=seed, **sizes)
 
 
+def export_onnx_command(args: argparse.Namespace) -> int:
+    from pretrain.checkpoint import CheckpointError
+    from unireplknet.checkpoint import CheckpointMismatchError
+
+    from .export_onnx import ONNX_TOLERANCE, export_task_onnx
+
+    try:
+        with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed prints on import; stdout is the summary
+            summary = export_task_onnx(args.source, args.out, config_name=args.config, overrides=args.overrides,
+                                       checkpoint=args.checkpoint, ema=args.ema,
+                                       dynamic_size=False if args.fixed_size else None,
+                                       tolerance=ONNX_TOLERANCE if args.tolerance is None else args.tolerance)
+    except (ConfigError, CheckpointError, CheckpointMismatchError, FileNotFoundError, ValueError, ImportError) as error:
+        print(f"export-onnx error: {error}", file=sys.stderr)
+        return 2
+    except RuntimeError as error:
+        print(f"export-onnx: {error}", file=sys.stderr)
+        return 1
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["bench"]:
@@ -133,6 +177,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"predict: skipped {path}: {why}", file=sys.stderr)
         print("\n".join(result.written))
         return 1 if result.failed else 0
+    if args.command == "export-onnx":
+        return export_onnx_command(args)
     if args.command == "make-demo-data":
         spec = registered_tasks()[args.task]
         make_demo_data(spec, args.out, args.train_images, args.val_images, args.seed)

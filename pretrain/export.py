@@ -11,7 +11,7 @@ from .config import config_from_dict, validate
 from .ema import consolidate_ema
 from .task import build_task
 
-__all__ = ["REPARAM_TOLERANCE", "export_checkpoint"]
+__all__ = ["REPARAM_TOLERANCE", "export_checkpoint", "reparameterized_model"]
 
 REPARAM_TOLERANCE = 1e-8
 """Largest max|logit diff| / max|logit| (float64, random batch) accepted when exporting re-parameterized."""
@@ -60,7 +60,7 @@ def export_checkpoint(run_dir: str, out_path: str, *, checkpoint: str = "latest"
     reparam_error = None
     if reparameterize:
         model.eval()
-        model, reparam_error = _reparameterized(model, task.input_shape())
+        model, reparam_error = reparameterized_model(model, task.input_shape())
         if reparam_error > REPARAM_TOLERANCE:
             raise RuntimeError(f"re-parameterization changed the outputs by {reparam_error:.3g} (relative, float64; "
                                f"tolerance {REPARAM_TOLERANCE:g}): not writing {out_path}")
@@ -76,7 +76,7 @@ def export_checkpoint(run_dir: str, out_path: str, *, checkpoint: str = "latest"
     return summary
 
 
-def _reparameterized(model, input_shape: tuple[int, ...]):
+def reparameterized_model(model, input_shape: tuple[int, ...]):
     """``model`` with its UniRepLKNet (the model itself, or its backbone) in the inference structure, verified in
     float64 on a random batch of the task's input shape; and the relative difference of the backbone's outputs."""
     import unireplknet

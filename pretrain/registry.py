@@ -91,6 +91,10 @@ class TaskSpec:
     """``predict(config, model, images, out_dir, **options)`` -> written files (``python -m finetune predict``)."""
     smoke_overrides: tuple[str, ...] = ()
     """Overrides that shrink ``demo_preset`` to seconds per step (the conformance tests)."""
+    onnx_dynamic_size: bool = False
+    """``export-onnx``: the model takes any height and width (dense prediction), and so does the exported graph."""
+    onnx_unsupported: str = ""
+    """Why ``export-onnx`` refuses the task's model; empty: it exports (one image tensor in, tensors out)."""
     legacy_keys: Mapping[str, str | None] = field(default_factory=dict)
     """Keys of configs saved by earlier versions -> their key now (None: dropped), applied when loading."""
 

@@ -8,7 +8,7 @@ task's demo preset, shrunk by its ``smoke_overrides``, must
 - resume exactly after SIGTERM sent twice to the process group (exit 75) and then after SIGKILL, ending with
   the weights of an uninterrupted run,
 - evaluate on 2 ranks exactly as on 1,
-- export weights that load into the task's model.
+- export weights that load into the task's model, and ONNX that runs as torch does (or say why not).
 A new task gets these tests by registering.
 """
 from __future__ import annotations
@@ -265,6 +265,25 @@ def test_export_reparameterized_is_verified_at_the_tasks_input_shape(name, refer
     assert summary["reparameterized"] and summary["reparam_max_rel_diff"] <= REPARAM_TOLERANCE
     state = torch.load(tmp_path / "deploy.pth", weights_only=True)
     assert any(key.endswith("lk_origin.weight") for key in state) and not any(".origin_bn." in key for key in state)
+
+
+@pytest.mark.parametrize("name", TASKS)
+def test_export_onnx_runs_in_onnxruntime_as_in_torch_or_says_why_not(name, reference, tmp_path):
+    """``python -m finetune export-onnx RUN_DIR``'s function: the re-parameterized model as ONNX, any batch size
+    (dense tasks: any height and width too), onnxruntime's outputs within 1e-4 of torch's; a task whose model
+    does not export says why and writes nothing."""
+    pytest.importorskip("onnxruntime")
+    from finetune.export_onnx import ONNX_TOLERANCE, export_task_onnx
+
+    spec, out = registered_tasks()[name], tmp_path / "model.onnx"
+    if spec.onnx_unsupported:
+        with pytest.raises(ValueError, match=f"task {name} has no ONNX export: "):
+            export_task_onnx(str(reference[0]), str(out))
+        assert not out.exists()
+        return
+    summary = export_task_onnx(str(reference[0]), str(out))
+    assert out.is_file() and summary["task"] == name and summary["max_rel_diff"] <= ONNX_TOLERANCE
+    assert summary["dynamic_dims"] == ([0, 2, 3] if spec.onnx_dynamic_size else [0])
 
 
 @pytest.mark.parametrize("name", TASKS)

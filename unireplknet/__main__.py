@@ -1,8 +1,9 @@
-"""Command line: ``python -m unireplknet {reparam,info,demo} ...``; ``--help`` on each for details."""
+"""Command line: ``python -m unireplknet {reparam,export-onnx,info,demo,bench} ...``; ``--help`` on each for details."""
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 
@@ -22,28 +23,37 @@ def _model_name(value: str) -> str:
     return value
 
 
-def cmd_reparam(args: argparse.Namespace) -> int:
-    """Convert a training-structure checkpoint to the inference structure, verify, then write it."""
-    try:
-        state_dict = read_state_dict(args.input)
-    except (FileNotFoundError, CheckpointMismatchError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+def _load_classifier(path: str, model_name: str):
+    """(model, structure) of a UniRepLKNet classifier file, in the training or the inference structure."""
+    state_dict = read_state_dict(path)
     stem = state_dict.get("downsample_layers.0.0.weight")
     if stem is None or stem.dim() != 4:
         first = ", ".join(list(state_dict)[:4]) or "none"
-        print(f"error: {args.input} is not a UniRepLKNet checkpoint: no stem convolution "
-              f"'downsample_layers.0.0.weight' (its first keys: {first})", file=sys.stderr)
-        return 2
+        raise CheckpointMismatchError(f"{path} is not a UniRepLKNet checkpoint: no stem convolution "
+                                      f"'downsample_layers.0.0.weight' (its first keys: {first})")
     head = state_dict.get("head.weight")
-    num_classes = head.shape[0] if head is not None else 0
-    model = timm.create_model(args.model, num_classes=num_classes, in_chans=stem.shape[1])
+    training = any(k.endswith(("origin_bn.running_var", "pwconv2.2.running_var")) for k in state_dict)
+    model = timm.create_model(model_name, num_classes=head.shape[0] if head is not None else 0,
+                              in_chans=stem.shape[1], deploy=not training)
     try:
         load_official(model, state_dict)
     except CheckpointMismatchError as error:
-        print(f"error: {args.input} does not fit {args.model}: {error}", file=sys.stderr)
+        raise CheckpointMismatchError(f"{path} does not fit {model_name}: {error}") from None
+    return model, "training" if training else "inference"
+
+
+def cmd_reparam(args: argparse.Namespace) -> int:
+    """Convert a training-structure checkpoint to the inference structure, verify, then write it."""
+    try:
+        model, structure = _load_classifier(args.input, args.model)
+    except (FileNotFoundError, CheckpointMismatchError) as error:
+        print(f"error: {error}", file=sys.stderr)
         return 2
-    print(f"loaded {args.input} into {args.model} (training structure, {num_classes} classes, {stem.shape[1]} input channels)")
+    if structure == "inference":
+        print(f"error: {args.input} is already in the inference structure: nothing to convert", file=sys.stderr)
+        return 2
+    num_classes, in_chans = model.num_classes, model.in_chans
+    print(f"loaded {args.input} into {args.model} (training structure, {num_classes} classes, {in_chans} input channels)")
     start = time.perf_counter()
     deployed, error = verify_reparameterization(model, args.img_size, args.batch_size, dtype=torch.float64)
     print(f"re-parameterized and checked on a random batch of {args.batch_size} at {args.img_size}px in float64: "
@@ -53,6 +63,40 @@ def cmd_reparam(args: argparse.Namespace) -> int:
         return 1
     atomic_save(export_official(deployed.float(), inference_keys=args.keys), args.output)
     print(f"wrote {args.output} ({sum(p.numel() for p in deployed.parameters()):,} parameters, inference structure)")
+    return 0
+
+
+def cmd_export_onnx(args: argparse.Namespace) -> int:
+    """Write a classifier as ONNX in the inference structure, with a dynamic batch, and check the file in
+    onnxruntime (CPU) against torch; nothing is kept when they differ by more than --tolerance."""
+    from .onnx_export import _require, check_onnx, export_onnx
+
+    try:
+        _require("onnx", "onnxscript", "onnxruntime")
+        model, structure = _load_classifier(args.input, args.model)
+    except (FileNotFoundError, CheckpointMismatchError, ImportError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    model.eval()
+    if structure == "training":
+        model, error = verify_reparameterization(model, args.img_size, 2, dtype=torch.float64)
+        print(f"re-parameterized {args.input}: max|logit diff| / max|logit| = {error:.3e} (float64)")
+        if error > 1e-6:
+            print(f"error: re-parameterization changed the outputs by {error:.3e}; nothing written", file=sys.stderr)
+            return 1
+    model = model.float().eval()
+    generator = torch.Generator().manual_seed(0)
+    shape = (model.in_chans, args.img_size, args.img_size)
+    exported = export_onnx(model, torch.randn(1, *shape, generator=generator), args.output)
+    error = check_onnx(exported, model, [torch.randn(batch, *shape, generator=generator) for batch in (1, 3)])
+    print(f"onnxruntime vs torch at batch 1 and 3, {args.img_size}px: max|diff| / max|logit| = {error:.3e}")
+    if error > args.tolerance:
+        os.remove(args.output)
+        print(f"error: difference {error:.3e} exceeds --tolerance {args.tolerance:.1e}; {args.output} removed",
+              file=sys.stderr)
+        return 1
+    print(f"wrote {args.output} (input 'images' N x {shape[0]} x {args.img_size} x {args.img_size}, any N; "
+          "output 'logits'); TensorRT: trtexec --onnx=" + args.output)
     return 0
 
 
@@ -128,6 +172,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="large-kernel (kernel >= 7) key names: 'deploy' (dwconv.lk_origin.weight/bias, what the "
                         "authors' deploy=True constructor loads; default) or 'flat' (dwconv.weight/bias)")
     p.set_defaults(func=cmd_reparam)
+
+    p = sub.add_parser("export-onnx", help="a classifier as ONNX (inference structure), checked with onnxruntime",
+                       description=cmd_export_onnx.__doc__ + " The input may be in the training or the inference "
+                       "structure (the authors' released files, `reparam` and `pretrain export` outputs).")
+    p.add_argument("input", help="classifier checkpoint (.pth)")
+    p.add_argument("output", help="the .onnx file to write")
+    p.add_argument("--model", type=_model_name, required=True, help="architecture, e.g. unireplknet_xl")
+    p.add_argument("--img-size", type=int, default=224, help="the example's size (default 224; 384 for the "
+                   "22K->1K 384 files); the check runs at it")
+    p.add_argument("--tolerance", type=float, default=1e-4,
+                   help="largest accepted max|onnx - torch| / max|torch| in float32 (default 1e-4)")
+    p.set_defaults(func=cmd_export_onnx)
 
     p = sub.add_parser("info", help="parameters, FLOPs and forward memory of a model",
                        description=cmd_info.__doc__ + " Measured on the meta device: nothing is allocated.")

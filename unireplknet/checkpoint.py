@@ -25,6 +25,8 @@ _logger = logging.getLogger(__name__)
 
 _WRAPPER_KEYS = ("model", "state_dict", "module", "model_ema")
 _PREFIXES = ("module.", "_orig_mod.", "backbone.")
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+"""What DistributedDataParallel and torch.compile put before every key: what a whole model's file loses."""
 
 
 class CheckpointMismatchError(RuntimeError):
@@ -44,9 +46,11 @@ def released_file_globals() -> list:
             *sorted(dtype_classes, key=lambda cls: cls.__name__)]
 
 
-def read_state_dict(path_or_state_dict: str | os.PathLike | Mapping[str, Any]) -> dict[str, torch.Tensor]:
+def read_state_dict(path_or_state_dict: str | os.PathLike | Mapping[str, Any],
+                    prefixes: tuple[str, ...] = _PREFIXES) -> dict[str, torch.Tensor]:
     """Read a state dict from a file (``weights_only=True``, numpy scalars allowed: :func:`released_file_globals`)
-    or a mapping, unwrapping ``{"model": ...}`` and mmcv's ``{"meta": ..., "state_dict": ...}``."""
+    or a mapping, unwrapping ``{"model": ...}`` and mmcv's ``{"meta": ..., "state_dict": ...}``, and taking
+    ``prefixes`` off the keys (the default reads a backbone out of a whole model: ``backbone.`` goes too)."""
     if isinstance(path_or_state_dict, (str, os.PathLike)):
         path = os.fspath(path_or_state_dict)
         if not os.path.isfile(path):
@@ -71,7 +75,7 @@ def read_state_dict(path_or_state_dict: str | os.PathLike | Mapping[str, Any]) -
     for name, value in obj.items():
         if not isinstance(value, torch.Tensor):
             raise CheckpointMismatchError(f"{source}: entry {name!r} is a {type(value).__name__}, expected a tensor")
-        for prefix in _PREFIXES:
+        for prefix in prefixes:
             if name.startswith(prefix):
                 name = name[len(prefix):]
         state_dict[name] = value

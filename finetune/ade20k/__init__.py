@@ -51,6 +51,7 @@ TASK = register_task(TaskSpec(
     write_demo_data=_write_demo_data,
     preflight=_preflight,
     predict=_predict,
+    onnx_dynamic_size=True,
     smoke_overrides=("ade20k.crop_size=64", "ade20k.resize_scale=160,64", "ade20k.eval_scale=160,64",
                      "ade20k.channels=16", "ade20k.aux_channels=8"),
     legacy_keys={"data": None, "coco": None, "optim.layer_decay_layers": "ade20k.layer_decay_layers"},

@@ -35,10 +35,40 @@ __all__ = [
 
 
 def _resize(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
-    """Bilinear resize with ``align_corners=False`` (the authors' setting everywhere); no-op at the same size."""
-    if tuple(x.shape[-2:]) == tuple(size):
+    """Bilinear resize with ``align_corners=False`` (the authors' setting everywhere); no-op at the same size (and
+    under ``torch.export``, where sizes are symbolic, the resize itself, which is the identity at the same size)."""
+    if not torch.compiler.is_exporting() and tuple(x.shape[-2:]) == tuple(size):
         return x
     return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
+
+
+def _pooling_matrix(out_size: int, in_size, like: torch.Tensor) -> torch.Tensor:
+    """(out_size, in_size) weights of adaptive average pooling along one axis: bin i averages the inputs
+    ``[floor(i * in / out), ceil((i + 1) * in / out))``, torch's bins; ``in_size`` may be symbolic."""
+    i = torch.arange(out_size, device=like.device).unsqueeze(1)
+    j = torch.arange(in_size, device=like.device).unsqueeze(0)
+    start, end = (i * in_size) // out_size, ((i + 1) * in_size + out_size - 1) // out_size
+    inside = ((j >= start) & (j < end)).to(like.dtype)
+    return inside / (end - start).to(like.dtype)
+
+
+def adaptive_avg_pool2d_by_matrices(x: torch.Tensor, size: int) -> torch.Tensor:
+    """``F.adaptive_avg_pool2d(x, size)`` as ``rows @ x @ cols^T``: the same bins, written with shape arithmetic
+    that ``torch.export`` keeps symbolic (ONNX has no adaptive pooling)."""
+    rows, cols = _pooling_matrix(size, x.shape[-2], x), _pooling_matrix(size, x.shape[-1], x)
+    return torch.matmul(torch.matmul(rows, x), cols.transpose(0, 1))
+
+
+class AdaptiveAvgPool2d(nn.AdaptiveAvgPool2d):
+    """torch's adaptive average pooling (square output); under ``torch.export`` (ONNX export)
+    :func:`adaptive_avg_pool2d_by_matrices`, so the exported graph holds for any input size (an exporter
+    otherwise bakes the traced input size into the pooling)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.compiler.is_exporting():
+            return super().forward(x)
+        size = self.output_size if isinstance(self.output_size, int) else self.output_size[0]
+        return adaptive_avg_pool2d_by_matrices(x, size)
 
 
 class ConvBNReLU(nn.Module):
@@ -99,7 +129,7 @@ class UPerHead(_Classifier):
         self.channels = channels
         self.pool_scales = tuple(pool_scales)
         self.psp_modules = nn.ModuleList(
-            nn.Sequential(nn.AdaptiveAvgPool2d(scale), ConvBNReLU(in_channels[-1], channels, 1))
+            nn.Sequential(AdaptiveAvgPool2d(scale), ConvBNReLU(in_channels[-1], channels, 1))
             for scale in self.pool_scales)
         self.bottleneck = ConvBNReLU(in_channels[-1] + len(self.pool_scales) * channels, channels, 3, padding=1)
         self.lateral_convs = nn.ModuleList(ConvBNReLU(c, channels, 1) for c in in_channels[:-1])
