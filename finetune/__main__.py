@@ -1,6 +1,6 @@
 """``python -m finetune TASK --config PRESET --data ROOT [--init CKPT] [--set key=value ...]``, and ``presets``,
-``make-demo-data TASK OUT``, ``predict RUN_DIR IMAGE...``, ``export-onnx RUN_OR_FILE OUT.onnx``,
-``bench --config PRESET``.
+``evaluate TASK --config PRESET --weights W``, ``make-demo-data TASK OUT``, ``predict RUN_DIR IMAGE...``,
+``export-onnx RUN_OR_FILE OUT.onnx``, ``bench --config PRESET``.
 
 Every fine-tuning task registered with the trainer (``pretrain.registry``) is a command here.
 """
@@ -23,6 +23,9 @@ examples:
   python -m finetune ade20k --config ade20k_demo                     # tiny UperNet on it, CPU, minutes
   python -m finetune ade20k --config ade20k_demo --init runs/pipeline_demo/export/export/backbone.pth
   python -m finetune coco --config coco_demo                         # tiny Cascade Mask R-CNN, CPU, minutes
+  python -m finetune evaluate ade20k --config ade20k_t_upernet_512_160k --data /data/ADEChallengeData2016 \
+      --weights upernet_unireplknet_t_512_160k_ade20k_miou48.56.pth        # score a file, no training
+  python -m finetune evaluate ade20k --config ade20k_demo --weights runs/ade20k_demo --ema
   python -m finetune predict runs/ade20k_demo photo.jpg --out predictions/
   python -m finetune export-onnx runs/ade20k_demo upernet.onnx       # any batch, height and width
   python -m finetune export-onnx upernet_unireplknet_t_512_160k_ade20k_miou48.56.pth upernet_t.onnx \\
@@ -51,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m finetune", description=__doc__, epilog=_EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True,
-                                     metavar="{" + ",".join([*tasks, "make-demo-data", "predict", "export-onnx", "presets", "bench"]) + "}")
+                                     metavar="{" + ",".join([*tasks, "evaluate", "make-demo-data", "predict", "export-onnx", "presets", "bench"]) + "}")
     for name, spec in tasks.items():
         sub = commands.add_parser(name, help=spec.summary, epilog=_EPILOG,
                                   formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -67,6 +70,25 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
                          help="config overrides, e.g. train.steps=1000 loader.num_workers=8")
         sub.add_argument("--dry-run", action="store_true", help="validate, print the effective config, exit")
+    evaluate = commands.add_parser(
+        "evaluate", help="score a model's weights on a task's evaluation (and test) set, without training",
+        epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="The trainer's evaluation of given weights on every rank of the config's launcher (every "
+                    "sample once); metrics.json, evaluate.log and TensorBoard go to --out, never into the "
+                    "weights' run directory. Exit status 0 done, 1 an incomplete evaluation "
+                    "(loader.eval_incomplete=error), 2 a bad config or weights, 75 stopped by a signal.")
+    evaluate.add_argument("task", choices=list(tasks))
+    evaluate.add_argument("--config", default=None, help="a preset of the task or a JSON config (default: the "
+                          "task's demo preset)")
+    evaluate.add_argument("--weights", required=True, metavar="RUN_DIR|CHECKPOINT|FILE",
+                          help="a run directory (its latest checkpoint), a checkpoint folder, a `pretrain export` "
+                               "file, or an authors' released file (their mmseg ADE20K layout is the product's)")
+    evaluate.add_argument("--data", default=None, help="the dataset root (the task's --data)")
+    evaluate.add_argument("--ema", action="store_true", help="a run directory's EMA weights")
+    evaluate.add_argument("--out", default=None, help="the evaluation's run directory (default: the config's "
+                          "run_dir + _evaluate_ + the weights' name)")
+    evaluate.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                          help="config overrides, e.g. ade20k.eval_mode=slide loader.num_workers=8")
     with_demo = [name for name, spec in tasks.items() if spec.write_demo_data is not None]
     demo = commands.add_parser("make-demo-data", help="write a generated dataset in the task's standard layout")
     demo.add_argument("task", choices=with_demo)
@@ -184,7 +206,12 @@ def main(argv: list[str] | None = None) -> int:
         make_demo_data(spec, args.out, args.train_images, args.val_images, args.seed)
         print(f"wrote the {args.task} demo set to {args.out}")
         return 0
-    spec = registered_tasks()[args.command]
+    task_name = args.task if args.command == "evaluate" else args.command
+    spec = registered_tasks()[task_name]
+    if args.command == "evaluate":
+        args.config = args.config or spec.demo_preset
+        args.init = args.run_dir = args.resume = None
+        args.dry_run = False
     try:
         found = find_preset(args.config)
         if found is not None and found[0].name != spec.name:
@@ -205,12 +232,25 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from pretrain.checkpoint import CheckpointError
     from pretrain.launch import launch
+    from pretrain.trainer import EvaluationIncompleteError
 
     try:
+        if args.command == "evaluate":
+            from pretrain.evaluate import EVALUATE_ENTRY, evaluation_config
+
+            return launch(evaluation_config(config, args.weights, args.ema, args.out), EVALUATE_ENTRY)
         return launch(config)
     except (ConfigError, CheckpointError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except ValueError as error:  # weights that do not fit the model
+        if args.command != "evaluate":
+            raise
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except EvaluationIncompleteError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

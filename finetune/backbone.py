@@ -2,15 +2,16 @@
 official checkpoint (classifier dropped, everything else required)."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch.nn as nn
 
 from unireplknet import VARIANTS, UniRepLKNet
 
-__all__ = ["build_dense_backbone", "init_backbone"]
+__all__ = ["build_dense_backbone", "init_backbone", "init_dense_model"]
 
 _logger = logging.getLogger(__name__)
 
@@ -42,6 +43,28 @@ def build_dense_backbone(backbone_name: str, *, drop_path_rate: float, depths: S
                            num_classes=0, features_only=True)
     backbone.set_grad_checkpointing(grad_checkpointing)
     return backbone
+
+
+def init_dense_model(model: nn.Module, path: str, key_map: Callable[[dict], dict] | None = None) -> dict[str, list[str]]:
+    """``model.init_from`` of a dense task: a whole model's file (``backbone.*`` and head keys: the authors'
+    released ADE20K files, the export of a fine-tuned run) loads into every part, strictly; a backbone file (a
+    ``pretrain export``, an official classifier) into ``model.backbone`` (:func:`init_backbone`). ``key_map``
+    renames an authors' layout first (COCO: mmdet's). Returns and logs what loaded."""
+    from pretrain.weights import load_model_weights, read_model_weights
+
+    weights = read_model_weights(path)
+    if key_map is not None:
+        weights = dataclasses.replace(weights, state=key_map(weights.state))
+    parts = sorted({key.split(".")[0] for key in weights.state if not key.startswith("ema_")})
+    if "backbone" not in parts or parts == ["backbone"]:
+        return init_backbone(model.backbone, path)
+    if not any(key.endswith("origin_bn.running_var") or key.endswith("pwconv2.2.running_var") for key in weights.state):
+        raise ValueError(f"{path} holds a model in the inference structure (re-parameterized): training starts from "
+                         "the training structure (the authors' released fine-tuned files are in it)")
+    load_model_weights(model, weights)
+    counts = {part: sum(key.startswith(part + ".") for key in weights.state) for part in parts}
+    _logger.info("whole model from %s: %s", path, ", ".join(f"{part} {n} tensors" for part, n in counts.items()))
+    return {"loaded": [f"{part}.*" for part in parts], "dropped": [], "kept_initial": []}
 
 
 def init_backbone(backbone: nn.Module, path: str) -> dict[str, list[str]]:

@@ -17,7 +17,7 @@ from pretrain.distributed import WorldInfo
 from pretrain.task import TaskBase, denormalize
 
 __all__ = ["MEAN", "STD", "DenseRunConfig", "DenseSection", "DenseTask", "dense_param_groups", "layer_id_for_dense",
-           "lr_scale_for_dense", "normalized", "palette"]
+           "lr_scale_for_dense", "normalized", "palette", "resized"]
 
 _logger = logging.getLogger(__name__)
 
@@ -30,6 +30,21 @@ def normalized(image: np.ndarray) -> torch.Tensor:
     """(H, W, 3) uint8 RGB -> (3, H, W) float32, normalized with :data:`MEAN` / :data:`STD`."""
     values = (image.astype(np.float32) - np.array(MEAN, np.float32)) / np.array(STD, np.float32)
     return torch.from_numpy(np.ascontiguousarray(values.transpose(2, 0, 1)))
+
+
+def resized(image: np.ndarray, height: int, width: int, method: str = "opencv") -> np.ndarray:
+    """(H, W, 3) uint8 resized to (height, width): ``opencv``, mmcv's ``imresize`` (``cv2.resize`` INTER_LINEAR,
+    no antialiasing; per channel, so an RGB image gives what mmseg/mmdet's BGR one gives), or ``pillow``
+    (bilinear, antialiased when downscaling)."""
+    if (height, width) == image.shape[:2]:
+        return image
+    if method == "pillow":
+        from PIL import Image
+
+        return np.asarray(Image.fromarray(image).resize((width, height), Image.BILINEAR))
+    import cv2
+
+    return cv2.resize(image, (width, height), interpolation=cv2.INTER_LINEAR)
 
 
 def palette(num_classes: int) -> np.ndarray:

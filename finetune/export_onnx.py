@@ -28,8 +28,9 @@ def load_model(source: str, *, config_name: str | None = None, overrides: list[s
     """(config, model in eval mode) from a run directory or a whole-model weights file (``config_name`` then
     names its preset or JSON config; ``overrides`` apply to it)."""
     from pretrain.config import ConfigError, load_config
+    from pretrain.registry import get_task
     from pretrain.task import build_task
-    from unireplknet.checkpoint import WRAPPER_PREFIXES, read_state_dict
+    from pretrain.weights import load_model_weights, read_model_weights
 
     from .predict import load_run_model
 
@@ -43,18 +44,7 @@ def load_model(source: str, *, config_name: str | None = None, overrides: list[s
     config = load_config(config_name, ["model.init_from=", *overrides])
     config.model = dataclasses.replace(config.model, grad_checkpointing=False)
     model = build_task(config).build_model()
-    state = read_state_dict(source, prefixes=WRAPPER_PREFIXES)
-    expected = model.state_dict()
-    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
-    wrong = sorted(k for k in set(state) & set(expected) if state[k].shape != expected[k].shape)
-    if missing or unexpected or wrong:
-        def some(keys):
-            return ", ".join(keys[:5]) + (f" and {len(keys) - 5} more" if len(keys) > 5 else "") if keys else "none"
-
-        raise ValueError(f"{source} does not fit the model of {config_name} ({config.task}): missing {some(missing)}; "
-                         f"unexpected {some(unexpected)}; wrong shape {some(wrong)}")
-    model.load_state_dict(state, strict=True)
-    _logger.info("loaded %s (%d tensors) into the model of %s", source, len(state), config_name)
+    load_model_weights(model, read_model_weights(source), get_task(config.task).released_key_map)
     return config, model.eval()
 
 

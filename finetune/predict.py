@@ -21,8 +21,8 @@ def load_run_model(run_dir: str, checkpoint: str = "latest", ema: bool = False):
     """(config, model in eval mode) of a run's checkpoint (any ZeRO stage, any world size)."""
     from pretrain import checkpoint as ckpt
     from pretrain.config import config_from_dict, validate
-    from pretrain.ema import consolidate_ema
     from pretrain.task import build_task
+    from pretrain.weights import checkpoint_weights
 
     folder = ckpt.find_checkpoint(os.path.join(run_dir, "checkpoints"), checkpoint)
     if folder is None:
@@ -32,12 +32,7 @@ def load_run_model(run_dir: str, checkpoint: str = "latest", ema: bool = False):
         raise ckpt.CheckpointError(f"{folder} holds no {ckpt.CONFIG_NAME}: cannot tell which model it is")
     config = validate(config_from_dict(saved))
     config.model.init_from = ""
-    state = ckpt.consolidated_state_dict(folder)
-    if ema:
-        ranks = ckpt.read_rank_states(folder)
-        if ranks[0].get("ema") is None:
-            raise ValueError(f"{folder} has no EMA weights")
-        state.update(consolidate_ema([r["ema"] for r in ranks]))
+    state = checkpoint_weights(folder, ema)
     model = build_task(config).build_model()
     model.load_state_dict(state, strict=True)
     _logger.info("loaded %s", folder)

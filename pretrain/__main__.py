@@ -1,4 +1,5 @@
-"""Command line: ``python -m pretrain [train] --config NAME|FILE [--set key=value ...]``, ``export``, ``bench``."""
+"""Command line: ``python -m pretrain [train] --config NAME|FILE [--set key=value ...]``, ``evaluate``, ``export``,
+``bench``."""
 from __future__ import annotations
 
 import argparse
@@ -10,7 +11,7 @@ import sys
 from .config import ConfigError, all_presets, config_to_dict, load_config
 from .metrics import init_logging
 
-_COMMANDS = ("train", "export", "bench", "presets")
+_COMMANDS = ("train", "evaluate", "export", "bench", "presets")
 
 _EPILOG = """\
 examples:
@@ -20,6 +21,9 @@ examples:
   torchrun --nproc-per-node 8 -m pretrain --config xl_in22k_384      # the same, torchrun started by you
   python -m pretrain --config demo --set launch.launcher=ray launch.num_workers=2 launch.device=cpu
   python -m pretrain --config xl_in22k_384 --dry-run                 # print the effective config, exit
+  python -m pretrain evaluate --config xl_in22k_384 --weights runs/xl_in22k_384 --ema   # score, no training
+  python -m pretrain evaluate --config xl_in1k_ft_384 --weights unireplknet_xl_in22k_to_in1k_384_acc87.96.pth \
+      --set data.source=shards data.val_urls=/data/in1k/val
   python -m pretrain export runs/xl_in22k_384 xl_in22k.pth --official
   python -m pretrain bench --config xl_in22k_384 --steps 20
 
@@ -40,7 +44,7 @@ def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m pretrain", description=__doc__, epilog=_EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    commands = parser.add_subparsers(dest="command", metavar="{train,export,bench,presets}")
+    commands = parser.add_subparsers(dest="command", metavar="{train,evaluate,export,bench,presets}")
 
     train = commands.add_parser("train", help="train (the default command)", epilog=_EPILOG,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -49,6 +53,20 @@ def build_parser() -> argparse.ArgumentParser:
                        help="latest (default: continue the run directory's latest checkpoint if there is one), "
                             "none (start over), or a checkpoint folder")
     train.add_argument("--dry-run", action="store_true", help="validate, print the effective config as JSON, exit")
+
+    evaluate = commands.add_parser(
+        "evaluate", help="score a model's weights on its task's evaluation (and test) set, without training",
+        description="Load the weights strictly into the config's model and run the trainer's evaluation on every "
+                    "rank of the config's launcher (every sample once); metrics.json, evaluate.log and TensorBoard "
+                    "go to --out, never into the weights' run directory. Exit status 0 done, 1 an incomplete "
+                    "evaluation (loader.eval_incomplete=error), 2 a bad config or weights, 75 stopped by a signal.")
+    _add_config_arguments(evaluate)
+    evaluate.add_argument("--weights", default=None, metavar="RUN_DIR|CHECKPOINT|FILE",
+                          help="a run directory (its latest checkpoint), a checkpoint folder, a `pretrain export` "
+                               "file, or an authors' released file (training or inference structure)")
+    evaluate.add_argument("--ema", action="store_true", help="a run directory's EMA weights")
+    evaluate.add_argument("--out", default=None, help="the evaluation's run directory (default: the config's "
+                          "run_dir + _evaluate_ + the weights' name)")
 
     export = commands.add_parser("export", help="write a consolidated fp32 state dict from a run's checkpoint")
     export.add_argument("run_dir", help="the run directory (holds config.json and checkpoints/)")
@@ -109,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
             results = bench(config, steps=args.steps, warmup=args.warmup)
         print(json.dumps(results, indent=2))
         return 0
-    if args.dry_run:
+    if getattr(args, "dry_run", False):
         from .launch import check_batch_split, launch_world_size
 
         try:
@@ -125,12 +143,21 @@ def main(argv: list[str] | None = None) -> int:
     from .trainer import EvaluationIncompleteError, NonFiniteLossError
 
     try:
+        if args.command == "evaluate":
+            from .evaluate import EVALUATE_ENTRY, evaluation_config
+
+            return launch(evaluation_config(config, args.weights, args.ema, args.out), EVALUATE_ENTRY)
         return launch(config)
     except ConfigError as error:
         print(f"config error: {error}", file=sys.stderr)
         return 2
-    except CheckpointError as error:
+    except (CheckpointError, FileNotFoundError) as error:
         print(f"checkpoint error: {error}", file=sys.stderr)
+        return 2
+    except ValueError as error:  # weights that do not fit the model
+        if args.command != "evaluate":
+            raise
+        print(f"error: {error}", file=sys.stderr)
         return 2
     except (NonFiniteLossError, EvaluationIncompleteError) as error:
         print(f"error: {error}", file=sys.stderr)

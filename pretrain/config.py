@@ -83,14 +83,23 @@ class ModelConfig:
     """Recompute each block's activations in backward (saves memory at XL/384)."""
     channels_last: bool = False
     """Feed inputs in NHWC memory format (convolutions then run and return NHWC; parameters stay contiguous)."""
-    sync_batchnorm: bool = False
-    """Convert BatchNorm to SyncBatchNorm (GPU only); buffers are averaged across ranks regardless."""
+    sync_batchnorm: bool | Literal["auto"] = False
+    """Convert BatchNorm to SyncBatchNorm (GPU only); buffers are averaged across ranks regardless. ``auto``: on
+    CUDA with more than one rank (the authors' dense recipes: 2 images per GPU), plain BatchNorm otherwise."""
     fused_branches: bool = False
     """Run each Dilated Reparam Block's branches as one grouped conv + one batch norm (same function)."""
+    weights: str = ""
+    """The whole model's weights that ``evaluate`` scores: a run directory (its latest checkpoint) or checkpoint
+    folder, a ``pretrain export`` file, an authors' released file (either structure). Empty when training."""
+    weights_ema: bool = False
+    """``evaluate`` a run directory's EMA weights instead of its model weights."""
 
     def validate(self) -> None:
         off_words_to_empty(self, "init_from")
-        if self.fused_branches and self.sync_batchnorm:
+        off_words_to_empty(self, "weights")
+        if self.weights_ema and not self.weights:
+            raise ConfigError("weights_ema", "expected model.weights (a run directory) with model.weights_ema=true")
+        if self.fused_branches and self.sync_batchnorm is not False:
             raise ConfigError("fused_branches", "expected false with model.sync_batchnorm=true (the fused "
                               "branches use one plain batch norm, which would drop the cross-rank statistics)")
         if not self.name.startswith("unireplknet_"):

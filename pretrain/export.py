@@ -8,7 +8,7 @@ import os
 
 from . import checkpoint as ckpt
 from .config import config_from_dict, validate
-from .ema import consolidate_ema
+from .weights import checkpoint_weights
 from .task import build_task
 
 __all__ = ["REPARAM_TOLERANCE", "export_checkpoint", "reparameterized_model"]
@@ -42,12 +42,7 @@ def export_checkpoint(run_dir: str, out_path: str, *, checkpoint: str = "latest"
     if saved is None:
         raise ckpt.CheckpointError(f"{folder} holds no {ckpt.CONFIG_NAME}: cannot tell which model it is")
     config = validate(config_from_dict(saved))
-    state_dict = ckpt.consolidated_state_dict(folder)
-    if ema:
-        rank_states = ckpt.read_rank_states(folder)
-        if rank_states[0].get("ema") is None:
-            raise ValueError(f"{folder} has no EMA weights (the run had train.ema_decay unset)")
-        state_dict.update(consolidate_ema([s["ema"] for s in rank_states]))
+    state_dict = checkpoint_weights(folder, ema)
 
     config.model = dataclasses.replace(config.model, init_from="", grad_checkpointing=False)
     task = build_task(config)

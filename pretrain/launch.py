@@ -54,7 +54,7 @@ def _absolute(config: Config) -> Config:
     from .registry import get_task
 
     config = config_from_dict(config_to_dict(config))
-    keys = ("run_dir", "model.init_from", *get_task(config.task).path_keys)
+    keys = ("run_dir", "model.init_from", "model.weights", *get_task(config.task).path_keys)
     if config.checkpoint.resume not in ("latest", "none"):
         keys += ("checkpoint.resume",)
     for key in keys:

@@ -9,13 +9,14 @@ import time
 
 import torch
 
-__all__ = ["Progress", "TensorBoard", "Throughput", "init_logging", "memory_stats"]
+__all__ = ["Progress", "TensorBoard", "Throughput", "close_run_log", "init_logging", "memory_stats"]
 
 _logger = logging.getLogger(__name__)
 
 
 def init_logging(rank: int, log_file: str | None = None) -> None:
-    """Rank-prefixed log lines on stderr (INFO on rank 0, WARNING elsewhere), and a log file on rank 0."""
+    """Rank-prefixed log lines on stderr (INFO on rank 0, WARNING elsewhere), and a log file on rank 0 (the
+    latest run's only, when one process runs several)."""
     root = logging.getLogger()
     formatter = logging.Formatter(f"%(asctime)s [rank{rank}] %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
     if not any(getattr(h, "_pretrain", False) for h in root.handlers):
@@ -29,12 +30,24 @@ def init_logging(rank: int, log_file: str | None = None) -> None:
     root.setLevel(logging.INFO)
     if log_file and rank == 0 and not any(getattr(h, "baseFilename", None) == os.path.abspath(log_file)
                                           for h in root.handlers):
+        for earlier in [h for h in root.handlers if getattr(h, "_pretrain_run_log", False)]:
+            root.removeHandler(earlier)  # one run's log per process: a later run does not write into an earlier's
+            earlier.close()
         os.makedirs(os.path.dirname(os.path.abspath(log_file)), exist_ok=True)
         file_handler = logging.FileHandler(log_file)
+        file_handler._pretrain_run_log = True
         file_handler.setFormatter(formatter)
         root.addHandler(file_handler)
     for noisy in ("DeepSpeed", "deepspeed"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def close_run_log() -> None:
+    """Stop writing this process's log to the run's log file (a run is over; later lines are not its)."""
+    root = logging.getLogger()
+    for handler in [h for h in root.handlers if getattr(h, "_pretrain_run_log", False)]:
+        root.removeHandler(handler)
+        handler.close()
 
 
 def memory_stats(device: torch.device) -> dict[str, float]:

@@ -91,6 +91,8 @@ class TaskSpec:
     """``predict(config, model, images, out_dir, **options)`` -> written files (``python -m finetune predict``)."""
     smoke_overrides: tuple[str, ...] = ()
     """Overrides that shrink ``demo_preset`` to seconds per step (the conformance tests)."""
+    released_key_map: Callable[[dict], dict] | None = None
+    """The authors' released files in the product's key names (COCO: mmdet's); None: they are the same names."""
     onnx_dynamic_size: bool = False
     """``export-onnx``: the model takes any height and width (dense prediction), and so does the exported graph."""
     onnx_unsupported: str = ""

@@ -23,10 +23,10 @@ from unireplknet.files import atomic_write_json
 from . import checkpoint as ckpt
 from . import engine
 from .best import Best, read_best, weights_of, write_best
-from .config import Config, config_to_dict, save_config
+from .config import Config, ConfigError, config_to_dict, save_config
 from .distributed import WorldInfo, all_reduce_sum, averaged_batchnorm_buffers, batchnorm_buffers, pick_device
 from .ema import ModelEMA
-from .metrics import Progress, TensorBoard, Throughput, init_logging, memory_stats
+from .metrics import Progress, TensorBoard, Throughput, close_run_log, init_logging, memory_stats
 from .optim import build_optimizer, build_scheduler
 from .preemption import PREEMPTION_SIGNALS, STOP_FILE
 from .task import Task, build_task
@@ -179,26 +179,13 @@ class Trainer:
     step: int
 
     def __init__(self, config: Config, task: Task | None = None):
-        from .distributed import world_info_from_env
-
-        self.config = config
-        self.task = task or build_task(config)
-        self.device = pick_device(config.launch.device, world_info_from_env())
-        self.world = engine.init_distributed(self.device)
-        self.checkpoint_root = os.path.join(config.run_dir, "checkpoints")
-        init_logging(self.world.rank, os.path.join(config.run_dir, "train.log"))
+        if config.model.weights:
+            raise ConfigError("model.weights", "is what `evaluate` scores; a training run starts from model.init_from "
+                              "(or resumes its own checkpoints): unset model.weights")
+        self._start(config, task, "train.log")
         # decided on rank 0 before anything is built, so a checkpoint that cannot be used fails every rank fast
         self.resume_from = ckpt.choose_checkpoint(self.checkpoint_root, config.checkpoint.resume, self.world,
                                                   config_to_dict(config), ckpt.resume_rules(config.task))
-        self.precision = config.train.precision if config.train.precision in ("bf16", "fp64") else (
-            "bf16" if config.train.precision == "auto" and self.device.type == "cuda" else "fp32")
-        if self.precision == "bf16" and self.device.type != "cuda":
-            raise ValueError("train.precision=bf16 needs a CUDA device; use fp32 or auto on CPU")
-        kernels.BACKEND_CHOICES.deterministic = config.train.deterministic
-        torch.backends.cudnn.benchmark = not config.train.deterministic
-        if config.train.deterministic:
-            torch.use_deterministic_algorithms(True, warn_only=True)
-
         seed_everything(config.train.seed)  # identical initial weights on every rank
         model = self._build_model()
         self.train_loader = self.task.build_train_loader(self.world)
@@ -248,9 +235,31 @@ class Trainer:
                      config.model.name, self.device.type, self.world.world_size, self.precision,
                      config.train.zero_stage, self.steps_per_epoch, config.train.epochs, self.grad_accum, self.step)
 
+    def _start(self, config: Config, task: Task | None, log_name: str) -> None:
+        """What a training run and an evaluation share: task, device, process group, log, precision, determinism."""
+        from .distributed import world_info_from_env
+
+        self.config = config
+        self.task = task or build_task(config)
+        self.device = pick_device(config.launch.device, world_info_from_env())
+        self.world = engine.init_distributed(self.device)
+        self.checkpoint_root = os.path.join(config.run_dir, "checkpoints")
+        init_logging(self.world.rank, os.path.join(config.run_dir, log_name))
+        self.precision = config.train.precision if config.train.precision in ("bf16", "fp64") else (
+            "bf16" if config.train.precision == "auto" and self.device.type == "cuda" else "fp32")
+        if self.precision == "bf16" and self.device.type != "cuda":
+            raise ValueError("train.precision=bf16 needs a CUDA device; use fp32 or auto on CPU")
+        kernels.BACKEND_CHOICES.deterministic = config.train.deterministic
+        torch.backends.cudnn.benchmark = not config.train.deterministic
+        if config.train.deterministic:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+
     def _build_model(self) -> nn.Module:
         model = self.task.build_model()
-        if self.config.model.sync_batchnorm:
+        sync = self.config.model.sync_batchnorm
+        if sync == "auto":
+            sync = self.device.type == "cuda" and self.world.world_size > 1
+        if sync:
             if self.device.type != "cuda":
                 raise ValueError("model.sync_batchnorm needs CUDA (gloo has no SyncBatchNorm kernels)")
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
@@ -619,3 +628,4 @@ class Trainer:
     def close(self) -> None:
         self.tensorboard.close()
         engine.shutdown_distributed()
+        close_run_log()

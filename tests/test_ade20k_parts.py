@@ -343,3 +343,30 @@ def test_demo_data_fixed_size(tmp_path):
     write_demo(tmp_path, train_images=2, val_images=1, min_size=(64, 80), max_size=(64, 80))
     for path in (tmp_path / "images" / "training").iterdir():
         assert Image.open(path).size == (80, 64)
+
+
+def test_the_test_resize_is_mmsegs_two_opencv_resizes_and_not_pillows():
+    """mmseg 0.27: ``Resize((2048, 512), keep_ratio=True)`` then ``ResizeToMultiple(32)``, each ``cv2.resize``
+    INTER_LINEAR on the BGR image. Sizes computed by hand from mmcv's ``rescale_size`` (int(side x factor + 0.5),
+    factor = min(2048 / long, 512 / short)) and ``imresize_to_multiple`` (ceil to 32)."""
+    import cv2
+    from PIL import Image
+
+    from finetune.ade20k.data import eval_resized
+
+    rng = np.random.default_rng(0)
+    cases = [((375, 500), 1.0, (512, 683), (512, 704)),     # 512/375 = 1.3653: upscale
+             ((1200, 1700), 1.0, (512, 725), (512, 736)),   # 512/1200 = 0.4267: downscale
+             ((375, 500), 0.75, (384, 512), (384, 512))]    # a multi-scale ratio: already a multiple of 32
+    for (height, width), ratio, (h1, w1), (h2, w2) in cases:
+        image = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+        got = eval_resized(Image.fromarray(image), (2048, 512), ratio)
+        bgr = image[..., ::-1].copy()  # as mmseg decodes; to_rgb afterwards
+        first = cv2.resize(bgr, (w1, h1), interpolation=cv2.INTER_LINEAR)
+        expected = cv2.resize(first, (w2, h2), interpolation=cv2.INTER_LINEAR)[..., ::-1]
+        assert got.shape == (h2, w2, 3)
+        np.testing.assert_array_equal(got, expected)
+        pillow = eval_resized(Image.fromarray(image), (2048, 512), ratio, method="pillow")
+        assert pillow.shape == got.shape
+        if h1 < height:  # downscaling: Pillow's bilinear filter antialiases (averages more pixels), OpenCV's not
+            assert np.abs(pillow.astype(int) - got.astype(int)).mean() > 1

@@ -326,6 +326,37 @@ def test_backbone_init_from_an_export_drops_the_head_and_refuses_missing_keys(tm
         init_backbone(model.backbone, str(tmp_path / "partial.pth"))
 
 
+def test_init_from_a_whole_model_file_in_the_authors_container_loads_backbone_and_heads(tmp_path, caplog):
+    """``--init`` with an authors'-format ADE20K file (mmcv container, numpy ``meta``, ``backbone.*``,
+    ``decode_head.*``, ``auxiliary_head.*``) starts from all of it, and says so; a re-parameterized file is
+    refused (training needs the training structure)."""
+    import logging
+
+    import numpy as np
+
+    from finetune.ade20k.task import build_segmentor
+    from pretrain.config import load_config
+    from pretrain.registry import registered_tasks
+
+    smoke = list(registered_tasks()["ade20k"].smoke_overrides)
+    source = build_segmentor(load_config("ade20k_demo", ["model.init_from=", "train.seed=5", *smoke]))
+    for buffer in (b for name, b in source.named_buffers() if name.endswith("running_mean")):
+        buffer.normal_()  # trained statistics, not the initial zeros
+    released = tmp_path / "upernet.pth"
+    torch.save({"meta": {"hook_msgs": {"best_score": np.float64(0.3)}}, "state_dict": source.state_dict(),
+                "optimizer": {"state": {}, "param_groups": []}}, released)
+    with caplog.at_level(logging.INFO, logger="finetune.backbone"):
+        model = build_segmentor(load_config("ade20k_demo", [f"model.init_from={released}", *smoke]))
+    loaded, expected = model.state_dict(), source.state_dict()
+    assert loaded.keys() == expected.keys() and all(torch.equal(loaded[k], expected[k]) for k in expected)
+    assert f"whole model from {released}: auxiliary_head" in caplog.text and "decode_head" in caplog.text
+
+    source.backbone.reparameterize()
+    torch.save({"state_dict": source.state_dict()}, tmp_path / "deploy.pth")
+    with pytest.raises(ValueError, match="inference structure"):
+        build_segmentor(load_config("ade20k_demo", [f"model.init_from={tmp_path / 'deploy.pth'}", *smoke]))
+
+
 def test_xl_preset_builds_and_runs_one_forward_backward_at_a_reduced_size():
     from finetune.ade20k.task import Ade20kSegmentation
     from pretrain.config import load_config
@@ -355,3 +386,28 @@ def test_presets_start_from_the_files_the_authors_configs_name():
                 "ade20k_l_upernet_640_160k": "unireplknet_l_in22k_to_in1k_384_acc87.88.pth",
                 "ade20k_xl_upernet_640_160k": "unireplknet_xl_in22k_to_in1k_384_acc87.96.pth"}
     assert {name: load_config(name, []).model.init_from for name in expected} == expected
+
+
+def test_the_paper_scale_dense_presets_sync_batchnorm_on_gpus_only(ade_data, tmp_path):
+    """The authors' dense configs use SyncBN (``use_sync_bn=True`` and SyncBN heads, 2 images per GPU):
+    ``model.sync_batchnorm=auto`` converts on CUDA with more than one rank and leaves one CPU rank as it is;
+    ``true`` on CPU is refused (gloo has no SyncBatchNorm kernels)."""
+    import torch.nn as nn
+
+    from pretrain.config import load_config
+
+    for name in ("ade20k_t_upernet_512_160k", "ade20k_l_upernet_640_160k", "coco_s_cascade_3x", "coco_xl_cascade_3x"):
+        assert load_config(name, []).model.sync_batchnorm == "auto", name
+    trainer = make_trainer(ade_overrides(str(ade_data), tmp_path / "auto", **{"model.sync_batchnorm": "auto"}))
+    try:
+        norms = [type(m) for m in trainer.engine.module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        assert norms and nn.SyncBatchNorm not in norms
+    finally:
+        trainer.close()
+    from pretrain import engine
+
+    try:
+        with pytest.raises(ValueError, match="sync_batchnorm needs CUDA"):
+            make_trainer(ade_overrides(str(ade_data), tmp_path / "true", **{"model.sync_batchnorm": "true"}))
+    finally:
+        engine.shutdown_distributed()  # the refused trainer had joined its one-rank process group

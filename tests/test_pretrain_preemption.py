@@ -82,7 +82,7 @@ def test_signals_during_the_final_evaluation_keep_the_final_checkpoint(pretrain_
     from shards import write_demo
 
     val = tmp_path / "val"
-    write_demo(str(val), "val", num_samples=4000, samples_per_shard=500, seed=1)  # a long final evaluation
+    write_demo(str(val), "val", num_samples=2000, samples_per_shard=500, seed=1)  # a final evaluation of seconds
     run_dir = tmp_path / "run"
     args = ["--config", "demo", "--set", *tiny_overrides(pretrain_shards, run_dir, **{
         "loader.num_workers": 2, "data.val_urls": str(val), "train.max_steps": 4})]
@@ -101,7 +101,7 @@ def test_signals_during_the_final_evaluation_keep_the_final_checkpoint(pretrain_
     assert "eval at step 4" in (run_dir / "train.log").read_text()
     scalars = read_scalars(run_dir)
     assert [s for s, _ in scalars["train/loss"]] == [1, 2, 3, 4]
-    assert scalars["eval/samples"][-1] == (4, 4000.0)
+    assert scalars["eval/samples"][-1] == (4, 2000.0)
 
 
 def test_a_stop_file_checkpoints_and_exits_for_requeue(pretrain_shards, tmp_path):

@@ -8,6 +8,7 @@ task's demo preset, shrunk by its ``smoke_overrides``, must
 - resume exactly after SIGTERM sent twice to the process group (exit 75) and then after SIGKILL, ending with
   the weights of an uninterrupted run,
 - evaluate on 2 ranks exactly as on 1,
+- evaluate its weights without training as its run did,
 - export weights that load into the task's model, and ONNX that runs as torch does (or say why not).
 A new task gets these tests by registering.
 """
@@ -238,6 +239,27 @@ def test_two_rank_evaluation_equals_one_rank(name, reference, data_dirs, tmp_pat
                                 tmp_path, env=plugin_env())
     assert outputs[1]["eval/samples"] == reference[1]["eval/samples"]
     assert outputs[1] == outputs[2]
+
+
+@pytest.mark.parametrize("name", TASKS)
+def test_evaluate_scores_the_runs_weights_as_the_run_did_and_writes_nothing_there(name, reference, data_dirs,
+                                                                                    tmp_path):
+    """``evaluate`` of the reference run (``python -m pretrain evaluate``'s worker, in this process): the metrics
+    of the run's own final evaluation (and test set), bit for bit, in the evaluation's own directory."""
+    from pretrain.config import load_config
+    from pretrain.evaluate import evaluation_config, run_evaluation
+
+    run_dir, expected = reference
+    before = sorted((str(p), p.stat().st_mtime_ns) for p in run_dir.rglob("*"))
+    spec = registered_tasks()[name]
+    config = evaluation_config(load_config(spec.demo_preset, overrides(name, data_dirs, tmp_path / "unused")),
+                               str(run_dir), out=str(tmp_path / "evaluation"))
+    result = run_evaluation(config)
+    assert result.status == "completed" and result.step == STEPS
+    assert result.eval == expected
+    metrics = json.loads((tmp_path / "evaluation" / "metrics.json").read_text())
+    assert metrics == {"step": STEPS, **expected}
+    assert sorted((str(p), p.stat().st_mtime_ns) for p in run_dir.rglob("*")) == before
 
 
 @pytest.mark.parametrize("name", TASKS)

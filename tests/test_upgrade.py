@@ -104,11 +104,14 @@ def test_a_run_directory_of_the_previous_release_resumes_exactly(preset, previou
     assert "coco" not in rewritten and rewritten["loader"]["num_workers"] == 0  # saved again in today's layout
 
 
-CHANGED_ON_PURPOSE = {f"ade20k_{name}_160k": [("model", "init_from")]
-                     for name in ("t_upernet_512", "s_upernet_512", "s_upernet_640", "b_upernet_640", "l_upernet_640",
-                                  "xl_upernet_640")}
+CHANGED_ON_PURPOSE = {
+    **{f"ade20k_{name}_160k": [("model", "init_from"), ("model", "sync_batchnorm")]
+       for name in ("t_upernet_512", "s_upernet_512", "s_upernet_640", "b_upernet_640", "l_upernet_640",
+                    "xl_upernet_640")},
+    **{f"coco_{variant}_cascade_3x": [("model", "sync_batchnorm")] for variant in ("t", "s", "b", "l", "xl")}}
 """Preset values corrected since the previous release: the ADE20K presets now start from the files the authors'
-configs name (the 1K 224 files at 512, the 22K->1K 384 files at 640), not from names no release has."""
+configs name (the 1K 224 files at 512, the 22K->1K 384 files at 640), not from names no release has; the dense
+presets use SyncBN as the authors' configs do (``sync_batchnorm=auto``: on CUDA with more than one rank)."""
 
 
 def test_the_previous_release_presets_upgrade_to_todays(previous_release):

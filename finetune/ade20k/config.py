@@ -31,6 +31,10 @@ class Ade20kConfig(DenseSection):
     """mmseg's PhotoMetricDistortion (brightness, contrast, saturation, hue)."""
     eval_scale: tuple[int, int] = (2048, 512)
     """Evaluation resize (long, short), keeping the ratio, then to a multiple of 32."""
+    eval_resize: Literal["opencv", "pillow"] = "opencv"
+    """``opencv``: mmseg 0.27's test pipeline exactly, two OpenCV INTER_LINEAR resizes without antialiasing
+    (keep-ratio to ``eval_scale``, then to a multiple of 32); ``pillow``: one Pillow bilinear resize straight to
+    the multiple of 32 (the product's earlier pipeline: it antialiases when downscaling, other pixels)."""
     eval_mode: Literal["whole", "slide"] = "whole"
     """Inference on the whole resized image, or sliding windows of ``crop_size`` at ``eval_stride``."""
     eval_stride: int = 341

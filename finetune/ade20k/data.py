@@ -6,8 +6,9 @@ normalize -> pad to the crop (label 255). Every sample's randomness comes from (
 index), so a resumed run sees exactly the batches an uninterrupted one sees, with any worker count.
 An unreadable pair (a damaged image or label, a label of another size than its image or with values
 that are not classes) is replaced by the next one and counted in ``bad_samples``, named in a warning.
-Eval: resize keeping the aspect to ``eval_scale`` x ratio, sides rounded up to a multiple of 32; the
-label stays at the original size (predictions are resized to it).
+Eval: mmseg 0.27's test resize (``ade20k.eval_resize=opencv``): keeping the aspect to ``eval_scale`` x ratio, then
+to a multiple of 32, two OpenCV bilinear resizes without antialiasing; the label stays at the original size
+(predictions are resized to it).
 """
 from __future__ import annotations
 
@@ -27,11 +28,11 @@ from shards.samples import DECODE_ERRORS
 from shards.indexed import ShuffledBatches, worker_iterator
 from shards.seeding import sample_generator
 
-from ..dense import MEAN, STD, normalized
+from ..dense import MEAN, STD, normalized, resized
 
 
 __all__ = ["IGNORE_INDEX", "MEAN", "STD", "EvalLoader", "SegmentationSample", "SplitFiles", "TrainLoader",
-           "check_label_values", "class_names", "eval_resize_shape", "list_split", "photometric_distortion",
+           "check_label_values", "class_names", "eval_resize_shape", "eval_resized", "list_split", "photometric_distortion",
            "random_crop", "random_resize_shape", "reduce_zero_label"]
 
 _logger = logging.getLogger(__name__)
@@ -131,6 +132,19 @@ def eval_resize_shape(height: int, width: int, scale: tuple[int, int], ratio: fl
     """Test-time size: the ratio-keeping rescale of ``scale * ratio``, each side rounded up to ``divisor``."""
     h, w = _rescale_shape(height, width, (int(scale[0] * ratio), int(scale[1] * ratio)))
     return max(divisor, math.ceil(h / divisor) * divisor), max(divisor, math.ceil(w / divisor) * divisor)
+
+
+def eval_resized(image: Image.Image, scale: tuple[int, int], ratio: float = 1.0, method: str = "opencv",
+                 divisor: int = 32) -> np.ndarray:
+    """The test-time image (H x W x 3 uint8 RGB). ``opencv``: mmseg 0.27's ``Resize(keep_ratio=True)`` then
+    ``ResizeToMultiple(divisor)``, each ``cv2.resize`` INTER_LINEAR (mmcv's ``imrescale`` / ``imresize``, no
+    antialiasing); ``pillow``: one Pillow bilinear resize to :func:`eval_resize_shape`."""
+    pixels = np.asarray(image)
+    if method == "pillow":
+        return resized(pixels, *eval_resize_shape(image.height, image.width, scale, ratio, divisor), method)
+    height, width = _rescale_shape(image.height, image.width, (int(scale[0] * ratio), int(scale[1] * ratio)))
+    pixels = resized(pixels, height, width, method)
+    return resized(pixels, math.ceil(height / divisor) * divisor, math.ceil(width / divisor) * divisor, method)
 
 
 def random_crop(image: np.ndarray, label: np.ndarray, crop: int, cat_max_ratio: float,
@@ -304,10 +318,8 @@ class _EvalSamples(_Files):
         except Exception as error:  # noqa: BLE001
             _logger.warning("evaluation skips %s: %s: %s", self.files.pairs[index][0], type(error).__name__, error)
             return None
-        scales = []
-        for ratio in self.config.eval_ratios:
-            height, width = eval_resize_shape(image.height, image.width, self.config.eval_scale, ratio)
-            scales.append(normalized(np.asarray(image.resize((width, height), Image.BILINEAR))))
+        scales = [normalized(eval_resized(image, self.config.eval_scale, ratio, self.config.eval_resize))
+                  for ratio in self.config.eval_ratios]
         return {"images": scales, "label": torch.from_numpy(label.astype(np.int64)), "index": index}
 
 

@@ -14,7 +14,8 @@ mmcv's ``ConvModule``.
 
 Norm layers are ``nn.BatchNorm2d``; the trainer converts them to ``SyncBatchNorm`` itself with
 ``model.sync_batchnorm`` (the authors' segmentation and detection configs use SyncBN in the backbone,
-``use_sync_bn=True``, and in every head ConvModule, at 2 images per GPU x 8 GPUs).
+``use_sync_bn=True``, and in every head ConvModule, at 2 images per GPU x 8 GPUs: the paper-scale presets set
+``auto``, SyncBN on CUDA with more than one rank).
 """
 from __future__ import annotations
 

@@ -54,7 +54,7 @@ def ade20k_upernet(variant: str, crop: int | None = None) -> Ade20kRunConfig:
         run_dir=f"runs/ade20k_{variant}_upernet_{crop}_160k",
         model=ModelConfig(name=f"unireplknet_{variant}", drop_path_rate=drop_path,
                           init_from=_released_file(variant, "in1k" if crop == 512 else "in22k_ft_in1k_384"),
-                          grad_checkpointing=variant in ("l", "xl")),
+                          grad_checkpointing=variant in ("l", "xl"), sync_batchnorm="auto"),
         loader=LoaderConfig(num_workers=4),
         ade20k=Ade20kConfig(data_root="data/ADEChallengeData2016", num_classes=150, crop_size=crop,
                             resize_scale=scale, eval_scale=scale, eval_stride=341 if crop == 512 else 426,

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from pretrain.config import ConfigError
 from pretrain.distributed import WorldInfo
 
-from ..backbone import init_backbone
+from ..backbone import init_backbone, init_dense_model
 from ..dense import DenseTask, palette
 from .config import Ade20kRunConfig
 from .data import IGNORE_INDEX, EvalLoader, TrainLoader, class_names, list_split
@@ -34,7 +34,7 @@ def build_segmentor(config: Ade20kRunConfig) -> nn.Module:
                           aux_channels=seg.aux_channels if seg.aux_weight > 0 else None, dropout=seg.dropout,
                           grad_checkpointing=m.grad_checkpointing)
     if m.init_from:
-        init_backbone(model.backbone, m.init_from)
+        init_dense_model(model, m.init_from)
     model.backbone.set_fused_branches(m.fused_branches)
     return model
 
@@ -98,7 +98,7 @@ class Ade20kSegmentation(DenseTask):
                            seed=self.config.train.seed)
 
     def build_eval_loader(self, world: WorldInfo) -> EvalLoader:
-        files = list_split(self.section.data_root, "validation")
+        files = list_split(self.data_root(world), "validation")  # the demo set written first if asked (evaluate)
         return EvalLoader(files, self.section, rank=world.rank, world_size=world.world_size,
                           num_workers=self.config.loader.num_workers)
 

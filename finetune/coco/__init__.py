@@ -29,6 +29,12 @@ def _write_demo_data(out: str, **options) -> None:
     write_demo(out, **options)
 
 
+def _mmdet_to_product(state: dict) -> dict:
+    from .released import mmdet_to_product
+
+    return mmdet_to_product(state)
+
+
 def _predict(config, model, image, **options):
     from .predict import draw_detections
 
@@ -52,6 +58,7 @@ TASK = register_task(TaskSpec(
     write_demo_data=_write_demo_data,
     preflight=_preflight,
     predict=_predict,
+    released_key_map=_mmdet_to_product,
     onnx_unsupported=("torch.export stops in the detector's test-time path at torchvision's batched_nms (ops/boxes.py "
                       "line 103 in torchvision 0.29: `if boxes.numel() == 0` on the data-dependent number of RPN "
                       "proposals); torchvision's nms and roi_align themselves export and run in onnxruntime, but the "

@@ -37,6 +37,9 @@ class CocoConfig(DenseSection):
     """Batches are zero-padded (after normalization) to a multiple of this."""
     eval_scale: tuple[int, int] = (1333, 800)
     """Test resize (long, short), keeping the aspect ratio."""
+    eval_resize: Literal["opencv", "pillow"] = "opencv"
+    """``opencv``: mmdet 2.28's test resize (``cv2.resize`` INTER_LINEAR, no antialiasing); ``pillow``: Pillow's
+    bilinear (antialiased when downscaling: other pixels; the product's earlier pipeline)."""
     fpn_channels: int = 256
     """FPN output channels (P2-P6)."""
     anchor_scale: float = 8.0

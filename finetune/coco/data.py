@@ -8,7 +8,8 @@ aspect, shorter side one of ``train_scales``, longer side <= ``max_size``; (b) r
 Batches hold images of one aspect group (mmdet ``GroupSampler``), zero-padded to ``size_divisor``.
 Every sample's randomness comes from (seed, epoch, index), so a resumed run sees exactly the batches an
 uninterrupted one sees, with any worker count. Crowd annotations are not training targets.
-Eval: every image, resized keeping the aspect to ``eval_scale`` (long, short), one per batch.
+Eval: every image, resized keeping the aspect to ``eval_scale`` (long, short) with OpenCV as mmdet's test
+pipeline does (``coco.eval_resize``), one per batch.
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ from torch.utils.data import Dataset
 from shards.indexed import ResumableBatches, worker_iterator
 from shards.seeding import epoch_generator, sample_generator
 
-from ..dense import MEAN, STD, normalized
+from ..dense import MEAN, STD, normalized, resized
 
 from .annotations import AnnotationFileError, BrokenAnnotation, read_instances
 
@@ -382,7 +383,7 @@ class _EvalSamples(_Images):
         except Exception as error:  # noqa: BLE001
             _logger.warning("evaluation skips %s: %s: %s", self.path(record), type(error).__name__, error)
             return None, meta
-        pixels = np.asarray(Image.fromarray(image).resize((width, height), Image.BILINEAR))
+        pixels = resized(image, height, width, self.config.eval_resize)  # mmdet: one OpenCV resize
         return pad_batch([normalized(pixels)], self.config.size_divisor), meta
 
 

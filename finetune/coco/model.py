@@ -3,7 +3,7 @@
 Built from torchvision's detection parts where they fit: ``FeaturePyramidNetwork`` + ``LastLevelMaxPool``
 (P2-P6), ``AnchorGenerator`` / ``RPNHead`` / ``RegionProposalNetwork``, ``BoxCoder``, ``Matcher``,
 ``BalancedPositiveNegativeSampler``, ``MaskRCNNHeads`` / ``MaskRCNNPredictor``, ``ops.roi_align``,
-``ops.batched_nms``, ``ops.generalized_box_iou_loss`` and ``paste_masks_in_image``. Written here (torchvision
+``ops.batched_nms`` and ``ops.generalized_box_iou_loss``. Written here (torchvision
 has a single stage only): the cascade, the authors' 4conv1fc BN box head with class-specific regression and
 GIoU on decoded boxes, and RoI pooling with ``aligned=True`` (mmcv's RoIAlign; torchvision's
 ``MultiScaleRoIAlign`` uses ``aligned=False``).
@@ -28,13 +28,12 @@ from torchvision.models.detection._utils import BalancedPositiveNegativeSampler,
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
-from torchvision.models.detection.roi_heads import paste_masks_in_image
 from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
 from torchvision.ops import FeaturePyramidNetwork, batched_nms, box_iou, clip_boxes_to_image, roi_align
 from torchvision.ops import generalized_box_iou_loss
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
-__all__ = ["CascadeMaskRCNN", "STAGE_STDS", "build_detector"]
+__all__ = ["CascadeMaskRCNN", "MMDET_MIN_BOX_SIZE", "MmdetAnchorGenerator", "MmdetBoxCoder", "STAGE_STDS", "build_detector", "paste_masks"]
 
 STAGE_STDS: tuple[tuple[float, float, float, float], ...] = (
     (0.1, 0.1, 0.2, 0.2), (0.05, 0.05, 0.1, 0.1), (0.033, 0.033, 0.067, 0.067))
@@ -51,6 +50,60 @@ class FloatRPNHead(RPNHead):
     def forward(self, x: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         logits, deltas = super().forward(x)
         return [t.float() for t in logits], [t.float() for t in deltas]
+
+
+class MmdetBoxCoder(BoxCoder):
+    """torchvision's ``BoxCoder`` with mmdet 2.x ``delta2bbox``'s clamp: dw and dh limited on *both* sides to
+    ``log(1000 / 16)`` (torchvision limits them from above only, so a strongly negative dw decodes to a box of
+    almost no width where mmdet keeps 1/62.5 of the proposal's)."""
+
+    def decode_single(self, rel_codes: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+        _, _, ww, wh = self.weights
+        limit = self.bbox_xform_clip
+        rel_codes = rel_codes.clone()
+        rel_codes[:, 2::4] = torch.clamp(rel_codes[:, 2::4], min=-limit * ww)
+        rel_codes[:, 3::4] = torch.clamp(rel_codes[:, 3::4], min=-limit * wh)
+        return super().decode_single(rel_codes, boxes)
+
+
+def paste_masks(masks: torch.Tensor, boxes: torch.Tensor, size: tuple[int, int], chunk: int = 16) -> torch.Tensor:
+    """mmdet 2.28's ``_do_paste_mask`` as the authors' GPUs ran it (``skip_empty=False``): each (M x M) mask
+    probability map sampled at every pixel centre of the (H, W) image through its sub-pixel box with
+    ``grid_sample(align_corners=False)`` (zeros outside the mask); the infinite coordinates of a box of no width
+    or height are set to 0 (the mask's middle), as mmdet does.
+    torchvision's ``paste_masks_in_image`` instead pads the mask, widens the box and rounds it to integers.
+    Returns (N, H, W) probabilities (thresholded at 0.5 by the evaluation, mmdet's ``mask_thr_binary``)."""
+    height, width = size
+    out = masks.new_zeros((len(masks), height, width), dtype=torch.float32)
+    ys = torch.arange(height, device=masks.device, dtype=torch.float32) + 0.5
+    xs = torch.arange(width, device=masks.device, dtype=torch.float32) + 0.5
+    for start in range(0, len(masks), chunk):
+        part, box = masks[start:start + chunk].float(), boxes[start:start + chunk].float()
+        x0, y0, x1, y1 = box[:, 0:1], box[:, 1:2], box[:, 2:3], box[:, 3:4]
+        gx, gy = (xs - x0) / (x1 - x0) * 2 - 1, (ys - y0) / (y1 - y0) * 2 - 1  # (n, W), (n, H)
+        gx, gy = gx.masked_fill(torch.isinf(gx), 0.0), gy.masked_fill(torch.isinf(gy), 0.0)  # as mmdet does
+        grid = torch.stack([gx[:, None, :].expand(-1, height, -1), gy[:, :, None].expand(-1, -1, width)], dim=3)
+        out[start:start + chunk] = F.grid_sample(part[:, None], grid, align_corners=False)[:, 0]
+    return out
+
+
+class MmdetAnchorGenerator(AnchorGenerator):
+    """torchvision's anchor grid with mmdet 2.x's base anchors: w = size / sqrt(ratio), h = size x sqrt(ratio),
+    centred on 0, *not* rounded to integers (torchvision rounds: a stride-4 ratio-0.5 anchor is +-23 x +-11
+    there, +-22.63 x +-11.31 in mmdet and here)."""
+
+    def generate_anchors(self, scales, aspect_ratios, dtype: torch.dtype = torch.float32,
+                         device: torch.device = torch.device("cpu")) -> torch.Tensor:
+        sizes = torch.as_tensor(scales, dtype=dtype, device=device)
+        ratios = torch.as_tensor(aspect_ratios, dtype=dtype, device=device)
+        heights = (torch.sqrt(ratios)[:, None] * sizes[None, :]).reshape(-1)  # ratio-major, as mmdet
+        widths = ((1 / torch.sqrt(ratios))[:, None] * sizes[None, :]).reshape(-1)
+        return torch.stack([-widths, -heights, widths, heights], dim=1) / 2
+
+
+MMDET_MIN_BOX_SIZE = 2.0 ** -149
+"""mmdet 2.28's RPN keeps proposals with width and height ``> min_bbox_size`` (0 in the authors' configs);
+torchvision keeps ``>= rpn.min_size`` (1e-3 by default): the smallest positive float32 makes the two the same."""
 
 
 class RoIAlignPyramid(nn.Module):
@@ -157,19 +210,22 @@ class CascadeMaskRCNN(nn.Module):
         self.neck = FeaturePyramidNetwork(list(backbone.feature_info.channels()), fpn_channels,
                                           extra_blocks=LastLevelMaxPool())
         strides = STRIDES + (64,)
-        anchors = AnchorGenerator(tuple((anchor_scale * s,) for s in strides), (tuple(anchor_ratios),) * len(strides))
+        anchors = MmdetAnchorGenerator(tuple((anchor_scale * s,) for s in strides),
+                                       (tuple(anchor_ratios),) * len(strides))
         self.rpn = RegionProposalNetwork(
             anchors, FloatRPNHead(fpn_channels, len(anchor_ratios)), fg_iou_thresh=0.7, bg_iou_thresh=0.3,
             batch_size_per_image=rpn_batch, positive_fraction=0.5,
             pre_nms_top_n={"training": rpn_proposals_train, "testing": rpn_proposals_test},
             post_nms_top_n={"training": rpn_proposals_train, "testing": rpn_proposals_test}, nms_thresh=0.7)
+        self.rpn.box_coder = MmdetBoxCoder((1.0, 1.0, 1.0, 1.0))  # mmdet's two-sided clamp (decode only differs)
+        self.rpn.min_size = MMDET_MIN_BOX_SIZE
         self.box_roi = RoIAlignPyramid(7)
         self.mask_roi = RoIAlignPyramid(14)
         self.box_heads = nn.ModuleList(ConvFCBoxHead(fpn_channels, num_classes, box_channels, box_fc)
                                        for _ in stage_ious)
         self.mask_heads = nn.ModuleList(MaskHead(fpn_channels, num_classes, mask_channels)
                                         for _ in stage_ious) if with_mask else None
-        self.box_coders = [BoxCoder(tuple(1.0 / s for s in std)) for std in STAGE_STDS[:len(stage_ious)]]
+        self.box_coders = [MmdetBoxCoder(tuple(1.0 / s for s in std)) for std in STAGE_STDS[:len(stage_ious)]]
         self.matchers = [Matcher(iou, iou, allow_low_quality_matches=False) for iou in stage_ious]
         self.sampler = BalancedPositiveNegativeSampler(roi_batch, 0.25)
         self.stage_weights = tuple(stage_weights)
@@ -294,17 +350,17 @@ class CascadeMaskRCNN(nn.Module):
         last = torch.cat(rois)
         boxes = self.box_coders[-1].decode_single(deltas.reshape(-1, 4), last.repeat_interleave(self.num_classes, 0))
         boxes = boxes.view(-1, self.num_classes, 4)
-        results = [self._image_detections(image_scores, clip_boxes_to_image(image_boxes, size))
-                   for image_scores, image_boxes, size in zip(scores.split(counts), boxes.split(counts), sizes)]
-        probs = self._mask_probs(levels, results) if self.mask_heads is not None else None
+        # mmdet: clipped in the resized image, scaled back to the original, then NMS there (no clip after)
+        factors = [boxes.new_tensor([t.get("scale", (1.0, 1.0))[1], t.get("scale", (1.0, 1.0))[0]] * 2)
+                   for t in targets]
+        results = [self._image_detections(image_scores, clip_boxes_to_image(image_boxes, size) / factor)
+                   for image_scores, image_boxes, size, factor in zip(scores.split(counts), boxes.split(counts),
+                                                                     sizes, factors)]
+        probs = self._mask_probs(levels, results, factors) if self.mask_heads is not None else None
         for i, (result, target) in enumerate(zip(results, targets)):
-            height, width = (int(v) for v in target.get("orig_size", target["image_size"]))
-            scale_y, scale_x = target.get("scale", (1.0, 1.0))
-            original = result["boxes"] / result["boxes"].new_tensor([scale_x, scale_y, scale_x, scale_y])
-            result["boxes"] = clip_boxes_to_image(original, (height, width))
             if probs is not None:
-                result["masks"] = (paste_masks_in_image(probs[i][:, None], result["boxes"], (height, width))[:, 0]
-                                   if len(probs[i]) else result["boxes"].new_zeros((0, height, width)))
+                height, width = (int(v) for v in target.get("orig_size", target["image_size"]))
+                result["masks"] = paste_masks(probs[i], result["boxes"], (height, width))
         return results
 
     def _image_detections(self, scores: torch.Tensor, boxes: torch.Tensor) -> dict:
@@ -314,9 +370,10 @@ class CascadeMaskRCNN(nn.Module):
         kept = batched_nms(boxes, scores, labels, self.nms_iou)[:self.max_detections]
         return {"boxes": boxes[kept], "scores": scores[kept], "labels": labels[kept]}
 
-    def _mask_probs(self, levels, results: list[dict]) -> list[torch.Tensor]:
-        """Per image (N, 28, 28): the stages' mask sigmoids on the final boxes, averaged, of each box's class."""
-        boxes = [r["boxes"] for r in results]
+    def _mask_probs(self, levels, results: list[dict], factors: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Per image (N, 28, 28): the stages' mask sigmoids on the final boxes (scaled to the resized image by
+        ``factors``, as mmdet does), averaged, of each box's class."""
+        boxes = [r["boxes"] * factor for r, factor in zip(results, factors)]
         total = sum(len(b) for b in boxes)
         if not total:  # no detection anywhere: the mask heads do not run (ranks may differ: ZeRO <= 2 only)
             return [b.new_zeros((0, 28, 28)) for b in boxes]

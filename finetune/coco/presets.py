@@ -44,7 +44,7 @@ def coco_cascade_3x(variant: str) -> CocoRunConfig:
         run_dir=f"runs/coco_{variant}_cascade_3x",
         model=ModelConfig(name=f"unireplknet_{variant}", drop_path_rate=drop_path,
                           init_from=f"unireplknet_{variant}_{'in1k' if variant == 't' else 'in22k'}_pretrain.pth",
-                          grad_checkpointing=True),
+                          grad_checkpointing=True, sync_batchnorm="auto"),
         loader=LoaderConfig(num_workers=4),
         coco=CocoConfig(data_root="data/coco", layer_decay_layers=12),
         optim=OptimConfig(lr=1e-4, min_lr=0.0, weight_decay=0.05, schedule="multistep", milestones=(27.0, 33.0),

@@ -15,7 +15,8 @@ from pretrain.config import ConfigError
 from unireplknet.files import atomic_open
 from pretrain.distributed import WorldInfo, barrier
 
-from ..backbone import init_backbone
+from ..backbone import init_dense_model
+from .released import mmdet_to_product
 from ..dense import DenseTask, palette
 from .config import CocoRunConfig
 from .data import EvalLoader, TrainLoader, check_layout, load_split
@@ -58,7 +59,7 @@ def build_detector_from_config(config: CocoRunConfig) -> nn.Module:
         mask_channels=c.mask_channels, giou_weight=c.giou_weight, score_threshold=c.score_threshold,
         nms_iou=c.nms_iou, max_detections=c.max_detections)
     if m.init_from:
-        init_backbone(model.backbone, m.init_from)
+        init_dense_model(model, m.init_from, key_map=mmdet_to_product)
     model.backbone.set_fused_branches(m.fused_branches)
     return model
 
@@ -84,7 +85,7 @@ class CocoInstanceSegmentation(DenseTask):
                            seed=self.config.train.seed)
 
     def build_eval_loader(self, world: WorldInfo) -> EvalLoader:
-        split = load_split(self.section.data_root, "val2017")
+        split = load_split(self.data_root(world), "val2017")  # the demo set written first if asked (evaluate)
         self._annotation_file = self._local_annotations(split.annotation_file, world)
         return EvalLoader(split, self.section, rank=world.rank, world_size=world.world_size,
                           num_workers=self.config.loader.num_workers)

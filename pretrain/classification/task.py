@@ -99,6 +99,8 @@ class ImageClassification(TaskBase):
     def build_eval_loader(self, world: WorldInfo):
         import shards
 
+        if self.config.data.source == "demo" and not self._val_urls:  # an evaluation builds no train loader
+            self._prepare_demo_shards(world)
         if not self._val_urls:
             return None
         crop_pct, crop_mode = self.config.data.eval_crop
