@@ -115,6 +115,12 @@ def test_box_deltas_decode_as_mmdets_delta2bbox_clamped_on_both_sides():
     gw, gh = 100 * math.exp(-0.6), 50 * math.exp(0.04)
     expected = torch.tensor([[51 - gw / 2, 25 - gh / 2, 51 + gw / 2, 25 + gh / 2]], dtype=torch.float64)
     torch.testing.assert_close(box, expected, rtol=0, atol=1e-12)
+    # training decodes with gradients (the cascade's GIoU loss): the clamp is out of place, a clamped delta gets
+    # none (as mmdet's clamp), and d gx / d delta_x = pw x std = 100 x 0.1 = 10
+    deltas = torch.tensor([[0.1, 0.0, -30.0, 0.2]], dtype=torch.float64, requires_grad=True)
+    stage.decode_single(deltas, proposal)[0, 0].backward()
+    torch.testing.assert_close(deltas.grad, torch.tensor([[10.0, 0.0, 0.0, 0.0]], dtype=torch.float64), rtol=0,
+                               atol=1e-12)
 
 
 def test_rpn_keeps_every_proposal_with_positive_sides_as_mmdets_min_bbox_size_0():
@@ -173,3 +179,36 @@ def test_anchors_are_mmdets_unrounded_base_anchors_on_the_stride_grid():
     # position 4 of the 2 x 3 grid, row-major: y = 1, x = 1, shifted by (4, 4); its second anchor is ratio 1
     torch.testing.assert_close(anchors[4 * 3 + 1], torch.tensor([4.0 - 16, 4 - 16, 4 + 16, 4 + 16],
                                                                 dtype=torch.float64), rtol=0, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- training-side parity
+
+
+def test_rpn_targets_follow_mmdets_max_iou_assigner_with_min_pos_iou():
+    """mmdet ``MaxIoUAssigner(pos_iou_thr=0.7, neg_iou_thr=0.3, min_pos_iou=0.3)`` by hand, in torchvision's codes
+    (gt index, -1 background, -2 ignored): anchor 0 is gt 0's (0.75); anchor 1 is gt 1's (0.6 < 0.7, but gt 1's
+    best); anchor 2 stays background although it is gt 2's best (0.25 < min_pos_iou; torchvision would make it
+    positive); anchor 4 is ignored (0.35)."""
+    from finetune.coco.model import MmdetRPNMatcher
+
+    quality = torch.tensor([[0.75, 0.5, 0.2, 0.0, 0.35],
+                            [0.1, 0.6, 0.25, 0.1, 0.2],
+                            [0.0, 0.0, 0.25, 0.0, 0.0]])
+    assert MmdetRPNMatcher(0.7, 0.3, min_pos_iou=0.3)(quality).tolist() == [0, 1, -1, -1, -2]
+
+
+def test_rpn_ignores_anchors_crossing_the_image_border_as_mmdets_allowed_border_0():
+    """mmdet ``anchor_inside_flags`` (x1, y1 >= 0, x2 < w, y2 < h) before assigning: the anchor that overlaps
+    the ground truth best (0.95) crosses the border and is ignored, so the best *inside* anchor (IoU 1040/2160 =
+    0.48) becomes the positive; an anchor ending at x2 = w is outside."""
+    from finetune.coco.task import build_detector_from_config
+
+    rpn = build_detector_from_config(_config()).rpn
+    rpn._image_sizes = [(100, 100)]
+    anchors = [torch.tensor([[10.0, 10.0, 50.0, 50.0], [-5.0, 10.0, 35.0, 50.0], [60.0, 60.0, 100.0, 100.0]])]
+    gt = torch.tensor([[-4.0, 10.0, 36.0, 50.0]])
+    labels, matched = rpn.assign_targets_to_anchors(anchors, [{"boxes": gt}])
+    assert labels[0].tolist() == [1.0, -1.0, -1.0]
+    assert torch.equal(matched[0][0], gt[0])
+    labels, _ = rpn.assign_targets_to_anchors(anchors, [{"boxes": torch.zeros(0, 4)}])
+    assert labels[0].tolist() == [0.0, -1.0, -1.0]  # no object: inside anchors are background, the rest ignored

@@ -33,7 +33,8 @@ from torchvision.ops import FeaturePyramidNetwork, batched_nms, box_iou, clip_bo
 from torchvision.ops import generalized_box_iou_loss
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
-__all__ = ["CascadeMaskRCNN", "MMDET_MIN_BOX_SIZE", "MmdetAnchorGenerator", "MmdetBoxCoder", "STAGE_STDS", "build_detector", "paste_masks"]
+__all__ = ["CascadeMaskRCNN", "MMDET_MIN_BOX_SIZE", "MmdetAnchorGenerator", "MmdetBoxCoder", "MmdetRPNMatcher",
+           "MmdetRegionProposalNetwork", "STAGE_STDS", "build_detector", "paste_masks"]
 
 STAGE_STDS: tuple[tuple[float, float, float, float], ...] = (
     (0.1, 0.1, 0.2, 0.2), (0.05, 0.05, 0.1, 0.1), (0.033, 0.033, 0.067, 0.067))
@@ -60,10 +61,10 @@ class MmdetBoxCoder(BoxCoder):
     def decode_single(self, rel_codes: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
         _, _, ww, wh = self.weights
         limit = self.bbox_xform_clip
-        rel_codes = rel_codes.clone()
-        rel_codes[:, 2::4] = torch.clamp(rel_codes[:, 2::4], min=-limit * ww)
-        rel_codes[:, 3::4] = torch.clamp(rel_codes[:, 3::4], min=-limit * wh)
-        return super().decode_single(rel_codes, boxes)
+        codes = rel_codes.reshape(len(rel_codes), -1, 4)  # out of place: training decodes with gradients
+        low = torch.tensor([-limit * ww, -limit * wh], dtype=codes.dtype, device=codes.device)
+        codes = torch.cat([codes[..., :2], torch.maximum(codes[..., 2:], low)], dim=-1)
+        return super().decode_single(codes.reshape(rel_codes.shape), boxes)
 
 
 def paste_masks(masks: torch.Tensor, boxes: torch.Tensor, size: tuple[int, int], chunk: int = 16) -> torch.Tensor:
@@ -99,6 +100,57 @@ class MmdetAnchorGenerator(AnchorGenerator):
         heights = (torch.sqrt(ratios)[:, None] * sizes[None, :]).reshape(-1)  # ratio-major, as mmdet
         widths = ((1 / torch.sqrt(ratios))[:, None] * sizes[None, :]).reshape(-1)
         return torch.stack([-widths, -heights, widths, heights], dim=1) / 2
+
+
+class MmdetRPNMatcher(Matcher):
+    """mmdet 2.28's RPN ``MaxIoUAssigner`` (pos 0.7, neg 0.3, ``min_pos_iou=0.3``, ``gt_max_assign_all``) in
+    torchvision's ``Matcher`` codes: an anchor is that ground truth's for IoU >= 0.7, background below 0.3,
+    ignored between; then every anchor tied for a ground truth's best IoU becomes that ground truth's (later ones
+    win), but only where that best is at least ``min_pos_iou`` (torchvision takes any best, even an IoU near 0,
+    and assigns it to the anchor's own argmax)."""
+
+    def __init__(self, high: float = 0.7, low: float = 0.3, min_pos_iou: float = 0.3):
+        super().__init__(high, low, allow_low_quality_matches=False)
+        self.min_pos_iou = min_pos_iou
+
+    def __call__(self, quality: torch.Tensor) -> torch.Tensor:
+        matches = super().__call__(quality)
+        best = quality.max(dim=1).values[:, None]  # per ground truth
+        ties = (quality == best) & (best >= self.min_pos_iou)  # (G, A)
+        order = torch.arange(1, len(quality) + 1, device=quality.device)[:, None]
+        owner = (ties * order).max(dim=0).values - 1  # the last ground truth an anchor ties for, -1: none
+        return torch.where(owner >= 0, owner, matches)
+
+
+class MmdetRegionProposalNetwork(RegionProposalNetwork):
+    """torchvision's RPN with mmdet's training targets: :class:`MmdetRPNMatcher`, and ``allowed_border=0``:
+    anchors not wholly inside the (resized, unpadded) image are neither matched nor sampled (mmdet's
+    ``anchor_inside_flags``: x1, y1 >= 0, x2 < width, y2 < height)."""
+
+    def forward(self, images: ImageList, features, targets=None):
+        self._image_sizes = images.image_sizes
+        return super().forward(images, features, targets)
+
+    def assign_targets_to_anchors(self, anchors: list[torch.Tensor], targets: list[dict]):
+        labels, matched_boxes = [], []
+        for anchors_here, target, (height, width) in zip(anchors, targets, self._image_sizes):
+            inside = ((anchors_here[:, 0] >= 0) & (anchors_here[:, 1] >= 0) & (anchors_here[:, 2] < width)
+                      & (anchors_here[:, 3] < height))
+            gt = target["boxes"]
+            if gt.numel() == 0:
+                label = torch.zeros(len(anchors_here), dtype=torch.float32, device=anchors_here.device)
+                matched = torch.zeros_like(anchors_here)
+            else:
+                quality = box_iou(gt, anchors_here)
+                quality[:, ~inside] = -1.0  # never matched, never a ground truth's best
+                index = self.proposal_matcher(quality)
+                matched = gt[index.clamp(min=0)]
+                label = (index >= 0).to(torch.float32)
+                label[index == Matcher.BETWEEN_THRESHOLDS] = -1.0
+            label[~inside] = -1.0
+            labels.append(label)
+            matched_boxes.append(matched)
+        return labels, matched_boxes
 
 
 MMDET_MIN_BOX_SIZE = 2.0 ** -149
@@ -212,12 +264,13 @@ class CascadeMaskRCNN(nn.Module):
         strides = STRIDES + (64,)
         anchors = MmdetAnchorGenerator(tuple((anchor_scale * s,) for s in strides),
                                        (tuple(anchor_ratios),) * len(strides))
-        self.rpn = RegionProposalNetwork(
+        self.rpn = MmdetRegionProposalNetwork(
             anchors, FloatRPNHead(fpn_channels, len(anchor_ratios)), fg_iou_thresh=0.7, bg_iou_thresh=0.3,
             batch_size_per_image=rpn_batch, positive_fraction=0.5,
             pre_nms_top_n={"training": rpn_proposals_train, "testing": rpn_proposals_test},
             post_nms_top_n={"training": rpn_proposals_train, "testing": rpn_proposals_test}, nms_thresh=0.7)
         self.rpn.box_coder = MmdetBoxCoder((1.0, 1.0, 1.0, 1.0))  # mmdet's two-sided clamp (decode only differs)
+        self.rpn.proposal_matcher = MmdetRPNMatcher(0.7, 0.3, min_pos_iou=0.3)
         self.rpn.min_size = MMDET_MIN_BOX_SIZE
         self.box_roi = RoIAlignPyramid(7)
         self.mask_roi = RoIAlignPyramid(14)
