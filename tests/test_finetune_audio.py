@@ -235,6 +235,31 @@ def test_resumed_loader_gives_the_batches_of_an_uninterrupted_one_with_any_worke
         assert torch.equal(actual[0], wanted[0]) and torch.equal(actual[1], wanted[1])
 
 
+@pytest.mark.parametrize("mixup", [0.0, 0.6])
+def test_features_on_the_device_are_the_loaders_batch_for_batch(demo_root, mixup):
+    """``audio.features_on=device``: workers (2 here) return waveforms and draws, the batched pass makes the maps;
+    they equal the per-clip loader's (demo clips of 0.49-1 s: 47 to 98 frames, so rows past a clip's end are
+    zero-filled, then cut to 48 frames). Tolerance: one float32 rounding of a log-mel value (|x| < 16: 2^-19),
+    divided by the normalization's 2 std = 11.1, plus an ulp of the normalized value (|x| < 2: 2^-22)."""
+    from finetune.audio.data import ClipBatch, TrainLoader, list_split
+    from pretrain.config import ConfigError
+
+    files = list_split(demo_root, "training", 10)
+    batches = {}
+    for where, workers in (("loader", 0), ("device", 2)):
+        loader = TrainLoader(files, small_section(mixup=mixup, features_on=where, target_length=96), batch_size=16,
+                             rank=0, world_size=1, num_workers=workers, seed=7)
+        loader.set_epoch(3)
+        batches[where] = [batch for _, batch in zip(range(4), loader)]
+    section = small_section(mixup=mixup, target_length=96)
+    for (inputs, targets), (clips, device_targets) in zip(batches["loader"], batches["device"]):
+        assert isinstance(clips, ClipBatch) and clips.frames.min() < 96 and torch.equal(targets, device_targets)
+        torch.testing.assert_close(clips.model_input(section, torch.device("cpu")), inputs, rtol=0,
+                                   atol=2.0 ** -19 / 11.1 + 2.0 ** -22)
+    with pytest.raises(ConfigError, match=r"^features_on: expected loader or device"):
+        small_section(features_on="gpu").validate()
+
+
 def test_damaged_clips_are_skipped_named_and_counted_in_every_split(demo_root, tmp_path, caplog):
     from finetune.audio.data import EvalLoader, TrainLoader, list_split
 
@@ -414,8 +439,9 @@ def test_the_test_list_is_scored_at_the_end_and_an_incomplete_evaluation_is_repo
     shutil.copytree(demo_root, root)
     val = Path(root, "validation_list.txt").read_text().split()
     Path(root, val[0]).write_bytes(b"damaged")
-    trainer = Trainer(load_config("audio_demo", run_overrides(str(root), tmp_path / "warn",
-                                                              **{"loader.eval_incomplete": "warn"})))
+    trainer = Trainer(load_config("audio_demo", run_overrides(str(root), tmp_path / "warn",  # features on the device
+                                                              **{"loader.eval_incomplete": "warn",
+                                                                 "audio.features_on": "device"})))
     try:
         results = trainer.train()
     finally:
@@ -545,6 +571,7 @@ def test_the_authors_preset_validates_builds_and_steps_at_reduced_size():
     config = validate(PRESETS["audio_s_speechcommands"]())
     assert (config.optim.name, config.optim.lr, config.optim.betas, config.optim.weight_decay) == (
         "adam", 2.5e-4, (0.95, 0.999), 5e-7)
+    assert config.audio.features_on == "device"
     task = AudioClassification(config)
     assert task.input_shape() == (1, 128, 128)
     model = task.build_model()

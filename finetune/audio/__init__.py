@@ -45,6 +45,7 @@ TASK = register_task(TaskSpec(
     pretrained_backbone=False,  # the authors train from scratch on one-channel log-mel maps
     write_demo_data=_write_demo_data,
     preflight=_preflight,
+    resume_may_change=("audio.features_on",),  # where the same features are computed
     smoke_overrides=("audio.num_mel_bins=32", "audio.target_length=48", "audio.freq_mask=12", "audio.time_mask=18",
                      "train.global_batch_size=8", "train.micro_batch_size=8"),
 ))

@@ -18,6 +18,12 @@ with zero rows after the log as the authors do. Training sample ``(epoch, index)
 (mixup partner and weight, masks, noise, roll) from its own generator seeded by (seed, epoch, index), so a
 resumed run sees exactly the batches of an uninterrupted one with any number of loader workers. A damaged
 file is skipped (replaced by the next clip in training), named in a warning and counted (``bad_samples``).
+
+With ``audio.features_on=device`` the training workers stop after the mix: they return the (mixed, centred)
+waveforms with the sample's draws (masks, noise, roll), a :class:`ClipBatch`, and the task computes fbank,
+SpecAugment, normalization, noise and roll in one batched pass on the training device
+(:meth:`ClipBatch.model_input`). The draws are the same, so the batches equal the loader's up to float
+rounding (on CPU, bit for bit where the batched fbank is).
 """
 from __future__ import annotations
 
@@ -38,10 +44,11 @@ from shards.indexed import ShuffledBatches, worker_iterator
 from shards.info import INFO_NAME, ShardMember, read_info, read_member, read_members
 from shards.seeding import sample_generator
 
-from .features import SAMPLE_RATE, fbank, noise_and_roll, normalize, pad_or_cut, spec_augment
+from .features import (FRAME_LENGTH, FRAME_SHIFT, SAMPLE_RATE, apply_masks, apply_noise_and_roll, draw_masks,
+                       draw_noise, fbank, noise_and_roll, normalize, pad_or_cut, spec_augment)
 
-__all__ = ["SPLIT_LISTS", "AudioSample", "EvalLoader", "SplitFiles", "TrainLoader", "features_of", "list_classes",
-           "list_split", "read_clip", "to_mono_16k"]
+__all__ = ["SPLIT_LISTS", "AudioSample", "ClipBatch", "EvalLoader", "SplitFiles", "TrainLoader", "features_of",
+           "list_classes", "list_split", "read_clip", "to_mono_16k"]
 
 _logger = logging.getLogger(__name__)
 
@@ -202,10 +209,44 @@ def model_input(features: torch.Tensor) -> torch.Tensor:
 
 
 @dataclass(frozen=True)
-class AudioSample:
-    """What a worker returns per index: the model input (1, mel, frames), the (soft) target, files skipped."""
+class ClipBatch:
+    """Training clips before their features (``audio.features_on=device``): ``waveforms`` (B, samples) mixed,
+    centred and zero-padded to 1 s, ``frames`` (B,) the fbank frames each clip really has, and each clip's
+    draws: ``bounds`` (B, 4) SpecAugment's masks, ``scale`` (B,), ``noise`` (B, T, F) and ``shift`` (B,) AST's
+    noise and roll (``noise`` None with ``audio.noise=false``)."""
 
-    input: torch.Tensor
+    waveforms: torch.Tensor
+    frames: torch.Tensor
+    bounds: torch.Tensor
+    scale: torch.Tensor | None
+    noise: torch.Tensor | None
+    shift: torch.Tensor | None
+
+    def __len__(self) -> int:
+        return len(self.waveforms)
+
+    def model_input(self, config, device: torch.device) -> torch.Tensor:
+        """The model input (B, 1, mel, frames) on ``device``: what :class:`TrainSamples` computes per clip in the
+        loader, batched: fbank, rows past a clip's own frames zero (AST pads after the log), padded or cut to
+        ``target_length``, masked, normalized, noise added and rolled."""
+        features = fbank(self.waveforms.to(device, non_blocking=True), config.num_mel_bins)
+        if features.shape[1] < config.target_length:
+            features = torch.nn.functional.pad(features, (0, 0, 0, config.target_length - features.shape[1]))
+        features = features[:, :config.target_length]
+        rows = torch.arange(features.shape[1], device=features.device)
+        features = features.masked_fill((rows[None] >= self.frames.to(features.device)[:, None])[:, :, None], 0.0)
+        features = normalize(apply_masks(features, self.bounds), config.norm_mean, config.norm_std)
+        if self.noise is not None:
+            features = apply_noise_and_roll(features, self.scale, self.noise, self.shift)
+        return features.transpose(1, 2).unsqueeze(1).contiguous()
+
+
+@dataclass(frozen=True)
+class AudioSample:
+    """What a worker returns per index: the model input (1, mel, frames) or, with ``audio.features_on=device``,
+    a one-clip :class:`ClipBatch`; the (soft) target; files skipped."""
+
+    input: torch.Tensor | ClipBatch
     target: torch.Tensor
     skipped: int
 
@@ -274,21 +315,45 @@ class TrainSamples(_Clips):
             target[self.files.clips[partner][1]] += 1 - weight
         else:
             target[label] = 1.0
+        if cfg.features_on == "device":
+            return AudioSample(self._unprocessed(clip.astype(np.float32), rng), target, skipped)
         features = spec_augment(features_of(clip.astype(np.float32), cfg), rng, cfg.freq_mask, cfg.time_mask)
         features = normalize(features, cfg.norm_mean, cfg.norm_std)
         if cfg.noise:
             features = noise_and_roll(features, rng, cfg.roll)
         return AudioSample(model_input(features), target, skipped)
 
+    def _unprocessed(self, clip: np.ndarray, rng: np.random.Generator) -> ClipBatch:
+        """The clip centred and padded to 1 s with its draws, in :meth:`__getitem__`'s order (one clip)."""
+        cfg = self.config
+        waveform = np.zeros(SAMPLE_RATE, dtype=np.float32)
+        waveform[:len(clip)] = clip - clip.mean()
+        bounds = draw_masks(rng, cfg.target_length, cfg.num_mel_bins, cfg.freq_mask, cfg.time_mask)
+        scale = noise = shift = None
+        if cfg.noise:
+            drawn, noise_array, rolled = draw_noise(rng, cfg.target_length, cfg.num_mel_bins, cfg.roll)
+            scale, noise, shift = torch.tensor([drawn]), torch.from_numpy(noise_array)[None], torch.tensor([rolled])
+        return ClipBatch(torch.from_numpy(waveform)[None], torch.tensor([1 + (len(clip) - FRAME_LENGTH) // FRAME_SHIFT]),
+                         torch.tensor([bounds]), scale, noise, shift)
 
-def _collate_train(samples: list[AudioSample]) -> tuple[torch.Tensor, torch.Tensor, int]:
-    return (torch.stack([s.input for s in samples]), torch.stack([s.target for s in samples]),
-            sum(s.skipped for s in samples))
+
+def _cat(parts: list[torch.Tensor | None]) -> torch.Tensor | None:
+    return None if parts[0] is None else torch.cat(parts)
+
+
+def _collate_train(samples: list[AudioSample]) -> tuple[torch.Tensor | ClipBatch, torch.Tensor, int]:
+    if isinstance(samples[0].input, ClipBatch):
+        clips = [s.input for s in samples]
+        inputs = ClipBatch(*(_cat([getattr(c, name) for c in clips]) for name in
+                             ("waveforms", "frames", "bounds", "scale", "noise", "shift")))
+    else:
+        inputs = torch.stack([s.input for s in samples])
+    return inputs, torch.stack([s.target for s in samples]), sum(s.skipped for s in samples)
 
 
 class TrainLoader(ShuffledBatches):
-    """This rank's training batches ``(inputs (B, 1, mel, frames), soft targets (B, classes))``: every rank the
-    same number per epoch (the shuffled split cut to a multiple of world x batch), resumable mid-epoch."""
+    """This rank's training batches ``(inputs (B, 1, mel, frames) or a ClipBatch, soft targets (B, classes))``:
+    every rank the same number per epoch (the shuffled split cut to a multiple of world x batch), resumable mid-epoch."""
 
     name = "Speech Commands"
 

@@ -16,8 +16,9 @@ from functools import lru_cache
 import numpy as np
 import torch
 
-__all__ = ["FRAME_LENGTH", "FRAME_SHIFT", "LOG_FLOOR", "SAMPLE_RATE", "fbank", "mel_banks", "normalize",
-           "pad_or_cut", "spec_augment", "noise_and_roll"]
+__all__ = ["FRAME_LENGTH", "FRAME_SHIFT", "LOG_FLOOR", "SAMPLE_RATE", "apply_masks", "apply_noise_and_roll",
+           "draw_masks", "draw_noise", "fbank", "mel_banks", "normalize", "noise_and_roll", "pad_or_cut",
+           "spec_augment"]
 
 SAMPLE_RATE = 16_000
 """Every clip is resampled to this rate before its features are computed."""
@@ -98,22 +99,53 @@ def _mask_bounds(rng: np.random.Generator, size: int, max_width: int) -> tuple[i
     return int(start), int(start) + int(width)
 
 
+def draw_masks(rng: np.random.Generator, frames: int, mel: int, freq_mask: int, time_mask: int) -> tuple[int, ...]:
+    """SpecAugment's draws for one ``(frames, mel)`` map: ``(freq_start, freq_end, time_start, time_end)``, the
+    frequency mask drawn first (AST's order); a width of 0 turns a mask off (start = end = 0, nothing drawn)."""
+    freq = _mask_bounds(rng, mel, freq_mask) if freq_mask else (0, 0)
+    time = _mask_bounds(rng, frames, time_mask) if time_mask else (0, 0)
+    return (*freq, *time)
+
+
+def apply_masks(features: torch.Tensor, bounds: torch.Tensor) -> torch.Tensor:
+    """Zero each ``(B, T, F)`` map's frequency bins ``[bounds[b, 0], bounds[b, 1])`` and frames ``[bounds[b, 2],
+    bounds[b, 3])`` (``bounds``: (B, 4) integers from :func:`draw_masks`); out of place, in one batched pass."""
+    bounds = bounds.to(features.device)
+    times = torch.arange(features.shape[-2], device=features.device)[None, :, None]
+    freqs = torch.arange(features.shape[-1], device=features.device)[None, None, :]
+    b = bounds[:, :, None, None]
+    masked = (((freqs >= b[:, 0]) & (freqs < b[:, 1])) | ((times >= b[:, 2]) & (times < b[:, 3])))
+    return features.masked_fill(masked, 0.0)
+
+
 def spec_augment(features: torch.Tensor, rng: np.random.Generator, freq_mask: int, time_mask: int) -> torch.Tensor:
     """One frequency mask then one time mask (value 0) on a ``(T, F)`` log-mel, widths below ``freq_mask`` and
     ``time_mask`` (AST applies torchaudio's ``FrequencyMasking(48)`` and ``TimeMasking(48)``); 0 turns one off."""
-    out = features.clone()
-    if freq_mask:
-        start, end = _mask_bounds(rng, out.shape[1], freq_mask)
-        out[:, start:end] = 0
-    if time_mask:
-        start, end = _mask_bounds(rng, out.shape[0], time_mask)
-        out[start:end, :] = 0
-    return out
+    bounds = draw_masks(rng, features.shape[0], features.shape[1], freq_mask, time_mask)
+    return apply_masks(features[None], torch.tensor([bounds]))[0]
+
+
+def draw_noise(rng: np.random.Generator, frames: int, mel: int, roll: int) -> tuple[float, np.ndarray, int]:
+    """AST's ``noise`` draws for one ``(frames, mel)`` map: the scale ``U[0, 1) / 10``, the ``U[0, 1)`` float32
+    noise and the roll in ``[-roll, roll)`` frames (0 without ``roll``), in that order."""
+    scale = rng.random() / 10
+    noise = rng.random((frames, mel), dtype=np.float32)
+    return scale, noise, int(rng.integers(-roll, roll)) if roll else 0
+
+
+def apply_noise_and_roll(features: torch.Tensor, scale: torch.Tensor, noise: torch.Tensor,
+                         shift: torch.Tensor) -> torch.Tensor:
+    """``(B, T, F)`` maps + ``noise * scale`` per map, then each rolled by its ``shift`` frames (``torch.roll``'s
+    direction), batched: ``scale`` (B,), ``noise`` (B, T, F), ``shift`` (B,) integers."""
+    noisy = features + noise.to(features.device) * scale.to(features.device, features.dtype)[:, None, None]
+    frames = features.shape[-2]
+    source = (torch.arange(frames, device=features.device)[None] - shift.to(features.device)[:, None]) % frames
+    return torch.gather(noisy, -2, source[:, :, None].expand(-1, -1, features.shape[-1]))
 
 
 def noise_and_roll(features: torch.Tensor, rng: np.random.Generator, roll: int) -> torch.Tensor:
     """AST's ``noise``: add ``U[0, 1) * (U[0, 1) / 10)`` per element, then roll the frames by an integer in
     ``[-roll, roll)``."""
-    scale = rng.random() / 10
-    noisy = features + torch.from_numpy(rng.random(features.shape, dtype=np.float32)) * scale
-    return torch.roll(noisy, int(rng.integers(-roll, roll)) if roll else 0, dims=0)
+    scale, noise, shift = draw_noise(rng, features.shape[0], features.shape[1], roll)
+    return apply_noise_and_roll(features[None], torch.tensor([scale]), torch.from_numpy(noise)[None],
+                                torch.tensor([shift]))[0]

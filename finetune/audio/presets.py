@@ -20,7 +20,8 @@ def audio_s_speechcommands() -> AudioRunConfig:
     noise and roll; BCE; Adam lr 2.5e-4, betas (0.95, 0.999), weight decay 5e-7; batch 128 (16 per GPU x 8);
     100 epochs, lr x 0.85 after every epoch from epoch 5 (multistep at epochs 5..99), no warmup, fp32;
     validation every epoch; the epoch with the best validation accuracy is scored on the test list
-    (``train.best_metric``).
+    (``train.best_metric``). The features of the training batches are computed on the GPU
+    (``audio.features_on=device``; the authors compute them per clip in the loader, with the same draws).
     Difference: norms and biases get no weight decay (the trainer's rule; the authors decay every parameter, at
     5e-7 a negligible difference)."""
     steps_per_epoch = SPEECH_COMMANDS_TRAIN_CLIPS // 128
@@ -28,7 +29,7 @@ def audio_s_speechcommands() -> AudioRunConfig:
         run_dir="runs/audio_s_speechcommands",
         model=ModelConfig(name="unireplknet_s", num_classes=35, in_chans=1, drop_path_rate=0.4),
         loader=LoaderConfig(num_workers=8),
-        audio=AudioConfig(data_root="data/speech_commands_v0.02", num_classes=35),
+        audio=AudioConfig(data_root="data/speech_commands_v0.02", num_classes=35, features_on="device"),
         optim=OptimConfig(name="adam", lr=2.5e-4, min_lr=0.0, betas=(0.95, 0.999), weight_decay=5e-7,
                           warmup_epochs=0.0, schedule="multistep", milestones=tuple(float(e) for e in range(5, 100)), gamma=0.85),
         train=TrainConfig(epochs=100, global_batch_size=128, micro_batch_size=16, zero_stage=1, precision="fp32",
@@ -41,7 +42,8 @@ def audio_demo() -> AudioRunConfig:
     """A tiny UniRepLKNet on 64-bin x 96-frame maps of the generated spoken-word set (``finetune make-demo-data
     audio``, 10 words, split by voice); CPU, minutes. The authors' augmentation is lighter here (no mixup, masks
     below 12 bins and 18 frames, noise and roll kept): with 720 clips of 12 voices and 264 steps, mixup 0.6 and
-    48/128-wide masks keep the tiny network near chance for most of the run (35% after 264 steps, 58% without)."""
+    48/128-wide masks keep the tiny network near chance for most of the run (35% after 264 steps, 58% without).
+    Features in the loader worker (``audio.features_on=loader``): on a CPU it runs beside the training process."""
     return AudioRunConfig(
         run_dir="runs/audio_demo",
         model=ModelConfig(name="unireplknet_a", num_classes=10, in_chans=1, depths=(1, 1, 2, 1), dims=(16, 32, 64, 128),

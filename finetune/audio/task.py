@@ -13,7 +13,7 @@ from pretrain.distributed import WorldInfo
 from pretrain.task import SumsEvaluator, TaskBase
 
 from .config import AudioRunConfig
-from .data import EvalLoader, TrainLoader, list_split
+from .data import ClipBatch, EvalLoader, TrainLoader, list_split
 
 __all__ = ["AudioClassification", "accuracy_sums", "accuracy_results", "preflight"]
 
@@ -75,7 +75,11 @@ class AudioClassification(TaskBase):
         return self._eval_loader(world, "testing")
 
     def prepare_batch(self, batch, device: torch.device):
+        """Inputs and targets on ``device``; training clips of ``audio.features_on=device`` become their log-mel
+        maps there, in one batched pass (:meth:`ClipBatch.model_input`)."""
         inputs, targets = batch[0], batch[1]
+        if isinstance(inputs, ClipBatch):
+            return inputs.model_input(self.section, device), targets.to(device, non_blocking=True)
         return inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
 
     def training_losses(self, model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -106,8 +110,10 @@ class AudioClassification(TaskBase):
         return ((maps - low) / (high - low).clamp_min(1e-6)).expand(-1, 3, -1, -1)
 
     def data_bound_hint(self, samples_per_s_needed: float) -> str:
-        return (f"raise loader.num_workers (now {self.config.loader.num_workers}; each clip costs one fbank, two "
-                f"with mixup) until the loader delivers {samples_per_s_needed:.0f} clips/s per rank")
+        where = ("" if self.section.features_on == "device" else
+                 "; or set audio.features_on=device: fbank, masks and noise then run on the training device")
+        return (f"raise loader.num_workers (now {self.config.loader.num_workers}; a mixed clip reads two files) until "
+                f"the loader delivers {samples_per_s_needed:.0f} clips/s per rank{where}")
 
 
 def preflight(config: AudioRunConfig) -> None:
