@@ -115,6 +115,12 @@ def initialize(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, ds
     """Wrap model, client optimizer and per-step scheduler in a DeepSpeed engine (ZeRO per config)."""
     import deepspeed
 
+    if ds_config["zero_optimization"]["stage"] == 3 and next(model.parameters()).dtype == torch.float64:
+        # ``train.precision=fp64`` at ZeRO-3: DeepSpeed partitions the model through ``zero.Init(dtype=<the
+        # parameters' dtype>)``, which asserts fp16/bf16/fp32 wherever the CPU accelerator reports fp16 support
+        # (elsewhere it ignores the dtype). Partitioning first, with fp32 declared, keeps the float64 values:
+        # converting existing parameters does not cast them.
+        deepspeed.zero.Init(module=model, config_dict_or_path=ds_config, dtype=torch.float32)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=ds_config)
     return engine

@@ -10,6 +10,7 @@ import shutil
 from collections import Counter
 
 import fsspec
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -351,8 +352,12 @@ def test_image_of_another_size(demo_copy):
 # EvalLoader
 
 
-def test_eval_loader_covers_every_image_once(demo):
-    split, config = load_split(demo, "val2017"), _config(eval_scale=(200, 120))
+@pytest.mark.parametrize("method", ["opencv", "pillow"])
+def test_eval_loader_covers_every_image_once(demo, method):
+    """Every image once over 2 ranks, resized as mmdet's ``Resize(keep_ratio=True)`` by ``coco.eval_resize``:
+    ``cv2.resize`` INTER_LINEAR (mmcv's ``imresize``, the default) or Pillow's bilinear, compared with each
+    library called directly."""
+    split, config = load_split(demo, "val2017"), _config(eval_scale=(200, 120), eval_resize=method)
     coco = COCO(split.annotation_file)
     assert any(not coco.imgToAnns[i] for i in coco.getImgIds())  # images without annotations are there too
     loaders = [EvalLoader(split, config, rank=r, world_size=2, num_workers=2 - r) for r in (0, 1)]
@@ -370,8 +375,11 @@ def test_eval_loader_covers_every_image_once(demo):
             assert meta["scale"] == pytest.approx((h / h0, w / w0))
             assert image.shape == (1, 3, math.ceil(h / 32) * 32, math.ceil(w / 32) * 32)
             assert not image[0, :, h:].any() and not image[0, :, :, w:].any()
-            reference = np.asarray(Image.open(f"{demo}/val2017/{info['file_name']}").convert("RGB").resize(
-                (w, h), Image.BILINEAR), np.float32)
+            original = Image.open(f"{demo}/val2017/{info['file_name']}").convert("RGB")
+            if method == "pillow":
+                reference = np.asarray(original.resize((w, h), Image.BILINEAR), np.float32)
+            else:
+                reference = cv2.resize(np.asarray(original), (w, h), interpolation=cv2.INTER_LINEAR).astype(np.float32)
             np.testing.assert_allclose(_pixels(image[0, :, :h, :w]), reference, atol=1e-3)
         assert loader.bad_samples == 0
     assert sorted(ids) == sorted(coco.getImgIds()) and len(ids) == len(set(ids))

@@ -134,7 +134,9 @@ def reference(request, data_dirs, tmp_path_factory):
     return _REFERENCE[name]
 
 
-def wait_for(predicate, process: subprocess.Popen, what: str, timeout: float = 300) -> None:
+def wait_for(predicate, process: subprocess.Popen, what: str, timeout: float = 300, poll: float = 0.2) -> None:
+    """Until ``predicate()``; ``poll``: seconds between looks (a signal meant to land mid-run needs a short one:
+    the smallest tasks' smoke steps take 60 ms on a fast CPU)."""
     deadline = time.monotonic() + timeout
     while not predicate():
         if process.poll() is not None:
@@ -142,7 +144,7 @@ def wait_for(predicate, process: subprocess.Popen, what: str, timeout: float = 3
             pytest.fail(f"the run ended (exit {process.returncode}) before {what}:\n{output[-3000:]}")
         if time.monotonic() > deadline:
             pytest.fail(f"timed out waiting for {what}")
-        time.sleep(0.2)
+        time.sleep(poll)
 
 
 # ----------------------------------------------------------------------------------------------- the checks
@@ -200,7 +202,7 @@ def test_sigterm_twice_then_sigkill_then_rerun_ends_with_the_uninterrupted_weigh
         return Path(find_checkpoint(str(run_dir / "checkpoints"))).name
 
     stopped = start()
-    wait_for(lambda: log.exists() and "step 1/" in log.read_text(), stopped, "step 1 in the log")
+    wait_for(lambda: log.exists() and "step 1/" in log.read_text(), stopped, "step 1 in the log", poll=0.01)
     os.killpg(stopped.pid, signal.SIGTERM)
     time.sleep(0.3)
     os.killpg(stopped.pid, signal.SIGTERM)
@@ -211,7 +213,7 @@ def test_sigterm_twice_then_sigkill_then_rerun_ends_with_the_uninterrupted_weigh
 
     killed = start()
     resumed = f"resumed from {run_dir / 'checkpoints' / saved}"
-    wait_for(lambda: resumed in log.read_text(), killed, "the rerun's resume")
+    wait_for(lambda: resumed in log.read_text(), killed, "the rerun's resume", poll=0.01)
     os.killpg(killed.pid, signal.SIGKILL)
     killed.communicate(timeout=60)
     complete = last_checkpoint()
