@@ -78,15 +78,19 @@ def test_the_model_takes_clips_and_maps_alike():
 
 
 def test_frame_indices_by_hand():
-    # centred: window 64, end (64 + 300) // 2 = 182, start 118
-    assert frame_indices(300, 16, 4) == list(range(118, 182, 4))
-    # exactly one window: every 4th frame
-    assert frame_indices(64, 16, 4) == list(range(0, 64, 4))
-    # short: every 4th frame (0 .. 28), then the last frame (29) repeated
-    assert frame_indices(30, 16, 4) == [0, 4, 8, 12, 16, 20, 24, 28] + [29] * 8
+    """VideoMAE v2's ``load_video`` (one segment): ``linspace(end - 64, end, 16)`` clipped to ``end - 1``, cast to
+    int (64 / 15 = 4.267 apart); a short video ``linspace(0, n, n // 4)``, then ``n`` repeated, clipped to n - 1."""
+    # centred: end (64 + 300) // 2 = 182, start 118: 118 + k 64/15 truncated, the last (182) clipped to 181
+    assert frame_indices(300, 16, 4) == [118, 122, 126, 130, 135, 139, 143, 147, 152, 156, 160, 164, 169, 173,
+                                         177, 181]
+    # exactly one window (the short-video branch): 16 points of linspace(0, 64), 64 clipped to 63
+    assert frame_indices(64, 16, 4) == [0, 4, 8, 12, 17, 21, 25, 29, 34, 38, 42, 46, 51, 55, 59, 63]
+    # short: linspace(0, 30, 7) = 0, 5, ..., 30, then 9 x 30; clipped to 29
+    assert frame_indices(30, 16, 4) == [0, 5, 10, 15, 20, 25] + [29] * 10
     # random: the window ends at rng.integers(64, 300)
     end = int(np.random.default_rng(7).integers(64, 300))
-    assert frame_indices(300, 16, 4, np.random.default_rng(7)) == list(range(end - 64, end, 4))
+    assert frame_indices(300, 16, 4, np.random.default_rng(7)) == [
+        min(end - 64 + int(k * 64 / 15), end - 1) for k in range(16)]
 
 
 def test_test_protocol_indices_by_hand():
@@ -121,8 +125,8 @@ def test_test_views_follow_the_authors_segments_and_crops():
                 4 * (start + t) for t in range(4)]
     single = eval_views(counting_video(), "counting.mp4", num_frames=4, stride=4, size=32, mode="single")
     assert single.shape == (1, 3, 4, 32, 32)
-    # centred window of 16 in 40 frames: end (16 + 40) // 2 = 28, frames 12, 16, 20, 24
-    assert [frame_number(255 * (single[0, 0, t] * STD[0] + MEAN[0])) for t in range(4)] == [12, 16, 20, 24]
+    # centred window of 16 in 40 frames: end (16 + 40) // 2 = 28; linspace(12, 28, 4) = 12, 17.3, 22.7, 28 (-> 27)
+    assert [frame_number(255 * (single[0, 0, t] * STD[0] + MEAN[0])) for t in range(4)] == [12, 17, 22, 27]
 
 
 # ---------------------------------------------------------------------------------------- augmentation, resume
@@ -136,6 +140,42 @@ def test_randaugment_is_one_draw_for_the_whole_clip():
         clip = augment_clip(frames, np.random.default_rng(seed), size=32, auto_augment="rand-m7-n4-mstd0.5-inc1")
         assert clip.shape == (3, 6, 32, 32)
         assert all(torch.equal(clip[:, 0], clip[:, t]) for t in range(1, 6))
+
+
+def test_randaugment_has_videomae_v2s_parameters():
+    """VideoMAE v2's ``create_random_augment`` (``Video/dataset/video_transforms.py``) gives timm's RandAugment
+    ``{"translate_const": int(224 * 0.45), "interpolation": bicubic}`` (``--train_interpolation`` default): every
+    op resamples bicubic and fills with (128, 128, 128), its ``_FILL``; m7, n4, magnitude std 0.5, increasing."""
+    from PIL import Image
+
+    from finetune.video.data import _rand_augment
+
+    transform = _rand_augment("rand-m7-n4-mstd0.5-inc1", 224)
+    assert transform.num_layers == 4 and len(transform.ops) == 15
+    for op in transform.ops:
+        assert op.magnitude == 7 and op.magnitude_std == 0.5, op.name
+        assert op.kwargs["resample"] == Image.Resampling.BICUBIC and op.kwargs["fillcolor"] == (128, 128, 128), op.name
+        assert op.hparams["translate_const"] == 100
+
+
+def test_loader_bench_prints_videos_per_cpu_second(capsys, tmp_path):
+    """The benchmark of issue 21 point 13 runs on a generated clip (figures, not timings asserted). Its VideoMAE
+    v2-style reference (decord, the authors' order: every frame normalized, then cropped) makes, from the same
+    draws, the clips this task makes: the same frames, RandAugment ops, crop, flip and erasing. Tolerance: the two
+    decoders may round a colour conversion differently by one level, 1/255 / std 0.225 = 0.0174 normalized (a
+    frame or crop off by one differs by far more)."""
+    from finetune.video.bench import kinetics_like_clip, main, ours, videomae_style
+    from finetune.video.config import VideoConfig
+
+    assert main(["--videos", "1", "--seconds", "2.5"]) == 0
+    assert "videos per CPU-second" in capsys.readouterr().out
+    pytest.importorskip("decord")
+    path = tmp_path / "clip.mp4"
+    kinetics_like_clip(path, 2.5, 30)
+    section = VideoConfig(data_root="unused", input_size=64)
+    mine, reference = (make(str(path), np.random.default_rng(3), section) for make in (ours, videomae_style))
+    assert mine.shape == reference.shape == (2, 3, 16, 64, 64)
+    torch.testing.assert_close(mine, reference, rtol=0, atol=0.0175)
 
 
 def full_augmentation(root: Path, tmp_path: Path, *extra: str):

@@ -36,7 +36,7 @@ from torch.utils.data import Dataset
 
 from shards.indexed import ShuffledBatches, worker_iterator
 from shards.info import INFO_NAME, ShardMember, read_member, read_members
-from shards.seeding import SeedPurpose, sample_generator, seeded_global_rngs, stream_seed
+from shards.seeding import SeedPurpose, sample_generator, seed_global_rngs, seeded_global_rngs, stream_seed
 
 __all__ = ["MEAN", "STD", "SEED_PURPOSE", "EvalLoader", "TrainLoader", "VideoList", "augment_clip", "check_labels",
            "decode_frames", "eval_views", "frame_indices", "read_list", "resized_crop_box", "segment_starts",
@@ -162,6 +162,7 @@ def decode_frames(data: bytes, where: str, choose: Callable[[int], Sequence[int]
     after the last chosen frame; indices past a stream that ends early take its last frame. ``ValueError``
     naming ``where`` when nothing can be decoded."""
     import av
+    from av.video.reformatter import VideoReformatter
 
     try:
         count = _frame_count(data)
@@ -171,11 +172,12 @@ def decode_frames(data: bytes, where: str, choose: Callable[[int], Sequence[int]
         wanted, last_needed = set(indices), max(indices)
         frames: dict[int, np.ndarray] = {}
         last, seen = None, -1
+        rgb = VideoReformatter()  # one colour converter for the video (a frame's own is rebuilt per frame)
         with av.open(io.BytesIO(data)) as container:
             stream = container.streams.video[0]
             for seen, frame in enumerate(container.decode(stream)):
                 if seen in wanted:
-                    frames[seen] = frame.to_ndarray(format="rgb24")
+                    frames[seen] = rgb.reformat(frame, format="rgb24").to_ndarray()
                 last = frame
                 if seen >= last_needed:
                     break
@@ -183,7 +185,7 @@ def decode_frames(data: bytes, where: str, choose: Callable[[int], Sequence[int]
             raise ValueError("no decodable video frame")
         if seen < last_needed:
             _logger.debug("%s: %d frames decoded of the %d the header gives", where, seen + 1, count)
-            frames.setdefault(seen, last.to_ndarray(format="rgb24"))
+            frames.setdefault(seen, rgb.reformat(last, format="rgb24").to_ndarray())
         return np.stack([frames[min(i, seen)] for i in indices])
     except Exception as error:  # noqa: BLE001 - PyAV's errors, damaged containers: one message naming the file
         raise ValueError(f"{where}: {type(error).__name__}: {error}") from error
@@ -193,17 +195,19 @@ def decode_frames(data: bytes, where: str, choose: Callable[[int], Sequence[int]
 
 
 def frame_indices(count: int, num_frames: int, stride: int, rng: np.random.Generator | None = None) -> list[int]:
-    """VideoMAE v2's clip of a ``count``-frame video: ``num_frames`` frames at ``stride`` from a window of
-    ``num_frames * stride`` frames ending at ``end``, random in ``[window, count)`` with ``rng``, else centred
-    (``(window + count) // 2``). A video no longer than the window gives every ``stride``-th frame, then its last
-    frame repeated."""
+    """VideoMAE v2's clip of a ``count``-frame video (``Video/dataset/datasets.py``, one segment): a window of
+    ``window = num_frames * stride`` frames ending at ``end``, random in ``[window, count)`` with ``rng``, else
+    centred (``(window + count) // 2``), sampled at ``num_frames`` points of ``linspace(end - window, end)``
+    clipped to ``end - 1`` and truncated (stride 4.27 for 16 of 64: not every 4th frame). A video no longer than
+    the window: ``linspace(0, count, count // stride)`` then ``count`` repeated, clipped to ``count - 1``."""
     window = num_frames * stride
     if count <= window:
-        picked = list(range(0, count, stride))[:num_frames]
-        return picked + [count - 1] * (num_frames - len(picked))
+        points = np.linspace(0, count, num=count // stride)
+        points = np.concatenate([points, np.full(num_frames - len(points), float(count))])
+        return np.clip(points, 0, count - 1).astype(np.int64).tolist()
     end = int(rng.integers(window, count)) if rng is not None else (window + count) // 2
     start = end - window
-    return [start + stride * k for k in range(num_frames)]
+    return np.clip(np.linspace(start, end, num=num_frames), start, end - 1).astype(np.int64).tolist()
 
 
 def protocol_frame_indices(count: int, num_frames: int, stride: int) -> list[int]:
@@ -246,9 +250,13 @@ def resized_crop_box(height: int, width: int, scale: tuple[float, float], ratio:
 # ------------------------------------------------------------------------------------------- augmentation
 
 
-def _normalize(frames: torch.Tensor) -> torch.Tensor:
+def _normalize(frames: torch.Tensor, in_place: bool = False) -> torch.Tensor:
+    """``(T, 3, H, W)`` float frames normalized with ImageNet's mean and std (``in_place``: for frames nothing
+    else holds, e.g. a crop just resized; evaluation views share their frames)."""
     mean = torch.tensor(MEAN).view(1, 3, 1, 1)
     std = torch.tensor(STD).view(1, 3, 1, 1)
+    if in_place:
+        return frames.sub_(mean).div_(std)
     return (frames - mean) / std
 
 
@@ -257,48 +265,56 @@ def _as_float(frames: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float().div_(255)
 
 
-_RAND_AUGMENT: dict[str, Any] = {}
+_RAND_AUGMENT: dict[tuple[str, int], Any] = {}
 
 
-def _rand_augment(policy: str):
-    if policy not in _RAND_AUGMENT:
+def _rand_augment(policy: str, size: int):
+    """timm's RandAugment for ``policy`` with VideoMAE v2's parameters (``create_random_augment``): bicubic
+    resampling in the geometric ops (``train_interpolation``'s default; timm alone picks bilinear or bicubic at
+    random), fill (128, 128, 128) (no ``img_mean`` given), ``translate_const`` 45 % of the crop ``size``;
+    posterize fixed as for images (:func:`shards.image.fix_posterize`)."""
+    if (policy, size) not in _RAND_AUGMENT:
+        from PIL import Image
         from timm.data.auto_augment import rand_augment_transform
         from torchvision.transforms import Compose
 
         from shards.image import fix_posterize
 
-        transform = rand_augment_transform(policy, {"img_mean": tuple(round(255 * m) for m in MEAN)})
+        hparams = {"translate_const": int(size * 0.45), "img_mean": (128, 128, 128),
+                   "interpolation": Image.Resampling.BICUBIC}
+        transform = rand_augment_transform(policy, hparams)
         fix_posterize(Compose([transform]))
-        _RAND_AUGMENT[policy] = transform
-    return _RAND_AUGMENT[policy]
+        _RAND_AUGMENT[policy, size] = transform
+    return _RAND_AUGMENT[policy, size]
 
 
 def augment_clip(frames: np.ndarray, rng: np.random.Generator, *, size: int, auto_augment: str = "",
                  scale: tuple[float, float] = (0.08, 1.0), ratio: tuple[float, float] = (0.75, 4 / 3),
                  hflip: float = 0.5, random_erasing: float = 0.0) -> torch.Tensor:
-    """One training clip ``(3, T, size, size)`` from ``(T, H, W, 3)`` uint8 frames, every draw from ``rng``."""
+    """One training clip ``(3, T, size, size)`` from ``(T, H, W, 3)`` uint8 frames, every draw from ``rng``
+    (a permuted view: the loader's batch stacking makes it contiguous)."""
     if auto_augment:
         from PIL import Image
 
-        transform, seed = _rand_augment(auto_augment), int(rng.integers(2 ** 31))
+        transform, seed = _rand_augment(auto_augment, size), int(rng.integers(2 ** 31))
         augmented = []
-        for frame in frames:  # the same seed for every frame: the same ops and magnitudes
-            with seeded_global_rngs(seed):
+        with seeded_global_rngs(seed):  # the caller's RNG states back once the clip is done
+            for frame in frames:  # the same seed for every frame: the same ops and magnitudes
+                seed_global_rngs(seed)
                 augmented.append(np.asarray(transform(Image.fromarray(frame))))
         frames = np.stack(augmented)
-    clip = _as_float(frames)
-    top, left, h, w = resized_crop_box(clip.shape[-2], clip.shape[-1], scale, ratio, rng)
-    clip = F.interpolate(clip[:, :, top:top + h, left:left + w], size=(size, size), mode="bilinear",
-                         align_corners=False)
+    top, left, h, w = resized_crop_box(frames.shape[1], frames.shape[2], scale, ratio, rng)
+    clip = _as_float(frames[:, top:top + h, left:left + w])  # only the crop becomes float
+    clip = F.interpolate(clip, size=(size, size), mode="bilinear", align_corners=False)
     if rng.random() < hflip:
         clip = clip.flip(-1)
-    clip = _normalize(clip)
+    clip = _normalize(clip, in_place=True)  # the resized (or flipped) crop is this function's own
     if random_erasing > 0:
         from timm.data.random_erasing import RandomErasing
 
         with seeded_global_rngs(int(rng.integers(2 ** 31))):
             clip = RandomErasing(random_erasing, mode="pixel", max_count=1, num_splits=1, device="cpu")(clip)
-    return clip.permute(1, 0, 2, 3).contiguous()
+    return clip.permute(1, 0, 2, 3)
 
 
 def _short_side(clip: torch.Tensor, size: int) -> torch.Tensor:
