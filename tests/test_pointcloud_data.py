@@ -116,3 +116,27 @@ def test_damaged_files_are_skipped_named_and_counted_in_every_split(demo, tmp_pa
         damaged.write_bytes(b"OFF\n8 12 0\n0 0\n" if layout == "mesh" else b"0.1,0.2\n0.3")
         assert clouds[1] is None and clouds.skipped == 1 and relative in caplog.text
         assert clouds[0] is not None and clouds[0][0].shape[1] == 6
+
+
+def test_projection_cells_and_scatter_by_hand():
+    """The authors' ``ProjEnc`` arithmetic on a map of 8: points (0, 0), (5, 2) and (1, 0): extents 5 and 2, cell
+    5 / 5 = 1; cells (0, 0), (5, 2), (1, 0); their 3 x 3 neighbourhoods + 1 span rows 0..7, columns 0..4; centre
+    floor(7 / 2) = 3 and floor(4 / 2) = 2; shift 8 / 2 - centre - 1 = (0, 1): rows 0..2 x columns 1..3, rows 5..7 x
+    columns 3..5 and rows 1..3 x columns 1..3 (overlapping the first on rows 1..2: summed there)."""
+    from finetune.pointcloud.projection import project_features, projection_indices
+
+    points = torch.tensor([[[0.0, 0.0, 9.0], [5.0, 2.0, -9.0], [1.0, 0.0, 0.0]]])
+    index = projection_indices(points, 8)
+    cells = [sorted(r * 8 + c for r in rows for c in columns)
+             for rows, columns in ((range(0, 3), range(1, 4)), (range(5, 8), range(3, 6)), (range(1, 4), range(1, 4)))]
+    assert [sorted(index[0, 9 * k:9 * k + 9].tolist()) for k in range(3)] == cells
+    grid = project_features(points, torch.tensor([[[1.0, 10.0], [2.0, 20.0], [4.0, 40.0]]]), 8)
+    expected = torch.zeros(2, 8, 8)
+    expected[:, 0:3, 1:4] += torch.tensor([1.0, 10.0])[:, None, None]
+    expected[:, 5:8, 3:6] += torch.tensor([2.0, 20.0])[:, None, None]
+    expected[:, 1:4, 1:4] += torch.tensor([4.0, 40.0])[:, None, None]
+    assert torch.equal(grid[0], expected) and grid[0, 1, 1, 1] == 10.0 + 40.0
+    # a real cloud fills a centred 224 map: its cells span at most 222 rows, the middle at 111-112
+    cloud = torch.rand(2, 1024, 3, generator=torch.Generator().manual_seed(0))
+    rows = projection_indices(cloud, 224) // 224
+    assert rows.min() >= 0 and rows.max() <= 223 and abs((rows.max() + rows.min()) / 2 - 111.5) <= 1
