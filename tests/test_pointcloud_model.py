@@ -69,6 +69,8 @@ def test_a_tiny_p2p_classifier_maps_clouds_to_logits_and_trains_every_part():
     assert (images >= low.view(1, 3, 1, 1) - 1e-6).all() and (images <= high.view(1, 3, 1, 1) + 1e-6).all()
     logits = model(clouds)
     assert logits.shape == (2, 6) and model.norm.normalized_shape == (4 * 64,)
+    # the point features come from the original cloud when given: another original, other logits
+    assert not torch.allclose(model(clouds, clouds.flip(1) * 0.5), logits)
     torch.nn.functional.cross_entropy(logits, torch.tensor([0, 5])).backward()
     # every part learns; the backbone's own pooled-feature norm is unused (the head pools the views itself), as in
     # the authors' model, whose files still hold it

@@ -152,8 +152,10 @@ class PointToImage(nn.Module):
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
 
-    def forward(self, points: torch.Tensor) -> torch.Tensor:
-        features = self.encoder(points)  # (B, N, D), the same for every view
+    def forward(self, points: torch.Tensor, original: torch.Tensor | None = None) -> torch.Tensor:
+        """``points`` (the augmented cloud) are projected; the point features come from ``original`` (the same
+        points before rotation, scaling and shift, as the authors train; default ``points``)."""
+        features = self.encoder(points if original is None else original)  # (B, N, D), the same for every view
         views = rotate_views(points, VIEW_ANGLES[:self.views])
         maps = project_features(views, features.repeat_interleave(self.views, dim=0), self.size)
         image = torch.sigmoid(self.img_layer(self.fusion(self.img_block(maps))))
@@ -174,7 +176,7 @@ class P2PClassifier(nn.Module):
         self.norm = nn.LayerNorm(features)
         self.head = nn.Linear(features, num_classes)
 
-    def forward(self, points: torch.Tensor) -> torch.Tensor:
-        maps = self.backbone.forward_features(self.projector(points))  # (B V, C, h, w)
+    def forward(self, points: torch.Tensor, original: torch.Tensor | None = None) -> torch.Tensor:
+        maps = self.backbone.forward_features(self.projector(points, original))  # (B V, C, h, w)
         pooled = maps.reshape(-1, self.views * maps.shape[1], *maps.shape[2:]).mean(dim=(-2, -1))
         return self.head(self.norm(pooled))
