@@ -416,6 +416,20 @@ def test_ray_train_matches_the_single_process_computation_and_a_killed_worker_ch
     assert all(torch.equal(expected[k], actual[k]) for k in expected), killed
     assert dict(read_scalars(run_dir)["train/loss"]) == dict(read_scalars(uninterrupted)["train/loss"])
 
+    # ``pretrain evaluate``'s worker through the same launcher: the run's weights scored by 2 Ray Train workers
+    # give the run's own final evaluation (every validation image once), written beside it, not into it
+    from pretrain.evaluate import EVALUATE_ENTRY, evaluation_config
+
+    final = json.loads((uninterrupted / "metrics.json").read_text())
+    evaluated = tmp_path / "evaluated"
+    config = evaluation_config(load_config("demo", distributed_overrides(pretrain_shards, evaluated, **changes)),
+                               str(uninterrupted), out=str(evaluated))
+    assert launch(config, EVALUATE_ENTRY) == 0
+    scored = json.loads((evaluated / "metrics.json").read_text())
+    assert scored["step"] == STEPS and scored["eval/samples"] == final["eval/samples"] > 0
+    assert scored["eval/top1"] == final["eval/top1"] and scored["eval/loss"] == pytest.approx(final["eval/loss"])
+    assert not (uninterrupted / "evaluate.log").exists()
+
 
 def test_torchrun_on_two_nodes_through_a_c10d_rendezvous(pretrain_shards, reference, tmp_path):
     """``launch.nodes=2``: the same command started twice (here both "nodes" are this machine)."""
