@@ -118,11 +118,12 @@ class MultiViewFusion(nn.Module):
     """The authors' ``MultiViewFusionV2``: every view's map sees the others through attention over all views'
     7x7-patch tokens."""
 
-    def __init__(self, dim: int = 64, views: int = 4, width: int = 128, patch: int = 7):
+    def __init__(self, dim: int = 64, views: int = 4, patch: int = 7):
         super().__init__()
+        width = 2 * dim  # the authors' 64 -> 128, heads of 128, MLP 256
         self.views, self.patch = views, patch
         self.conv1 = nn.Conv2d(dim, width, patch, stride=patch, bias=False)
-        self.transformer = _TransformerLayer(width, heads=8, head_dim=128, mlp=256)
+        self.transformer = _TransformerLayer(width, heads=8, head_dim=width, mlp=2 * width)
         self.conv2 = nn.Sequential(nn.Conv2d(width, dim, 3, padding=1), nn.GELU())
         self.conv3 = nn.Sequential(nn.Conv2d(2 * dim, dim, 1), nn.GELU())
 
@@ -167,10 +168,10 @@ class P2PClassifier(nn.Module):
     :class:`~unireplknet.UniRepLKNet` (its ``forward_features`` gives the last-stage maps)."""
 
     def __init__(self, backbone: nn.Module, num_classes: int, size: int = 224, views: int = 4,
-                 neighbours: int = 32):
+                 neighbours: int = 32, dim: int = 64):
         super().__init__()
         self.views = views
-        self.projector = PointToImage(size, views, neighbours)
+        self.projector = PointToImage(size, views, neighbours, dim)
         self.backbone = backbone
         features = backbone.num_features * views
         self.norm = nn.LayerNorm(features)
