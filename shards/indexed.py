@@ -2,18 +2,19 @@
 list of index batches per epoch, loaded through a DataLoader whose workers leave the preemption signals to the
 trainer (:mod:`shards.workers`), with the exact-resume state and epoch rules of every training loader
 (:mod:`shards.resume`). The dense tasks' loaders are built on it, and so can any task whose data is not in
-shards."""
+shards. :class:`EvaluationShare` is the evaluation side: a rank's share of a split, each sample once."""
 from __future__ import annotations
 
 from typing import Any, Callable, Iterator, Mapping
 
+import torch
 from torch.utils.data import Dataset
 
 from .resume import ResumableLoader
 from .seeding import epoch_order
 from .workers import worker_iterator
 
-__all__ = ["ResumableBatches", "ShuffledBatches", "worker_iterator"]
+__all__ = ["EvaluationShare", "ResumableBatches", "ShuffledBatches", "worker_iterator"]
 
 
 class ResumableBatches(ResumableLoader):
@@ -92,3 +93,40 @@ class ShuffledBatches(ResumableBatches):
     def _identity(self) -> dict[str, Any]:
         return {"root": self.root, self.count_key: self._size, "seed": self.seed, "rank": self.rank,
                 "world_size": self.world_size, "batch_size": self.batch_size}
+
+
+class EvaluationShare:
+    """A rank's share of an evaluation split in batches ``(inputs, labels)``: ``samples`` (a dataset of this
+    rank's ``(input, label)`` samples, e.g. ``rank::world`` of the split, so every sample is scored once over the
+    ranks) read in order by ``num_workers`` workers; a sample that is None (unreadable) is left out and counted in
+    ``bad_samples``; ``num_samples`` against the evaluator's count tells the trainer whether the evaluation was
+    complete. Subclasses call :meth:`_share`, set ``description`` (the set, for messages) and may wrap the
+    stacked inputs (:meth:`_wrap`)."""
+
+    description = ""
+
+    def _share(self, samples: Dataset, *, batch_size: int, num_workers: int) -> None:
+        self._samples, self.batch_size, self.num_workers = samples, batch_size, num_workers
+        self.bad_samples = 0
+
+    @property
+    def num_samples(self) -> int:
+        return len(self._samples)
+
+    def _wrap(self, inputs: torch.Tensor) -> Any:
+        return inputs
+
+    def __iter__(self) -> Iterator[tuple[Any, torch.Tensor]]:
+        inputs: list[torch.Tensor] = []
+        labels: list[int] = []
+        for sample in worker_iterator(self._samples, num_workers=self.num_workers, batch_size=None):
+            if sample is None:
+                self.bad_samples += 1
+                continue
+            inputs.append(sample[0])
+            labels.append(int(sample[1]))
+            if len(inputs) == self.batch_size:
+                yield self._wrap(torch.stack(inputs)), torch.tensor(labels)
+                inputs, labels = [], []
+        if inputs:
+            yield self._wrap(torch.stack(inputs)), torch.tensor(labels)

@@ -33,14 +33,14 @@ import os
 from dataclasses import dataclass
 from functools import lru_cache
 from math import gcd
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
 from pretrain.config import ConfigError
-from shards.indexed import ShuffledBatches, worker_iterator
+from shards.indexed import EvaluationShare, ShuffledBatches
 from shards.info import INFO_NAME, ShardMember, read_info, read_member, read_members
 from shards.seeding import sample_generator
 
@@ -386,33 +386,14 @@ class _EvalSamples(_Clips):
         return model_input(features), self.files.clips[index][1]
 
 
-class EvalLoader:
+class EvalLoader(EvaluationShare):
     """This rank's share of a held-out split (``rank::world``, so every clip is scored once) in batches of
     ``(inputs, labels)``, no augmentation. A damaged clip is skipped, named in a warning and counted in
     ``bad_samples``; ``num_samples`` (this rank's clips) against the evaluator's ``samples`` tells the trainer
     the evaluation is incomplete; ``description`` names the set."""
 
     def __init__(self, files: SplitFiles, config, *, batch_size: int, rank: int, world_size: int, num_workers: int):
-        self.files, self.batch_size, self.num_workers = files, batch_size, num_workers
+        self.files = files
         self.description = f"{files.root.rstrip('/')} ({files.split}: {SPLIT_LISTS.get(files.split, 'training')})"
-        self._samples = _EvalSamples(files, config, range(rank, len(files), world_size))
-        self.bad_samples = 0
-
-    @property
-    def num_samples(self) -> int:
-        return len(self._samples)
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        inputs: list[torch.Tensor] = []
-        labels: list[int] = []
-        for sample in worker_iterator(self._samples, num_workers=self.num_workers, batch_size=None):
-            if sample is None:
-                self.bad_samples += 1
-                continue
-            inputs.append(sample[0])
-            labels.append(int(sample[1]))
-            if len(inputs) == self.batch_size:
-                yield torch.stack(inputs), torch.tensor(labels)
-                inputs, labels = [], []
-        if inputs:
-            yield torch.stack(inputs), torch.tensor(labels)
+        self._share(_EvalSamples(files, config, range(rank, len(files), world_size)), batch_size=batch_size,
+                    num_workers=num_workers)

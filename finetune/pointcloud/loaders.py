@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from shards.indexed import ShuffledBatches, worker_iterator
+from shards.indexed import EvaluationShare, ShuffledBatches
 from shards.seeding import sample_generator
 
 from .augment import sample_training_points
@@ -113,34 +113,17 @@ class _EvalSamples(Dataset):
         return cloud[farthest_point_sample(cloud, self.points)].float(), self.clouds.split.items[index][1]
 
 
-class EvalLoader:
+class EvalLoader(EvaluationShare):
     """This rank's share of a split (``rank::world``: every cloud scored once) in batches of ``(EvalClouds,
     labels)``; ``num_samples``, ``bad_samples`` and ``description`` as the trainer expects."""
 
     def __init__(self, split: PointSplit, section, cache_dir: str, *, voting: bool, batch_size: int, rank: int,
                  world_size: int, num_workers: int):
-        self.batch_size, self.num_workers, self.voting = batch_size, num_workers, voting
+        self.voting = voting
         self.description = (f"{split.root.rstrip('/')} ({split.split}: "
                             f"{'40 rotations voted' if voting else '8 rotations'})")
-        self._samples = _EvalSamples(PointClouds(split, section.mesh_points, cache_dir), section.points,
-                                     range(rank, len(split), world_size))
-        self.bad_samples = 0
+        self._share(_EvalSamples(PointClouds(split, section.mesh_points, cache_dir), section.points,
+                                 range(rank, len(split), world_size)), batch_size=batch_size, num_workers=num_workers)
 
-    @property
-    def num_samples(self) -> int:
-        return len(self._samples)
-
-    def __iter__(self) -> Iterator[tuple[EvalClouds, torch.Tensor]]:
-        clouds: list[torch.Tensor] = []
-        labels: list[int] = []
-        for sample in worker_iterator(self._samples, num_workers=self.num_workers, batch_size=None):
-            if sample is None:
-                self.bad_samples += 1
-                continue
-            clouds.append(sample[0])
-            labels.append(int(sample[1]))
-            if len(clouds) == self.batch_size:
-                yield EvalClouds(torch.stack(clouds), self.voting), torch.tensor(labels)
-                clouds, labels = [], []
-        if clouds:
-            yield EvalClouds(torch.stack(clouds), self.voting), torch.tensor(labels)
+    def _wrap(self, points: torch.Tensor) -> EvalClouds:
+        return EvalClouds(points, self.voting)
