@@ -140,3 +140,23 @@ def test_projection_cells_and_scatter_by_hand():
     cloud = torch.rand(2, 1024, 3, generator=torch.Generator().manual_seed(0))
     rows = projection_indices(cloud, 224) // 224
     assert rows.min() >= 0 and rows.max() <= 223 and abs((rows.max() + rows.min()) / 2 - 111.5) <= 1
+
+
+def test_farthest_points_are_computed_once_per_file_content_and_cached(demo, tmp_path):
+    """FPS is deterministic, so the loaders cache it per file: the cached indices are the computation's, the
+    second read comes from the cache, and a changed file is sampled again."""
+    root = tmp_path / "copy"
+    shutil.copytree(demo["resampled"], root)
+    split = list_split(str(root), "train", 6)
+    cache = tmp_path / "cache"
+    clouds = PointClouds(split, cache_dir=str(cache))
+    xyz = normalize_cloud(clouds[0][0])[:, :3].copy()
+    expected = farthest_point_sample(torch.from_numpy(xyz), 100)
+    assert torch.equal(clouds.farthest(0, xyz, 100), expected) and len(list(cache.glob("*.fps.npy"))) == 1
+    assert torch.equal(PointClouds(split, cache_dir=str(cache)).farthest(0, xyz, 100), expected)
+    assert len(list(cache.glob("*.fps.npy"))) == 1
+    path = root / split.items[0][0]
+    path.write_text(path.read_text().replace("0.", "0.1", 5))
+    os.utime(path, (1, 1))  # a different modification time too: fsspec's key of the file changes
+    PointClouds(split, cache_dir=str(cache)).farthest(0, xyz, 100)
+    assert len(list(cache.glob("*.fps.npy"))) == 2

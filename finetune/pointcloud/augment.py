@@ -63,13 +63,13 @@ def scale_and_translate(points: torch.Tensor, rng: np.random.Generator) -> torch
     return torch.cat([points[..., :3] * scale + shift, points[..., 3:]], dim=-1)
 
 
-def sample_training_points(cloud: torch.Tensor, points: int, fps_points: int,
-                           rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def sample_training_points(cloud: torch.Tensor, points: int, fps_points: int, rng: np.random.Generator,
+                           farthest: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """One training sample from a (N, C) cloud: ``(projected, original)``, both (points, C): farthest-point
-    sampled to ``fps_points`` (at most N), a random ``points`` of those kept (the original), then rotated, scaled
-    and shifted (the projected)."""
+    sampled to ``fps_points`` (at most N; ``farthest``: those indices, computed before), a random ``points`` of
+    those kept (the original), then rotated, scaled and shifted (the projected)."""
     fps_points = min(fps_points, len(cloud))
-    chosen = farthest_point_sample(cloud, fps_points)
+    chosen = farthest_point_sample(cloud, fps_points) if farthest is None else farthest[:fps_points]
     original = cloud[chosen[torch.from_numpy(rng.choice(fps_points, points, replace=False))]]
     theta, phi = training_angles(rng)
     rotation = theta_phi_matrix(torch.tensor([[theta, phi]], dtype=torch.float64))[0]

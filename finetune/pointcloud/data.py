@@ -38,6 +38,8 @@ __all__ = ["PointClouds", "PointSplit", "farthest_point_sample", "list_split", "
 _logger = logging.getLogger(__name__)
 
 SPLITS = ("train", "test")
+CACHE_VERSION = 1
+"""Part of every cache key: raise it when sampling or FPS computes anything else, so old entries are not used."""
 
 
 def _filesystem(root: str):
@@ -164,7 +166,7 @@ def read_cloud(split: PointSplit, index: int, num_points: int = 8192, cache_dir:
             version = fs.ukey(path)  # fsspec's key of the file's current content (path, size, mtime or checksum)
         except OSError as error:
             raise ValueError(f"{path}: {type(error).__name__}: {error}") from error
-        key = hashlib.sha256(f"{split.root}|{relative}|{version}|{num_points}".encode()).hexdigest()[:24]
+        key = hashlib.sha256(f"mesh{CACHE_VERSION}|{split.root}|{relative}|{version}|{num_points}".encode()).hexdigest()[:24]
         cached = os.path.join(cache_dir, f"{key}.npy")
         if os.path.exists(cached):
             return np.load(cached)
@@ -196,6 +198,28 @@ class PointClouds(torch.utils.data.Dataset):
 
     def __len__(self) -> int:
         return len(self.split)
+
+    def farthest(self, index: int, xyz: np.ndarray, count: int) -> torch.Tensor:
+        """Indices of the ``count`` farthest points of sample ``index``'s (normalized) ``xyz``: deterministic (the
+        same every epoch, as the authors' FPS on the GPU), so computed once per file content and cached under
+        ``cache_dir`` (FPS of 4800 of 10,000 points costs about half a CPU-second)."""
+        if not self.cache_dir:
+            return farthest_point_sample(torch.from_numpy(xyz), count)
+        if self._fs is None:
+            self._fs = _filesystem(self.split.root)[0]
+        path = f"{_filesystem(self.split.root)[1].rstrip('/')}/{self.split.items[index][0]}"
+        key = hashlib.sha256(f"fps{CACHE_VERSION}|{self.split.root}|{self.split.items[index][0]}|{self._fs.ukey(path)}|"
+                             f"{self.num_points}|{len(xyz)}|{count}".encode()).hexdigest()[:24]
+        cached = os.path.join(self.cache_dir, f"{key}.fps.npy")
+        if os.path.exists(cached):
+            return torch.from_numpy(np.load(cached).astype(np.int64))
+        chosen = farthest_point_sample(torch.from_numpy(xyz), count)
+        from unireplknet.files import atomic_open
+
+        os.makedirs(self.cache_dir, exist_ok=True)
+        with atomic_open(cached, "wb", durable=False) as f:
+            np.save(f, chosen.numpy().astype(np.int32))
+        return chosen
 
     def __getitem__(self, index: int) -> tuple[np.ndarray, int] | None:
         if self._fs is None:

@@ -20,7 +20,7 @@ from shards.indexed import EvaluationShare, ShuffledBatches
 from shards.seeding import sample_generator
 
 from .augment import sample_training_points
-from .data import PointClouds, PointSplit, farthest_point_sample, normalize_cloud
+from .data import PointClouds, PointSplit, normalize_cloud
 
 __all__ = ["EvalClouds", "EvalLoader", "TrainLoader"]
 
@@ -58,8 +58,9 @@ class _TrainSamples(Dataset):
             if xyz is None:
                 continue
             rng = sample_generator(self.seed, epoch, position, SEED_PURPOSE)
-            projected, original = sample_training_points(torch.from_numpy(np.ascontiguousarray(xyz)), v.points,
-                                                         v.fps_points, rng)
+            xyz = np.ascontiguousarray(xyz)
+            farthest = self.clouds.farthest(position, xyz, min(v.fps_points, len(xyz)))
+            projected, original = sample_training_points(torch.from_numpy(xyz), v.points, v.fps_points, rng, farthest)
             return projected.float(), original.float(), self.clouds.split.items[position][1], attempt
         raise RuntimeError(f"{self.clouds.split.root}: no readable cloud in the {self.clouds.split.split} split")
 
@@ -109,8 +110,9 @@ class _EvalSamples(Dataset):
         xyz = _usable(self.clouds[index], self.clouds.split, index, self.points)
         if xyz is None:
             return None
-        cloud = torch.from_numpy(np.ascontiguousarray(xyz))
-        return cloud[farthest_point_sample(cloud, self.points)].float(), self.clouds.split.items[index][1]
+        xyz = np.ascontiguousarray(xyz)
+        cloud = torch.from_numpy(xyz)
+        return cloud[self.clouds.farthest(index, xyz, self.points)].float(), self.clouds.split.items[index][1]
 
 
 class EvalLoader(EvaluationShare):
