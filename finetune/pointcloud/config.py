@@ -70,7 +70,8 @@ class PointCloudRunConfig(Config):
             raise ConfigError("model.num_classes", f"expected pointcloud.num_classes ({self.pointcloud.num_classes}), "
                               f"got {self.model.num_classes}")
         if self.model.in_chans != 3:
-            raise ConfigError("model.in_chans", f"expected 3 (the projected views are RGB-like), got {self.model.in_chans}")
+            raise ConfigError("model.in_chans", f"expected 3 (the projected views are RGB-like), got "
+                              f"{self.model.in_chans}")
         if self.train.zero_stage == 3:
             raise ConfigError("train.zero_stage", "expected 0, 1 or 2: the point-cloud task does not run ZeRO-3 (its "
                               "kNN and scatter layers are not partitioned)")

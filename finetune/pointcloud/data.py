@@ -166,7 +166,8 @@ def read_cloud(split: PointSplit, index: int, num_points: int = 8192, cache_dir:
             version = fs.ukey(path)  # fsspec's key of the file's current content (path, size, mtime or checksum)
         except OSError as error:
             raise ValueError(f"{path}: {type(error).__name__}: {error}") from error
-        key = hashlib.sha256(f"mesh{CACHE_VERSION}|{split.root}|{relative}|{version}|{num_points}".encode()).hexdigest()[:24]
+        text = f"mesh{CACHE_VERSION}|{split.root}|{relative}|{version}|{num_points}"
+        key = hashlib.sha256(text.encode()).hexdigest()[:24]
         cached = os.path.join(cache_dir, f"{key}.npy")
         if os.path.exists(cached):
             return np.load(cached)

@@ -28,7 +28,8 @@ def projection_indices(points: torch.Tensor, size: int) -> torch.Tensor:
     centre = torch.floor((dense.max(dim=1).values + dense.min(dim=1).values) / 2)  # (B, 2)
     placed = dense + (size / 2 - centre - 1)[:, None]
     if placed.min() < 0 or placed.max() > size - 1:
-        raise ValueError(f"projected cells {int(placed.min())}..{int(placed.max())} fall outside the {size} x {size} map")
+        raise ValueError(f"projected cells {int(placed.min())}..{int(placed.max())} fall outside the {size} x "
+                         f"{size} map")
     placed = placed.long()
     return placed[..., 0] * size + placed[..., 1]
 

@@ -163,7 +163,8 @@ class PointCloudClassification(TaskBase):
         views = rotate_views(projected[:8].detach().float().cpu(), VIEW_ANGLES[:self.section.views])
         size = self.section.image_size
         index = projection_indices(views, size)
-        counts = torch.zeros(len(views), size * size).scatter_add_(1, index, torch.ones_like(index, dtype=torch.float32))
+        counts = torch.zeros(len(views), size * size)
+        counts.scatter_add_(1, index, torch.ones_like(index, dtype=torch.float32))
         images = (counts / counts.amax(dim=1, keepdim=True).clamp_min(1)).reshape(-1, 1, size, size)
         return images.expand(-1, 3, -1, -1)
 
