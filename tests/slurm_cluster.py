@@ -20,6 +20,9 @@ from pathlib import Path
 
 NODES = {"n1": "127.0.0.2", "n2": "127.0.0.3"}
 WORKSTATION = {"n1": "127.0.0.1"}
+CRED_EXPIRE = 10
+"""Seconds a job credential lives (slurm.conf ``AuthInfo=cred_expire``): a requeued job may start again only once
+its revoked credential has expired."""
 CPUS_PER_NODE = 2
 DAEMONS = ("munged", "slurmctld", "slurmd", "sbatch", "scontrol", "squeue", "srun")
 
@@ -60,7 +63,10 @@ class SlurmCluster:
             "SlurmctldHost=localhost(127.0.0.1)",
             f"SlurmctldPort={_free_port()}",
             "SlurmUser=root", "SlurmdUser=root",
-            "AuthType=auth/munge", f"AuthInfo=socket={self.munge_socket}", "CredType=cred/munge",
+            "AuthType=auth/munge", "CredType=cred/munge",
+            # cred_expire: also how long a requeued job waits before it starts again (120 s by default); a job
+            # started earlier is refused by its nodes ("Job credential revoked") and fails
+            f"AuthInfo=socket={self.munge_socket},cred_expire={CRED_EXPIRE}",
             f"StateSaveLocation={root / 'state'}", f"SlurmdSpoolDir={self.sockets}/spool-%n",
             f"SlurmctldPidFile={root}/slurmctld.pid", f"SlurmdPidFile={root}/slurmd-%n.pid",
             f"SlurmctldLogFile={root}/logs/slurmctld.log", f"SlurmdLogFile={root}/logs/slurmd-%n.log",

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from slurm_cluster import NODES, WORKSTATION, SlurmCluster, missing_binaries
+from slurm_cluster import CRED_EXPIRE, NODES, WORKSTATION, SlurmCluster, missing_binaries
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -139,7 +139,8 @@ def test_pretrain_xl_runs_on_two_nodes_resumes_and_requeues_on_usr1(slurm, pretr
     wait_for(lambda: "requeueing job" in third.read_text() if third.exists() else False, 300, "the requeue")
     wait_for(lambda: slurm.job_state(job).get("JobState") in ("PENDING", "REQUEUED", "RUNNING", "CONFIGURING"),
              60, "the requeued job")
-    slurm.run("scontrol", "update", f"JobId={job}", "StartTime=now", check=False)  # skip Slurm's requeue delay
+    time.sleep(CRED_EXPIRE + 1)  # the old run's revoked credential has expired: the job may start again (earlier,
+    slurm.run("scontrol", "update", f"JobId={job}", "StartTime=now", check=False)  # its nodes would refuse it)
     state = wait_for(lambda: (s := slurm.job_state(job)).get("JobState") in ("COMPLETED", "FAILED", "CANCELLED")
                      and s, 600, "the requeued job to finish", every=2.0)
     output = third.read_text()
