@@ -149,43 +149,51 @@ def _parse_resampled(data: bytes, where: str) -> np.ndarray:
     return cloud
 
 
-def read_cloud(split: PointSplit, index: int, num_points: int = 8192, cache_dir: str | None = None,
-               fs=None) -> np.ndarray:
-    """Sample ``index`` of ``split`` as ``(N, 6)`` float32 (xyz, normals): a resampled file as stored, a mesh
-    sampled at ``num_points`` (cached under ``cache_dir`` when given). ``ValueError`` naming the file when it
-    cannot be read."""
-    if fs is None:
-        fs, base = _filesystem(split.root)
-    else:
-        base = _filesystem(split.root)[1]
-    relative = split.items[index][0]
-    path = f"{base.rstrip('/')}/{relative}"
-    cached = None
-    if cache_dir and split.layout == "mesh":
-        try:
-            version = fs.ukey(path)  # fsspec's key of the file's current content (path, size, mtime or checksum)
-        except OSError as error:
-            raise ValueError(f"{path}: {type(error).__name__}: {error}") from error
-        text = f"mesh{CACHE_VERSION}|{split.root}|{relative}|{version}|{num_points}"
-        key = hashlib.sha256(text.encode()).hexdigest()[:24]
-        cached = os.path.join(cache_dir, f"{key}.npy")
-        if os.path.exists(cached):
-            return np.load(cached)
+def _cached_array(cache_dir: str, key_text: str, compute, suffix: str = ".npy") -> np.ndarray:
+    """``compute()``'s array, stored once under ``cache_dir`` by the hash of ``key_text`` (written atomically) and
+    read back from there afterwards."""
+    from unireplknet.files import atomic_open
+
+    cached = os.path.join(cache_dir, hashlib.sha256(key_text.encode()).hexdigest()[:24] + suffix)
+    if os.path.exists(cached):
+        return np.load(cached)
+    array = compute()
+    os.makedirs(cache_dir, exist_ok=True)
+    with atomic_open(cached, "wb", durable=False) as f:
+        np.save(f, array)
+    return array
+
+
+def _content_key(fs, path: str) -> str:
+    """fsspec's key of the file's current content (path, size, mtime or checksum); ``ValueError`` naming it."""
     try:
-        with fs.open(path, "rb") as f:
-            data = f.read()
+        return str(fs.ukey(path))
     except OSError as error:
         raise ValueError(f"{path}: {type(error).__name__}: {error}") from error
-    if split.layout == "resampled":
-        return _parse_resampled(data, path)
-    cloud = _sample_mesh(data, relative, num_points)
-    if cached is not None:
-        from unireplknet.files import atomic_open
 
-        os.makedirs(cache_dir, exist_ok=True)
-        with atomic_open(cached, "wb", durable=False) as f:
-            np.save(f, cloud)
-    return cloud
+
+def read_cloud(split: PointSplit, index: int, num_points: int = 8192, cache_dir: str | None = None,
+               location: tuple | None = None) -> np.ndarray:
+    """Sample ``index`` of ``split`` as ``(N, 6)`` float32 (xyz, normals): a resampled file as stored, a mesh
+    sampled at ``num_points`` (cached under ``cache_dir`` when given). ``location``: the split's ``(fs, base)``
+    when the caller resolved it already. ``ValueError`` naming the file when it cannot be read."""
+    fs, base = location or _filesystem(split.root)
+    relative = split.items[index][0]
+    path = f"{base.rstrip('/')}/{relative}"
+
+    def read() -> bytes:
+        try:
+            with fs.open(path, "rb") as f:
+                return f.read()
+        except OSError as error:
+            raise ValueError(f"{path}: {type(error).__name__}: {error}") from error
+
+    if split.layout == "resampled":
+        return _parse_resampled(read(), path)
+    if not cache_dir:
+        return _sample_mesh(read(), relative, num_points)
+    key = f"mesh{CACHE_VERSION}|{split.root}|{relative}|{_content_key(fs, path)}|{num_points}"
+    return _cached_array(cache_dir, key, lambda: _sample_mesh(read(), relative, num_points))
 
 
 class PointClouds(torch.utils.data.Dataset):
@@ -195,42 +203,40 @@ class PointClouds(torch.utils.data.Dataset):
     def __init__(self, split: PointSplit, num_points: int = 8192, cache_dir: str | None = None):
         self.split, self.num_points, self.cache_dir = split, num_points, cache_dir
         self.skipped = 0
-        self._fs = None
+        self._location = None
 
     def __len__(self) -> int:
         return len(self.split)
+
+    def _where(self) -> tuple:
+        """The split's ``(fs, base)``, resolved once per process (each loader worker opens its own)."""
+        if self._location is None:
+            self._location = _filesystem(self.split.root)
+        return self._location
 
     def farthest(self, index: int, xyz: np.ndarray, count: int) -> torch.Tensor:
         """Indices of the ``count`` farthest points of sample ``index``'s (normalized) ``xyz``: deterministic (the
         same every epoch, as the authors' FPS on the GPU), so computed once per file content and cached under
         ``cache_dir`` (FPS of 4800 of 10,000 points costs about half a CPU-second)."""
-        if not self.cache_dir:
-            return farthest_point_sample(torch.from_numpy(xyz), count)
-        if self._fs is None:
-            self._fs = _filesystem(self.split.root)[0]
-        path = f"{_filesystem(self.split.root)[1].rstrip('/')}/{self.split.items[index][0]}"
-        key = hashlib.sha256(f"fps{CACHE_VERSION}|{self.split.root}|{self.split.items[index][0]}|{self._fs.ukey(path)}|"
-                             f"{self.num_points}|{len(xyz)}|{count}".encode()).hexdigest()[:24]
-        cached = os.path.join(self.cache_dir, f"{key}.fps.npy")
-        if os.path.exists(cached):
-            return torch.from_numpy(np.load(cached).astype(np.int64))
-        chosen = farthest_point_sample(torch.from_numpy(xyz), count)
-        from unireplknet.files import atomic_open
+        def compute() -> np.ndarray:
+            return farthest_point_sample(torch.from_numpy(xyz), count).numpy().astype(np.int32)
 
-        os.makedirs(self.cache_dir, exist_ok=True)
-        with atomic_open(cached, "wb", durable=False) as f:
-            np.save(f, chosen.numpy().astype(np.int32))
-        return chosen
+        if not self.cache_dir:
+            return torch.from_numpy(compute().astype(np.int64))
+        fs, base = self._where()
+        relative = self.split.items[index][0]
+        version = _content_key(fs, f"{base.rstrip('/')}/{relative}")
+        key = f"fps{CACHE_VERSION}|{self.split.root}|{relative}|{version}|{self.num_points}|{len(xyz)}|{count}"
+        return torch.from_numpy(_cached_array(self.cache_dir, key, compute, ".fps.npy").astype(np.int64))
 
     def __getitem__(self, index: int) -> tuple[np.ndarray, int] | None:
-        if self._fs is None:
-            self._fs = _filesystem(self.split.root)[0]
         try:
-            return read_cloud(self.split, index, self.num_points, self.cache_dir, self._fs), self.split.items[index][1]
+            cloud = read_cloud(self.split, index, self.num_points, self.cache_dir, self._where())
         except ValueError as error:
             self.skipped += 1
             _logger.warning("skipping %s", error)
             return None
+        return cloud, self.split.items[index][1]
 
 
 def normalize_cloud(points: np.ndarray) -> np.ndarray:
