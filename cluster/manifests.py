@@ -70,7 +70,7 @@ spec:
               env: &env
                 - name: UNIREPLKNET_RUN_ROOT          # run directories: RUN_ROOT/${stage}, the backbone
                   value: /runs                        # from RUN_ROOT/export/export/backbone.pth
-${data_env}                - name: UNIREPLKNET_NUM_WORKERS       # replicas x 8: one Ray Train worker per GPU
+${data_env}                - name: UNIREPLKNET_NUM_WORKERS       # replicas x GPUs: one Ray Train worker per GPU
                   value: "${workers}"
                 # - name: UNIREPLKNET_BACKBONE        # other backbone weights (an official file, a URL)
                 #   value: /runs/weights/unireplknet_xl_in22k_pretrain.pth
@@ -93,7 +93,7 @@ ${data_env}                - name: UNIREPLKNET_NUM_WORKERS       # replicas x 8:
             - name: dshm
               emptyDir: {medium: Memory}
     workerGroupSpecs:
-      - groupName: gpu-8x
+      - groupName: gpu-${gpus}x
         replicas: ${replicas}                      # ${batch_note}
         minReplicas: ${replicas}
         maxReplicas: ${replicas}
@@ -108,8 +108,8 @@ ${data_env}                - name: UNIREPLKNET_NUM_WORKERS       # replicas x 8:
                 env: *env
                 envFrom: *envFrom
                 resources:                 # EDIT
-                  requests: {cpu: "88", memory: 900Gi, nvidia.com/gpu: 8}
-                  limits: {cpu: "88", memory: 900Gi, nvidia.com/gpu: 8}
+                  requests: {cpu: "${cpus}", memory: ${memory}Gi, nvidia.com/gpu: ${gpus}}
+                  limits: {cpu: "${cpus}", memory: ${memory}Gi, nvidia.com/gpu: ${gpus}}
                 volumeMounts: *mounts
             volumes: *volumes
             tolerations:
@@ -128,6 +128,7 @@ def render(stage: str) -> str:
     config = load_config(spec.cluster_preset)
     workers = max(1, config.train.global_batch_size // config.train.micro_batch_size)
     replicas = math.ceil(workers / GPUS_PER_NODE)
+    gpus = min(workers, GPUS_PER_NODE)  # a recipe of fewer GPUs than a node (one window per step) asks for those
     data_env = "".join(
         f"                - name: {variable:<30s}# EDIT: {key} (a folder under /runs, or a URL)\n"
         f"                  value: s3://my-bucket/{spec.name}\n" for variable, key in spec.environment.items())
@@ -139,7 +140,7 @@ def render(stage: str) -> str:
         reads = "It needs no pretraining run's export; it uses the shared"
     return TEMPLATE.substitute(
         what=what, reads=reads, summary=spec.summary, task=spec.name, stage=stage, component=stage.replace("_", "-"), preset=spec.cluster_preset,
-        data_env=data_env, workers=workers, replicas=replicas,
+        data_env=data_env, workers=workers, replicas=replicas, gpus=gpus, cpus=11 * gpus, memory=112 * gpus,
         batch_note=f"{config.train.micro_batch_size} per GPU x {workers} GPUs = the recipe's batch of "
                    f"{config.train.global_batch_size}")
 

@@ -91,6 +91,7 @@ _SLOW_HASH_S = 5.0
 
 RESUME_MAY_CHANGE = (
     "run_dir", "launch.", "checkpoint.", "train.max_steps", "train.log_every", "train.eval_every", "train.best_",
+    "train.eval_every_epochs", "train.patience",
     "train.deterministic", "train.label_smoothing", "optim.clip_grad", "model.grad_checkpointing",
     "model.channels_last", "model.fused_branches", "model.sync_batchnorm", "loader.eval_incomplete",
 )

@@ -217,7 +217,9 @@ class TrainConfig:
     log_every: int = 50
     """Steps between log lines and TensorBoard scalars."""
     eval_every: int = 0
-    """Steps between evaluations (0: only at the end)."""
+    """Steps between evaluations (0: only at the end, or as ``eval_every_epochs`` says)."""
+    eval_every_epochs: int = 0
+    """Epochs between evaluations, when ``eval_every`` is 0 (the authors' time-series recipe: each epoch)."""
     best_metric: str = ""
     """An evaluation metric (e.g. ``eval/top1``) that picks the run's best weights: the checkpoint of the best
     evaluation is kept (``checkpoints/best.json`` names it; never pruned) and scores the task's test set when the
@@ -225,6 +227,9 @@ class TrainConfig:
     weights."""
     best_mode: Literal["max", "min"] = "max"
     """Whether a higher (``max``: accuracy) or a lower (``min``: an error) ``best_metric`` is better."""
+    patience: int = 0
+    """Early stopping: end the run (completed: the test set is scored with the best weights) once this many
+    evaluations in a row have not improved ``best_metric`` (the authors' time-series recipe: 3); 0: never."""
 
     def validate(self) -> None:
         positive("epochs", self.epochs)
@@ -245,6 +250,14 @@ class TrainConfig:
         positive("log_every", self.log_every)
         if self.eval_every < 0:
             raise ConfigError("eval_every", f"expected >= 0, got {self.eval_every}")
+        if self.eval_every_epochs < 0:
+            raise ConfigError("eval_every_epochs", f"expected >= 0, got {self.eval_every_epochs}")
+        if self.patience < 0:
+            raise ConfigError("patience", f"expected >= 0, got {self.patience}")
+        if self.patience and not (self.best_metric and (self.eval_every or self.eval_every_epochs)):
+            raise ConfigError("patience", "expected train.best_metric and train.eval_every (or eval_every_epochs) > 0 "
+                              f"with early stopping (train.patience={self.patience}): it counts evaluations without "
+                              "a better best_metric")
         if self.best_metric and self.zero_stage == 3:
             raise ConfigError("best_metric", "needs train.zero_stage 0-2: the best checkpoint's weights are loaded "
                               "whole on every rank to score the test set")

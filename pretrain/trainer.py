@@ -198,6 +198,8 @@ class Trainer:
                              f"{self.grad_accum} accumulation steps of one optimizer step: lower "
                              "train.global_batch_size or raise data.samples_per_epoch")
         self.total_steps = config.train.steps or config.train.epochs * self.steps_per_epoch
+        self.eval_interval = config.train.eval_every or config.train.eval_every_epochs * self.steps_per_epoch
+        """Steps between evaluations during the run (0: only at the end)."""
         self.stop_step = min(self.total_steps, config.train.max_steps or self.total_steps)
         param_groups = self.task.build_param_groups(model, config.optim)
         self.group_names = [g["name"] for g in param_groups]
@@ -212,6 +214,8 @@ class Trainer:
         self.stop_requests = StopRequests(os.path.join(config.run_dir, STOP_FILE))
         self.stopping: str | None = None
         """Why the run is stopping (a signal name, the stop file, another rank), once any rank was asked."""
+        self.early_stopped = False
+        """Set when ``train.patience`` evaluations in a row did not improve ``train.best_metric``."""
         self.last_checkpoint: str | None = None
         self._resumed_mid_epoch = False
         self._loss_sum, self._loss_steps = 0.0, 0
@@ -307,7 +311,8 @@ class Trainer:
     # ------------------------------------------------------------------ the loop
 
     def train(self) -> TrainResult:
-        """Step, log, checkpoint, evaluate; until the schedule ends, a stop request, or a non-finite loss.
+        """Step, log, checkpoint, evaluate; until the schedule ends, early stopping (``train.patience``), a stop
+        request, or a non-finite loss.
 
         A step that is both saved and evaluated is saved first, so an evaluation that fails (damaged
         eval data: ``data.eval_incomplete=error``, or any evaluator error) never costs the steps since
@@ -320,9 +325,11 @@ class Trainer:
         batches = self._micro_batches()
         throughput = Throughput()
         progress = Progress(self.stop_step, self.step, self.world.is_main)
+        results: dict[str, float] = {}
         with self.stop_requests:
             try:
-                while self.step < self.stop_step and not self.stopping:
+                self._no_longer_improving()  # a resumed run that had stopped early stays stopped
+                while self.step < self.stop_step and not self.stopping and not self.early_stopped:
                     self._train_step(batches, throughput)
                     self.step += 1
                     log_now = self.step % cfg.train.log_every == 0 or self.step == self.stop_step or self.stopping
@@ -331,13 +338,17 @@ class Trainer:
                     # saved before evaluating: an evaluation that fails (damaged eval data) never costs the step
                     if before_the_end and self.step % cfg.checkpoint.every == 0:
                         self.save()
-                    if before_the_end and cfg.train.eval_every and self.step % cfg.train.eval_every == 0:
-                        self._keep_if_best(self.evaluate())
+                    if before_the_end and self.eval_interval and self.step % self.eval_interval == 0:
+                        results = self.evaluate()
+                        self._keep_if_best(results)
+                        if results:
+                            self._no_longer_improving()
             finally:
                 progress.close()
             self._save_unless_saved()
-            results = {} if self.stopping else self.evaluate()
-            self._keep_if_best(results)
+            if not (self.early_stopped and results):  # an early stop's last evaluation is the final one
+                results = {} if self.stopping else self.evaluate()
+                self._keep_if_best(results)
             if results and not self.stopping:
                 results = {**results, **self.test()}
             if self.stopping:
@@ -500,6 +511,19 @@ class Trainer:
                          self.best.step, self.best.metric, self.best.value, self.step)
         with weights, averaged_batchnorm_buffers(self.engine.module):
             return self._evaluate(loader, "test")
+
+    def _no_longer_improving(self) -> bool:
+        """Early stopping (``train.patience``): whether the last ``patience`` evaluations have not beaten the best.
+        Counted from the best's step, which checkpoints keep, so a resumed run stops where it would have."""
+        cfg = self.config.train
+        if not cfg.patience or self.best is None:
+            return False
+        if self.step - self.best.step < cfg.patience * self.eval_interval:
+            return False
+        self.early_stopped = True
+        _logger.info("early stop at step %d: %d evaluations without a better %s than %.4g (step %d)", self.step,
+                     cfg.patience, self.best.metric, self.best.value, self.best.step)
+        return True
 
     def _keep_if_best(self, results: dict[str, float]) -> None:
         """After an evaluation: when ``train.best_metric`` improved, make sure this step has a checkpoint and

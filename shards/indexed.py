@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Any, Callable, Iterator, Mapping
 
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, default_collate
 
 from .resume import ResumableLoader
 from .seeding import epoch_order
@@ -98,8 +98,8 @@ class ShuffledBatches(ResumableBatches):
 class EvaluationShare:
     """A rank's share of an evaluation split in batches ``(inputs, labels)``: ``samples`` (a dataset of this
     rank's ``(input, label)`` samples, e.g. ``rank::world`` of the split, so every sample is scored once over the
-    ranks) read in order by ``num_workers`` workers; a sample that is None (unreadable) is left out and counted in
-    ``bad_samples``; ``num_samples`` against the evaluator's count tells the trainer whether the evaluation was
+    ranks; either part a tensor, a tuple of tensors or a number) read in order by ``num_workers`` workers; a sample
+    that is None (unreadable) is left out and counted in ``bad_samples``; ``num_samples`` against the evaluator's count tells the trainer whether the evaluation was
     complete. Subclasses call :meth:`_share`, set ``description`` (the set, for messages) and may wrap the
     stacked inputs (:meth:`_wrap`)."""
 
@@ -116,17 +116,20 @@ class EvaluationShare:
     def _wrap(self, inputs: torch.Tensor) -> Any:
         return inputs
 
-    def __iter__(self) -> Iterator[tuple[Any, torch.Tensor]]:
-        inputs: list[torch.Tensor] = []
-        labels: list[int] = []
+    def _batch(self, samples: list[tuple[Any, Any]]) -> tuple[Any, Any]:
+        """Inputs and labels stacked by ``default_collate`` (tensors stacked, tuples of tensors per position,
+        integer labels as one tensor)."""
+        return self._wrap(default_collate([s[0] for s in samples])), default_collate([s[1] for s in samples])
+
+    def __iter__(self) -> Iterator[tuple[Any, Any]]:
+        samples: list[tuple[Any, Any]] = []
         for sample in worker_iterator(self._samples, num_workers=self.num_workers, batch_size=None):
             if sample is None:
                 self.bad_samples += 1
                 continue
-            inputs.append(sample[0])
-            labels.append(int(sample[1]))
-            if len(inputs) == self.batch_size:
-                yield self._wrap(torch.stack(inputs)), torch.tensor(labels)
-                inputs, labels = [], []
-        if inputs:
-            yield self._wrap(torch.stack(inputs)), torch.tensor(labels)
+            samples.append(sample)
+            if len(samples) == self.batch_size:
+                yield self._batch(samples)
+                samples = []
+        if samples:
+            yield self._batch(samples)

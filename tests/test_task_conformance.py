@@ -240,7 +240,10 @@ def test_two_rank_evaluation_equals_one_rank(name, reference, data_dirs, tmp_pat
                                 lambda ranks: overrides(name, data_dirs, tmp_path / f"run_{ranks}", **split),
                                 tmp_path, env=plugin_env())
     assert outputs[1]["eval/samples"] == reference[1]["eval/samples"]
-    assert outputs[1] == outputs[2]
+    assert outputs[2].keys() == outputs[1].keys()
+    # counts add up exactly; float64 sums (squared errors) are added in another order over 2 ranks: each partial sum
+    # rounds by at most 2^-53 relative, so n terms differ by at most ~n * 1.1e-16 (1e-12 covers 9,000 terms)
+    assert outputs[2] == pytest.approx(outputs[1], rel=1e-12, abs=0)
 
 
 @pytest.mark.parametrize("name", TASKS)

@@ -29,7 +29,7 @@ import torch
 from pretrain.config import ConfigError
 
 __all__ = ["SeriesSplit", "decoder_inits", "group_stations", "load_times", "moving_average", "persistence_sums",
-           "read_split", "time_features", "window", "window_count"]
+           "read_split", "read_stations", "time_features", "window", "window_count"]
 
 SPLITS = ("train", "val", "test")
 VARIABLES = ("temp", "wind")
@@ -94,6 +94,36 @@ class SeriesSplit:
         return len(self.values)
 
 
+def _read_bytes(fs, base: str, name: str) -> tuple[bytes, str]:
+    path = f"{base}/{name}"
+    if not fs.isfile(path):
+        raise FileNotFoundError(f"{path}: missing; the Global Temp / Wind layout holds {name} "
+                                "(VARIABLE_global_hourly_*.npy, data_time_*.npy, stations_sorted.npy)")
+    with fs.open(path, "rb") as f:
+        return f.read(), path
+
+
+def _read_numeric(fs, base: str, name: str, dims: int) -> np.ndarray:
+    data, path = _read_bytes(fs, base, name)
+    try:
+        array = np.load(io.BytesIO(data), allow_pickle=False)
+    except Exception as error:  # noqa: BLE001
+        raise ValueError(f"{path}: not a numeric .npy array: {type(error).__name__}: {error}") from error
+    if array.ndim != dims or not np.issubdtype(array.dtype, np.number):
+        raise ValueError(f"{path}: expected a numeric array of {dims} dimensions, got {array.dtype} {array.shape}")
+    return array
+
+
+def read_stations(root: str) -> np.ndarray:
+    """``stations_sorted.npy`` under ``root``: (stations, 3) float32 positions; errors name the file."""
+    fs, base = _filesystem(root)
+    base = base.rstrip("/")
+    stations = _read_numeric(fs, base, "stations_sorted.npy", 2)
+    if stations.shape[1] != 3:
+        raise ValueError(f"{base}/stations_sorted.npy: shape {stations.shape}, expected (stations, 3)")
+    return stations.astype(np.float32)
+
+
 def read_split(root: str, variable: str, split: str) -> SeriesSplit:
     """``split`` of ``variable`` under ``root``; a missing file raises ``FileNotFoundError`` naming it, a damaged
     one (or lengths and station counts that disagree) ``ValueError`` naming it."""
@@ -103,37 +133,17 @@ def read_split(root: str, variable: str, split: str) -> SeriesSplit:
         raise ValueError(f"unknown split {split!r}: expected train, val or test")
     fs, base = _filesystem(root)
     base = base.rstrip("/")
-
-    def read(name: str) -> tuple[bytes, str]:
-        path = f"{base}/{name}"
-        if not fs.isfile(path):
-            raise FileNotFoundError(f"{path}: missing; the Global Temp / Wind layout holds {name} "
-                                    f"({variable}_global_hourly_*.npy, data_time_*.npy, stations_sorted.npy)")
-        with fs.open(path, "rb") as f:
-            return f.read(), path
-
-    def numeric(name: str, dims: int) -> np.ndarray:
-        data, path = read(name)
-        try:
-            array = np.load(io.BytesIO(data), allow_pickle=False)
-        except Exception as error:  # noqa: BLE001
-            raise ValueError(f"{path}: not a numeric .npy array: {type(error).__name__}: {error}") from error
-        if array.ndim != dims or not np.issubdtype(array.dtype, np.number):
-            raise ValueError(f"{path}: expected a numeric array of {dims} dimensions, got {array.dtype} {array.shape}")
-        return array
-
-    values = numeric(f"{variable}_global_hourly_{split}.npy", 3)
-    stations = numeric("stations_sorted.npy", 2)
-    times = load_times(*read(f"data_time_{split}.npy"))
+    values = _read_numeric(fs, base, f"{variable}_global_hourly_{split}.npy", 3)
+    stations = read_stations(root)
+    times = load_times(*_read_bytes(fs, base, f"data_time_{split}.npy"))
     length, count, features = values.shape
     if len(times) != length:
         raise ValueError(f"{base}/data_time_{split}.npy: {len(times)} timestamps for {length} rows of "
                          f"{variable}_global_hourly_{split}.npy")
-    if stations.shape != (count, 3):
+    if len(stations) != count:
         raise ValueError(f"{base}/stations_sorted.npy: shape {stations.shape}, expected ({count}, 3) for the "
                          f"{count} stations of {variable}_global_hourly_{split}.npy")
-    return SeriesSplit(values.reshape(length, count * features).astype(np.float32), times,
-                       stations.astype(np.float32), features)
+    return SeriesSplit(values.reshape(length, count * features).astype(np.float32), times, stations, features)
 
 
 def group_stations(stations: int, per_node: int) -> int:

@@ -1,6 +1,6 @@
-"""The input side of the authors' forecaster (``Time-Series/models/Corrformer.py``, ``layers/Embed.py``), written
-from the spec: UniRepLKNet replaces Corrformer's encoder, Corrformer's embedding stays. (The Multi-Correlation
-decoder comes next; issue 22 point 6.)
+"""The authors' forecaster (``Time-Series/models/Corrformer.py``, ``layers/Embed.py``), written from the spec:
+UniRepLKNet replaces Corrformer's encoder, Corrformer's embedding and Multi-Correlation decoder stay
+(:class:`Forecaster`; the decoder in :mod:`.decoder`).
 
 1. Per window and column: minus the mean over time, divided by ``sqrt(var + 1e-5)`` (biased variance), then a
    learnable affine of ``stations_per_node`` weights shared by every node (:class:`WindowNormalization`, which
@@ -11,6 +11,10 @@ decoder comes next; issue 22 point 6.)
 4. (B x nodes, 48, 768) -> (B x nodes, 1, 192, 192) for UniRepLKNet (:func:`embedding_map`); its last-stage map
    (n, 768, 6, 6) becomes the decoder's tokens by a plain reshape to (n, 36, 768) (:func:`encoder_tokens`: the
    authors' reshape, not a transpose of channels and positions).
+5. The decoder's inputs: the seasonal part of the last ``label`` normalized steps then zeros, embedded by a second
+   :class:`DataEmbedding` with the time features of those ``label + horizon`` steps; the trend part then the
+   window's mean as the trend init (:func:`~.data.decoder_inits`). The forecast is the decoder's seasonal output
+   plus its trend, the last ``horizon`` steps, regrouped and de-normalized.
 """
 from __future__ import annotations
 
@@ -20,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-__all__ = ["DataEmbedding", "WindowNormalization", "embedding_map", "encoder_tokens", "from_nodes",
+__all__ = ["DataEmbedding", "Forecaster", "WindowNormalization", "embedding_map", "encoder_tokens", "from_nodes",
            "standardized_positions", "to_nodes"]
 
 
@@ -109,3 +113,46 @@ def encoder_tokens(maps: torch.Tensor, d_model: int) -> torch.Tensor:
     """The encoder's (N, C, h, w) maps as the decoder's (N, C h w / d_model, d_model) tokens: the authors' plain
     reshape of the memory (channel-major), not a transpose."""
     return maps.reshape(len(maps), -1, d_model)
+
+
+class Forecaster(nn.Module):
+    """Steps 1-5 around ``encoder`` (a :class:`~unireplknet.UniRepLKNet` with ``in_chans=1``: its
+    ``forward_features``). ``forward(x, x_marks, y_marks)``: the (B, L, D) window, its (B, L, 4) time features and
+    the (B, label + horizon, 4) time features of the decoder's steps; returns the (B, horizon, D) forecast in the
+    data's units. ``tree`` factors the nodes for the cross-correlation (the authors' 7 x 50 of 350)."""
+
+    def __init__(self, encoder: nn.Module, positions: np.ndarray, nodes: int, tree: tuple[int, ...], *,
+                 d_model: int = 768, heads: int = 16, d_ff: int = 2048, label: int = 24, horizon: int = 24,
+                 moving_avg: int = 25, dropout: float = 0.05, tcn_layers: int = 1, decoder_layers: int = 1):
+        super().__init__()
+        from .decoder import AutoCorrelation, CrossCorrelation, Decoder, DecoderLayer, MultiCorrelation
+
+        if math.prod(tree) != nodes:
+            raise ValueError(f"the node tree {tuple(tree)} holds {math.prod(tree)} nodes, not {nodes}")
+        per_node = len(positions) // nodes
+        self.nodes, self.d_model, self.label, self.horizon, self.moving_avg = nodes, d_model, label, horizon, moving_avg
+        self.normalization = WindowNormalization(per_node)
+        self.encoder_embedding = DataEmbedding(positions, nodes, d_model, dropout=dropout)
+        self.decoder_embedding = DataEmbedding(positions, nodes, d_model, dropout=dropout)
+        self.encoder = encoder
+
+        def multi_correlation() -> MultiCorrelation:
+            return MultiCorrelation(AutoCorrelation(d_model, heads),
+                                    CrossCorrelation(d_model, heads, label + horizon, tcn_layers=tcn_layers),
+                                    tree, dropout)
+
+        self.decoder = Decoder([DecoderLayer(multi_correlation(), multi_correlation(), d_model, per_node, d_ff,
+                                             moving_avg, dropout) for _ in range(decoder_layers)], d_model, per_node)
+
+    def forward(self, x: torch.Tensor, x_marks: torch.Tensor, y_marks: torch.Tensor) -> torch.Tensor:
+        from .data import decoder_inits
+
+        nodes = self.nodes
+        normalized, stats = self.normalization(x)
+        seasonal, trend = decoder_inits(normalized, self.label, self.horizon, self.moving_avg)
+        tokens = self.encoder_embedding(to_nodes(normalized, nodes), x_marks.repeat_interleave(nodes, dim=0))
+        memory = encoder_tokens(self.encoder.forward_features(embedding_map(tokens)), self.d_model)
+        queries = self.decoder_embedding(to_nodes(seasonal, nodes), y_marks.repeat_interleave(nodes, dim=0))
+        seasonal_part, trend_part = self.decoder(queries, memory, to_nodes(trend, nodes))
+        forecast = from_nodes((seasonal_part + trend_part)[:, -self.horizon:], nodes)
+        return self.normalization.restore(forecast, stats)
