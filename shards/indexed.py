@@ -99,9 +99,9 @@ class EvaluationShare:
     """A rank's share of an evaluation split in batches ``(inputs, labels)``: ``samples`` (a dataset of this
     rank's ``(input, label)`` samples, e.g. ``rank::world`` of the split, so every sample is scored once over the
     ranks; either part a tensor, a tuple of tensors or a number) read in order by ``num_workers`` workers; a sample
-    that is None (unreadable) is left out and counted in ``bad_samples``; ``num_samples`` against the evaluator's count tells the trainer whether the evaluation was
-    complete. Subclasses call :meth:`_share`, set ``description`` (the set, for messages) and may wrap the
-    stacked inputs (:meth:`_wrap`)."""
+    that is None (unreadable) is left out and counted in ``bad_samples``; ``num_samples`` against the evaluator's
+    count tells the trainer whether the evaluation was complete. Subclasses call :meth:`_share`, set
+    ``description`` (the set, for messages) and may wrap the stacked inputs (:meth:`_wrap`)."""
 
     description = ""
 

@@ -195,7 +195,8 @@ def test_the_universal_demo_pipeline_trains_the_tasks_the_authors_train_from_scr
               "finetune_pointcloud": ("pointcloud", "test/oa", "eval_ema/oa"),
               "finetune_timeseries": ("timeseries", "test/mse", "eval_ema/mse")}
     data = {"finetune_audio": tmp_path / "audio", "finetune_video": tmp_path / "video",
-            "finetune_pointcloud": tmp_path / "pointcloud" / "resampled", "finetune_timeseries": tmp_path / "timeseries"}
+            "finetune_pointcloud": tmp_path / "pointcloud" / "resampled",
+            "finetune_timeseries": tmp_path / "timeseries"}
     upper = {"finetune_timeseries": math.inf}  # an error in the data's units; the others are percentages
     result = pipeline(runs, *(f"{stage}:{key}" for stage, (section, _, _) in stages.items() for key in (
         f"{section}.data_root={data[stage]}", f"{section}.generate_demo=false", "train.steps=4", "train.eval_every=0",

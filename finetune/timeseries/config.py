@@ -117,4 +117,4 @@ class TimeSeriesRunConfig(Config):
                               f"{section.d_model}")
         if self.train.zero_stage == 3:
             raise ConfigError("train.zero_stage", "expected 0, 1 or 2: the time-series task does not run ZeRO-3 (the "
-                              "authors' model trains one window per GPU, 155 M parameters: ZeRO-1/2 suffice)")
+                              "authors' model trains one window per GPU, 132 M parameters: ZeRO-1/2 suffice)")

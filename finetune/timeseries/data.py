@@ -175,7 +175,8 @@ def window(array: np.ndarray, index: int, inputs: int = 48, label: int = 24,
     """Window ``index`` of a (T, ...) array: ``array[i : i + inputs]`` and ``array[i + inputs - label :
     i + inputs + outputs]``."""
     if not 0 <= index < window_count(len(array), inputs, outputs):
-        raise IndexError(f"window {index} of a series of {len(array)} steps ({window_count(len(array), inputs, outputs)} "
+        count = window_count(len(array), inputs, outputs)
+        raise IndexError(f"window {index} of a series of {len(array)} steps ({count} "
                          "windows)")
     return array[index:index + inputs], array[index + inputs - label:index + inputs + outputs]
 

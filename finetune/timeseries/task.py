@@ -204,8 +204,8 @@ def preflight(config: TimeSeriesRunConfig) -> None:
             name = f"{section.variable}_global_hourly_{split}.npy"
             shape = shapes[name]
             if len(shape) != 3 or shape[1:] != (stations, 1):
-                raise ConfigError("timeseries.data_root", f"{section.data_root}/{name}: shape {shape}, expected (hours, "
-                                  f"{stations}, 1): one value per station of stations_sorted.npy")
+                raise ConfigError("timeseries.data_root", f"{section.data_root}/{name}: shape {shape}, expected "
+                                  f"(hours, {stations}, 1): one value per station of stations_sorted.npy")
             if shape[0] < section.inputs + section.horizon:
                 raise ConfigError("timeseries.data_root", f"{section.data_root}/{name}: {shape[0]} hours, fewer than "
                                   f"one window ({section.inputs} + {section.horizon})")
