@@ -49,8 +49,9 @@ def test_demo_learns_the_shapes_of_unseen_primitives(demo_root, tmp_path):
     finally:
         trainer.close()
     after = result.eval
-    print(f"point-cloud demo: OA {before['eval/oa']:.1f}% untrained -> {after['eval/oa']:.1f}% "
-          f"(mAcc {after['eval/macc']:.1f}%) after {result.step} steps; voted test OA {after['test/oa']:.1f}%")
+    print(f"point-cloud demo: OA {before['eval/oa']:.1f}% untrained -> {after['eval/oa']:.1f}% after {result.step} "
+          f"steps, mAcc {before['eval/macc']:.1f}% -> {after['eval/macc']:.1f}%; voted test OA "
+          f"{after['test/oa']:.1f}%, mAcc {after['test/macc']:.1f}%")
     assert result.step == 150 and after["eval/samples"] == after["test/samples"] == 60
     assert before["eval/oa"] < 30
     assert after["eval/oa"] >= 35 and after["eval/oa"] - before["eval/oa"] >= 15

@@ -101,3 +101,25 @@ def test_timestamps_in_object_arrays_load_through_the_allow_list_only(tmp_path):
     np.save(tmp_path / "other.npy", np.array([fractions.Fraction(1, 2)], dtype=object), allow_pickle=True)
     with pytest.raises(ValueError, match=r"other\.npy: .*fractions\.Fraction is not a timestamp type"):
         load_times((tmp_path / "other.npy").read_bytes(), "other.npy")
+
+
+def test_the_layout_reads_the_same_from_an_fsspec_url(demo):
+    """The same files in fsspec's in-memory filesystem (any URL fsspec opens: s3://, gs://, ...): the same arrays,
+    and the preflight's header-only shapes."""
+    import fsspec
+
+    from finetune.timeseries.task import split_shapes
+
+    fs = fsspec.filesystem("memory")
+    for path in sorted(__import__("pathlib").Path(demo["root"]).iterdir()):
+        fs.pipe(f"/timeseries_url/{path.name}", path.read_bytes())
+    try:
+        for split in ("train", "val", "test"):
+            local, remote = read_split(demo["root"], "temp", split), read_split("memory://timeseries_url", "temp", split)
+            assert np.array_equal(local.values, remote.values) and np.array_equal(local.times, remote.times)
+            assert np.array_equal(local.stations, remote.stations)
+        shapes = split_shapes("memory://timeseries_url", "temp")
+        assert shapes["temp_global_hourly_train.npy"] == (demo["train"], 22, 1)
+        assert shapes["stations_sorted.npy"] == (22, 3)
+    finally:
+        fs.rm("/timeseries_url", recursive=True)
