@@ -38,6 +38,8 @@ from shards.indexed import ShuffledBatches, worker_iterator
 from shards.info import INFO_NAME, ShardMember, read_member, read_members
 from shards.seeding import SeedPurpose, sample_generator, seed_global_rngs, seeded_global_rngs, stream_seed
 
+from .crop_augment import augment_crop, recorded_ops
+
 __all__ = ["MEAN", "STD", "SEED_PURPOSE", "EvalLoader", "TrainLoader", "VideoList", "augment_clip", "check_labels",
            "decode_frames", "eval_views", "frame_indices", "read_list", "resized_crop_box", "segment_starts",
            "protocol_frame_indices"]
@@ -165,16 +167,16 @@ def decode_frames(data: bytes, where: str, choose: Callable[[int], Sequence[int]
     from av.video.reformatter import VideoReformatter
 
     try:
-        count = _frame_count(data)
-        if count <= 0:
-            raise ValueError("no video frames")
-        indices = [int(i) for i in choose(count)]
-        wanted, last_needed = set(indices), max(indices)
         frames: dict[int, np.ndarray] = {}
         last, seen = None, -1
         rgb = VideoReformatter()  # one colour converter for the video (a frame's own is rebuilt per frame)
         with av.open(io.BytesIO(data)) as container:
             stream = container.streams.video[0]
+            count = stream.frames if stream.frames > 0 else _frame_count(data)  # the header's, else counted
+            if count <= 0:
+                raise ValueError("no video frames")
+            indices = [int(i) for i in choose(count)]
+            wanted, last_needed = set(indices), max(indices)
             for seen, frame in enumerate(container.decode(stream)):
                 if seen in wanted:
                     frames[seen] = rgb.reformat(frame, format="rgb24").to_ndarray()
@@ -288,33 +290,51 @@ def _rand_augment(policy: str, size: int):
     return _RAND_AUGMENT[policy, size]
 
 
+def rand_augment_frames(frames: np.ndarray, transform, seed: int) -> np.ndarray:
+    """``transform`` (RandAugment) on every whole frame with the global RNGs seeded by ``seed`` for each: the same
+    ops and magnitudes for the clip (the caller's RNG states come back afterwards)."""
+    from PIL import Image
+
+    augmented = []
+    with seeded_global_rngs(seed):
+        for frame in frames:
+            seed_global_rngs(seed)
+            augmented.append(np.asarray(transform(Image.fromarray(frame))))
+    return np.stack(augmented)
+
+
 def augment_clip(frames: np.ndarray, rng: np.random.Generator, *, size: int, auto_augment: str = "",
                  scale: tuple[float, float] = (0.08, 1.0), ratio: tuple[float, float] = (0.75, 4 / 3),
                  hflip: float = 0.5, random_erasing: float = 0.0) -> torch.Tensor:
-    """One training clip ``(3, T, size, size)`` from ``(T, H, W, 3)`` uint8 frames, every draw from ``rng``
-    (a permuted view: the loader's batch stacking makes it contiguous)."""
-    if auto_augment:
-        from PIL import Image
-
-        transform, seed = _rand_augment(auto_augment, size), int(rng.integers(2 ** 31))
-        augmented = []
-        with seeded_global_rngs(seed):  # the caller's RNG states back once the clip is done
-            for frame in frames:  # the same seed for every frame: the same ops and magnitudes
-                seed_global_rngs(seed)
-                augmented.append(np.asarray(transform(Image.fromarray(frame))))
-        frames = np.stack(augmented)
-    top, left, h, w = resized_crop_box(frames.shape[1], frames.shape[2], scale, ratio, rng)
-    clip = _as_float(frames[:, top:top + h, left:left + w])  # only the crop becomes float
-    clip = F.interpolate(clip, size=(size, size), mode="bilinear", align_corners=False)
+    """One training clip ``(3, T, size, size)`` (contiguous) from ``(T, H, W, 3)`` uint8 frames, every draw from
+    ``rng``."""
+    seed = int(rng.integers(2 ** 31)) if auto_augment else None
+    top, left, h, w = resized_crop_box(frames.shape[1], frames.shape[2], scale, ratio, rng)  # RandAugment keeps sizes
+    if auto_augment:  # the same ops and magnitudes on every frame, computed only where the crop looks
+        transform = _rand_augment(auto_augment, size)
+        ops = recorded_ops(transform, seed)
+        if ops is not None:
+            frames = np.stack([augment_crop(frame, ops, (left, top, left + w, top + h)) for frame in frames])
+        else:
+            frames = rand_augment_frames(frames, transform, seed)[:, top:top + h, left:left + w]
+    else:
+        frames = frames[:, top:top + h, left:left + w]
+    # only the crop becomes float, channel-major (3, T, h, w) from the start: the clip's own layout, so no strided
+    # copy at the end; each frame's plane is resized as one channel of the one image
+    clip = torch.from_numpy(np.ascontiguousarray(frames)).permute(3, 0, 1, 2).contiguous().float().div_(255)
+    channels, length = clip.shape[:2]
+    clip = F.interpolate(clip.view(1, channels * length, h, w), size=(size, size), mode="bilinear",
+                         align_corners=False).view(channels, length, size, size)
     if rng.random() < hflip:
         clip = clip.flip(-1)
-    clip = _normalize(clip, in_place=True)  # the resized (or flipped) crop is this function's own
+    mean, std = torch.tensor(MEAN).view(3, 1, 1, 1), torch.tensor(STD).view(3, 1, 1, 1)
+    clip.sub_(mean).div_(std)  # the resized (or flipped) crop is this function's own
     if random_erasing > 0:
         from timm.data.random_erasing import RandomErasing
 
-        with seeded_global_rngs(int(rng.integers(2 ** 31))):
-            clip = RandomErasing(random_erasing, mode="pixel", max_count=1, num_splits=1, device="cpu")(clip)
-    return clip.permute(1, 0, 2, 3)
+        with seeded_global_rngs(int(rng.integers(2 ** 31))):  # per frame, as on (T, 3, H, W) frames
+            RandomErasing(random_erasing, mode="pixel", max_count=1, num_splits=1, device="cpu")(clip.transpose(0, 1))
+    return clip
 
 
 def _short_side(clip: torch.Tensor, size: int) -> torch.Tensor:
