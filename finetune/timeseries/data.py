@@ -28,8 +28,8 @@ import torch
 
 from pretrain.config import ConfigError
 
-__all__ = ["SeriesSplit", "decoder_inits", "group_stations", "load_times", "moving_average", "persistence_sums",
-           "read_split", "read_stations", "time_features", "window", "window_count"]
+__all__ = ["SeriesSplit", "decoder_inits", "group_stations", "load_times", "moving_average", "npy_header",
+           "persistence_sums", "read_split", "read_stations", "time_features", "window", "window_count"]
 
 SPLITS = ("train", "val", "test")
 VARIABLES = ("temp", "wind")
@@ -57,16 +57,21 @@ class _TimestampUnpickler(pickle.Unpickler):
         return super().find_class(module, name)
 
 
+def npy_header(buffer: io.BytesIO) -> tuple[tuple[int, ...], bool, np.dtype]:
+    """(shape, fortran order, dtype) from a ``.npy`` file's header at the buffer's position; the buffer is left at
+    the data."""
+    version = np.lib.format.read_magic(buffer)
+    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    return read(buffer)
+
+
 def load_times(data: bytes, where: str) -> np.ndarray:
     """The timestamps of a ``data_time_*.npy`` file as ``datetime64[ns]`` (T,); ``ValueError`` naming ``where``."""
     import pandas as pd
 
     buffer = io.BytesIO(data)
     try:
-        version = np.lib.format.read_magic(buffer)
-        read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
-                       else np.lib.format.read_array_header_2_0)
-        shape, _, dtype = read_header(buffer)
+        shape, _, dtype = npy_header(buffer)
         if dtype.hasobject:
             values = _TimestampUnpickler(buffer).load()
         else:

@@ -7,7 +7,6 @@ import io
 import logging
 import math
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -17,7 +16,7 @@ from pretrain.distributed import WorldInfo, world_info_from_env
 from pretrain.task import SumsEvaluator, TaskBase
 
 from .config import TimeSeriesRunConfig
-from .data import SPLITS, group_stations, read_split, read_stations
+from .data import SPLITS, group_stations, npy_header, read_split, read_stations
 from .loaders import EvalLoader, TrainLoader, Windows, WindowSet
 from .plots import forecast_plot
 
@@ -179,9 +178,7 @@ def split_shapes(root: str, variable: str) -> dict[str, tuple[int, ...]]:
         with fs.open(path, "rb") as f:
             head = io.BytesIO(f.read(1 << 16))
         try:
-            version = np.lib.format.read_magic(head)
-            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-            shapes[name] = read(head)[0]
+            shapes[name] = npy_header(head)[0]
         except Exception as error:  # noqa: BLE001 - any damage: one message naming the file
             raise ValueError(f"{path}: not a .npy array: {type(error).__name__}: {error}") from error
     return shapes
