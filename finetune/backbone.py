@@ -1,5 +1,6 @@
-"""The UniRepLKNet backbone of the dense tasks: built features-only, initialized from an export or an
-official checkpoint (classifier dropped, everything else required)."""
+"""The UniRepLKNet backbones of the tasks that put their own heads on it: the dense tasks' features-only one,
+initialized from an export or an official checkpoint (classifier dropped, everything else required), and the
+classifier-less one whose last-stage map the point-cloud and time-series heads read."""
 from __future__ import annotations
 
 import dataclasses
@@ -11,7 +12,7 @@ import torch.nn as nn
 
 from unireplknet import VARIANTS, UniRepLKNet
 
-__all__ = ["build_dense_backbone", "init_backbone", "init_dense_model"]
+__all__ = ["build_dense_backbone", "build_headless_backbone", "init_backbone", "init_dense_model"]
 
 _logger = logging.getLogger(__name__)
 
@@ -42,6 +43,24 @@ def build_dense_backbone(backbone_name: str, *, drop_path_rate: float, depths: S
     backbone = UniRepLKNet(depths=depths, dims=dims, kernel_sizes=kernel_sizes, drop_path_rate=drop_path_rate,
                            num_classes=0, features_only=True)
     backbone.set_grad_checkpointing(grad_checkpointing)
+    return backbone
+
+
+def build_headless_backbone(model, in_chans: int) -> UniRepLKNet:
+    """The UniRepLKNet ``model`` (a :class:`~pretrain.config.ModelConfig`) names, with its depth/width/kernel
+    overrides and no classifier (``forward_features`` gives the last-stage map), started from ``model.init_from``
+    when set (the classifier skipped), with ``model.grad_checkpointing``."""
+    import unireplknet
+
+    depths, dims, kernels = VARIANTS[model.name[len("unireplknet_"):]]
+    kernels = model.kernel_sizes or (kernels if model.depths is None else None)  # None: the defaults for the depths
+    backbone = UniRepLKNet(in_chans=in_chans, num_classes=0, depths=model.depths or depths,
+                           dims=model.dims or dims, kernel_sizes=kernels, drop_path_rate=model.drop_path_rate)
+    if model.init_from:
+        unireplknet.load_official(backbone, unireplknet.read_state_dict(model.init_from), ignore_head=True)
+        _logger.info("backbone initialized from %s", model.init_from)
+    if model.grad_checkpointing:
+        backbone.set_grad_checkpointing(True)
     return backbone
 
 

@@ -35,7 +35,7 @@ def test_the_crop_of_the_augmented_frame_is_computed_exactly(photos):
         ops = recorded_ops(transform, seed)
         assert ops is not None
         seen.update(op.name for op in ops)
-        np.testing.assert_array_equal(augment_crop(frame, ops, (left, top, left + w, top + h)), expected,
+        np.testing.assert_array_equal(augment_crop(frame[None], ops, (left, top, left + w, top + h))[0], expected,
                                       err_msg=f"trial {trial}: {[op.name for op in ops]}")
     assert len(seen) == 15, seen  # every op of the policy was exercised
 

@@ -3,7 +3,6 @@ UniRepLKNet), their label-smoothed cross-entropy, OA and mAcc over 8 validation 
 rotations."""
 from __future__ import annotations
 
-import logging
 import os
 
 import torch
@@ -23,8 +22,6 @@ from .model import VIEW_ANGLES, P2PClassifier, rotate_views
 from .projection import projection_indices
 
 __all__ = ["PointCloudClassification", "preflight", "smoothed_cross_entropy"]
-
-_logger = logging.getLogger(__name__)
 
 
 def smoothed_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, smoothing: float) -> torch.Tensor:
@@ -61,20 +58,11 @@ class PointCloudClassification(TaskBase):
         return section.data_root
 
     def build_model(self) -> nn.Module:
-        import unireplknet
+        from finetune.backbone import build_headless_backbone
 
-        m = self.config.model
-        depths, dims, kernels = unireplknet.VARIANTS[m.name[len("unireplknet_"):]]
-        kernels = m.kernel_sizes or (kernels if m.depths is None else None)  # None: the defaults for the depths
-        backbone = unireplknet.UniRepLKNet(in_chans=3, num_classes=0, depths=m.depths or depths, dims=m.dims or dims,
-                                           kernel_sizes=kernels, drop_path_rate=m.drop_path_rate)
-        if m.init_from:
-            unireplknet.load_official(backbone, unireplknet.read_state_dict(m.init_from), ignore_head=True)
-            _logger.info("backbone initialized from %s", m.init_from)
-        if m.grad_checkpointing:
-            backbone.set_grad_checkpointing(True)
-        return P2PClassifier(backbone, m.num_classes, self.section.image_size, self.section.views,
-                             self.section.neighbours, self.section.feature_dim)
+        return P2PClassifier(build_headless_backbone(self.config.model, in_chans=3), self.config.model.num_classes,
+                             self.section.image_size, self.section.views, self.section.neighbours,
+                             self.section.feature_dim)
 
     def build_train_loader(self, world: WorldInfo) -> TrainLoader:
         split = list_split(self._root(world), "train", self.section.num_classes)

@@ -4,7 +4,6 @@ baseline's."""
 from __future__ import annotations
 
 import io
-import logging
 import math
 
 import torch
@@ -21,8 +20,6 @@ from .loaders import EvalLoader, TrainLoader, Windows, WindowSet
 from .plots import forecast_plot
 
 __all__ = ["Forecasting", "preflight", "split_shapes"]
-
-_logger = logging.getLogger(__name__)
 
 PREVIEWS = 4
 """Forecast-vs-truth plots per evaluation (TensorBoard ``eval/predictions``)."""
@@ -62,20 +59,12 @@ class Forecasting(TaskBase):
         return self._splits[split]
 
     def build_model(self) -> nn.Module:
-        import unireplknet
+        from finetune.backbone import build_headless_backbone
 
         from .model import Forecaster
 
-        m, section = self.config.model, self.section
-        depths, dims, kernels = unireplknet.VARIANTS[m.name[len("unireplknet_"):]]
-        kernels = m.kernel_sizes or (kernels if m.depths is None else None)
-        encoder = unireplknet.UniRepLKNet(in_chans=1, num_classes=0, depths=m.depths or depths, dims=m.dims or dims,
-                                          kernel_sizes=kernels, drop_path_rate=m.drop_path_rate)
-        if m.init_from:
-            unireplknet.load_official(encoder, unireplknet.read_state_dict(m.init_from), ignore_head=True)
-            _logger.info("encoder initialized from %s", m.init_from)
-        if m.grad_checkpointing:
-            encoder.set_grad_checkpointing(True)
+        section = self.section
+        encoder = build_headless_backbone(self.config.model, in_chans=1)
         positions = read_stations(self._root(world_info_from_env()))  # not parameters: read with the data, as theirs
         nodes = group_stations(len(positions), section.stations_per_node)
         if math.prod(section.node_tree) != nodes:

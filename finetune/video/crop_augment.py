@@ -156,20 +156,23 @@ def _apply(op: Op, image, region: Box, want: Box, full: Box):
     return out.crop((want[0] - region[0], want[1] - region[1], want[2] - region[0], want[3] - region[1]))
 
 
-def augment_crop(frame: np.ndarray, ops: list[Op], box: Box) -> np.ndarray:
-    """``box`` of ``frame`` (H, W, 3 uint8) after ``ops``: equal to applying ``ops`` to the whole frame and
-    cropping."""
+def augment_crop(frames: np.ndarray, ops: list[Op], box: Box) -> np.ndarray:
+    """``box`` of each of ``frames`` (T, H, W, 3 uint8) after ``ops``: equal to applying ``ops`` to the whole
+    frames and cropping. The regions each op needs are worked out once for the clip."""
     from PIL import Image
 
-    image = Image.fromarray(frame)
-    full = (0, 0, image.width, image.height)
+    full = (0, 0, frames.shape[2], frames.shape[1])
     needs = [box]  # needs[k + 1]: the region of op k's output that is needed; needs[0]: of the frame
     for op in reversed(ops):
         needs.append(_needed_input(op, needs[-1], full))
     needs.reverse()
-    region = needs[0]
-    current = image if region == full else image.crop(region)
-    for op, want in zip(ops, needs[1:]):
-        current = _apply(op, current, region, want, full)
-        region = want
-    return np.asarray(current)  # region == box: needs[-1]
+    out = []
+    for frame in frames:
+        image = Image.fromarray(frame)
+        region = needs[0]
+        current = image if region == full else image.crop(region)
+        for op, want in zip(ops, needs[1:]):
+            current = _apply(op, current, region, want, full)
+            region = want
+        out.append(np.asarray(current))  # region == box: needs[-1]
+    return np.stack(out)

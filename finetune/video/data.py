@@ -252,11 +252,14 @@ def resized_crop_box(height: int, width: int, scale: tuple[float, float], ratio:
 # ------------------------------------------------------------------------------------------- augmentation
 
 
-def _normalize(frames: torch.Tensor, in_place: bool = False) -> torch.Tensor:
-    """``(T, 3, H, W)`` float frames normalized with ImageNet's mean and std (``in_place``: for frames nothing
-    else holds, e.g. a crop just resized; evaluation views share their frames)."""
-    mean = torch.tensor(MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(STD).view(1, 3, 1, 1)
+def _normalize(frames: torch.Tensor, in_place: bool = False, channel_dim: int = 1) -> torch.Tensor:
+    """Float frames normalized with ImageNet's mean and std, the 3 colours along ``channel_dim`` of the 4
+    dimensions (``(T, 3, H, W)``: 1; a ``(3, T, H, W)`` clip: 0). ``in_place``: for frames nothing else holds,
+    e.g. a crop just resized; evaluation views share their frames."""
+    shape = [1, 1, 1, 1]
+    shape[channel_dim] = 3
+    mean = torch.tensor(MEAN).view(shape)
+    std = torch.tensor(STD).view(shape)
     if in_place:
         return frames.sub_(mean).div_(std)
     return (frames - mean) / std
@@ -314,7 +317,7 @@ def augment_clip(frames: np.ndarray, rng: np.random.Generator, *, size: int, aut
         transform = _rand_augment(auto_augment, size)
         ops = recorded_ops(transform, seed)
         if ops is not None:
-            frames = np.stack([augment_crop(frame, ops, (left, top, left + w, top + h)) for frame in frames])
+            frames = augment_crop(frames, ops, (left, top, left + w, top + h))
         else:
             frames = rand_augment_frames(frames, transform, seed)[:, top:top + h, left:left + w]
     else:
@@ -327,8 +330,7 @@ def augment_clip(frames: np.ndarray, rng: np.random.Generator, *, size: int, aut
                          align_corners=False).view(channels, length, size, size)
     if rng.random() < hflip:
         clip = clip.flip(-1)
-    mean, std = torch.tensor(MEAN).view(3, 1, 1, 1), torch.tensor(STD).view(3, 1, 1, 1)
-    clip.sub_(mean).div_(std)  # the resized (or flipped) crop is this function's own
+    clip = _normalize(clip, in_place=True, channel_dim=0)  # the resized (or flipped) crop is this function's own
     if random_erasing > 0:
         from timm.data.random_erasing import RandomErasing
 
