@@ -43,22 +43,22 @@ import re
 import shutil
 import time
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 
 from unireplknet.files import fsync_path
 
 from .distributed import WorldInfo, all_gather_object, all_reduce_sum, barrier, broadcast_object
+from .hashed_files import hash_file, os_error_text, size_text, write_hashed, write_json_hashed
+from .resume_rules import RESUME_MAY_CHANGE, config_changes, may_change
 
 __all__ = [
     "CHECKPOINT_PREFIX",
     "CheckpointError",
     "CheckpointWriteError",
     "Manifest",
-    "RESUME_MAY_CHANGE",
     "choose_checkpoint",
-    "config_changes",
     "consolidated_state_dict",
     "find_checkpoint",
     "load_checkpoint",
@@ -66,7 +66,6 @@ __all__ = [
     "read_rank_state",
     "read_rank_states",
     "read_saved_config",
-    "resume_rules",
     "save_checkpoint",
     "tag_of_step",
     "verify_checkpoint",
@@ -85,27 +84,8 @@ MANIFEST_VERSION = 2
 _READABLE_MANIFEST_VERSIONS = (1, 2)
 _RANK_FILE = "trainer_rank{rank:05d}.pt"
 _STAGE0_MODEL_FILE = "mp_rank_00_model_states.pt"
-_HASH_CHUNK = 8 << 20
 _SLOW_HASH_S = 5.0
 """Hashing or verifying that takes longer than this is logged as a warning (it delays every save or resume)."""
-
-RESUME_MAY_CHANGE = (
-    "run_dir", "launch.", "checkpoint.", "train.max_steps", "train.log_every", "train.eval_every", "train.best_",
-    "train.eval_every_epochs", "train.patience",
-    "train.deterministic", "train.label_smoothing", "optim.clip_grad", "model.grad_checkpointing",
-    "model.channels_last", "model.fused_branches", "model.sync_batchnorm", "loader.eval_incomplete",
-)
-"""Core config keys (or prefixes) a resumed run may change: they take effect from the resumed step on.
-Every other setting is restored from the checkpoint (optimizer hyper-parameters, the schedule) or
-fixes its layout (model, batch split, ZeRO stage, data order), so a change to it is refused. Each task
-adds the keys of its own sections (``TaskSpec.resume_may_change``): :func:`resume_rules`."""
-
-
-def resume_rules(task: str) -> tuple[str, ...]:
-    """The core's :data:`RESUME_MAY_CHANGE` and task ``task``'s own keys."""
-    from .registry import get_task
-
-    return RESUME_MAY_CHANGE + tuple(get_task(task).resume_may_change)
 
 
 class CheckpointError(RuntimeError):
@@ -147,85 +127,12 @@ def checkpoint_steps(root: str) -> list[int]:
     return sorted(step for step in map(_step_of_tag, os.listdir(root)) if step is not None)
 
 
-def _size_text(size: float) -> str:
-    if size < 1024:
-        return f"{size:.0f} bytes"
-    for unit in ("KiB", "MiB", "GiB"):
-        size /= 1024
-        if size < 1024 or unit == "GiB":
-            break
-    return f"{size:.1f} {unit}"
-
-
-def _os_error_text(error: OSError) -> str:
-    """``[Errno 28] No space left on device`` (without the file name, which the caller names)."""
-    if error.errno is not None and error.strerror:
-        return f"[Errno {error.errno}] {error.strerror}"
-    return str(error)
-
-
 # ----------------------------------------------------------------------------- writing files
-
-
-class _HashingFile:
-    """A write-only file object over an unbuffered file that hashes what it writes (what torch.save and
-    json.dump call). The first OS error is kept: torch's zip writer reports it as its own RuntimeError."""
-
-    def __init__(self, file):
-        self._file, self.sha256, self.size = file, hashlib.sha256(), 0
-        self.os_error: OSError | None = None
-
-    def write(self, data) -> int:
-        view = memoryview(data).cast("B")
-        try:
-            done = 0
-            while done < len(view):  # a short write (the disk filling up) is followed by the OS error
-                done += self._file.write(view[done:])
-        except OSError as error:
-            self.os_error = self.os_error or error
-            raise
-        self.sha256.update(view)
-        self.size += len(view)
-        return len(view)
-
-    def flush(self) -> None:
-        pass
-
-
-def _write_hashed(path: str, write: Callable[[_HashingFile], None]) -> tuple[int, str]:
-    """Write ``path`` through ``write``, then fsync it; (size, sha256) of what was written. A failed
-    write raises the OS error (with its errno) and leaves no partial file."""
-    hashed = None
-    try:
-        with open(path, "wb", buffering=0) as raw:
-            hashed = _HashingFile(raw)
-            write(hashed)
-            os.fsync(raw.fileno())
-    except BaseException as error:
-        with contextlib.suppress(OSError):
-            os.remove(path)
-        if hashed is not None and hashed.os_error is not None and not isinstance(error, OSError):
-            raise hashed.os_error from error
-        raise
-    return hashed.size, hashed.sha256.hexdigest()
-
-
-def _write_json(path: str, value: Any) -> tuple[int, str]:
-    return _write_hashed(path, lambda f: f.write((json.dumps(value, indent=1) + "\n").encode()))
-
-
-def _hash_file(path: str) -> tuple[int, str]:
-    digest, size = hashlib.sha256(), 0
-    with open(path, "rb") as f:
-        while chunk := f.read(_HASH_CHUNK):
-            digest.update(chunk)
-            size += len(chunk)
-    return size, digest.hexdigest()
 
 
 class _RecordingCheckpointEngine:
     """Stands in for DeepSpeed's checkpoint engine during one save: every file DeepSpeed saves is
-    written through :func:`_write_hashed` (hashed while written, fsynced), and a failed write is
+    written through :func:`write_hashed` (hashed while written, fsynced), and a failed write is
     recorded instead of raised, so this rank still reaches DeepSpeed's closing barrier and every
     rank learns of the failure together. After a failure the remaining files are skipped."""
 
@@ -242,10 +149,10 @@ class _RecordingCheckpointEngine:
             return
         zipfile = getattr(self.inner, "zipfile_serialization", True)
         try:
-            self.written[path] = _write_hashed(
+            self.written[path] = write_hashed(
                 path, lambda f: torch.save(state_dict, f, _use_new_zipfile_serialization=zipfile))
         except OSError as error:
-            self.error = f"writing {path} failed: {_os_error_text(error)}"
+            self.error = f"writing {path} failed: {os_error_text(error)}"
         except RuntimeError as error:  # torch's writer, when an OS error was wrapped on the way
             self.error = f"writing {path} failed: {error}"
 
@@ -255,7 +162,7 @@ class _RecordingCheckpointEngine:
 
 def _write_latest_tmp(root: str, tag: str) -> str:
     tmp = os.path.join(root, f".latest.tmp-{os.getpid()}")
-    _write_hashed(tmp, lambda f: f.write(tag.encode()))
+    write_hashed(tmp, lambda f: f.write(tag.encode()))
     return tmp
 
 
@@ -303,7 +210,7 @@ def save_checkpoint(engine, root: str, step: int, rank_state: dict, world: World
             _remove_incomplete(root)
             os.makedirs(staging)
         except OSError as failure:
-            error = f"creating {staging} failed: {_os_error_text(failure)}"
+            error = f"creating {staging} failed: {os_error_text(failure)}"
     _raise_on_every_rank(world, error, lambda first: _save_failed(root, tag, first))
 
     started = time.perf_counter()
@@ -315,7 +222,7 @@ def save_checkpoint(engine, root: str, step: int, rank_state: dict, world: World
         # Rank 0 copies DeepSpeed's recovery scripts (next to the checkpoint folders) with its own
         # file calls, after the state files: the other ranks are then in the save's closing
         # barrier, which this rank must still meet.
-        recorder.error = recorder.error or f"writing {failure.filename or root} failed: {_os_error_text(failure)}"
+        recorder.error = recorder.error or f"writing {failure.filename or root} failed: {os_error_text(failure)}"
         barrier()
     finally:
         engine.checkpoint_engine = recorder.inner
@@ -336,7 +243,7 @@ def save_checkpoint(engine, root: str, step: int, rank_state: dict, world: World
                     {name: record for _, files in reports for name, record in files.items()}, started, protect)
         except OSError as failure:
             shutil.rmtree(staging, ignore_errors=True)
-            error = f"{_os_error_text(failure)} ({failure.filename or root})"
+            error = f"{os_error_text(failure)} ({failure.filename or root})"
     _raise_on_every_rank(world, error, lambda first: _save_failed(root, tag, first))
     return final
 
@@ -346,24 +253,24 @@ def _commit(root: str, staging: str, final: str, tag: str, step: int, keep: int,
             protect: tuple[int, ...] = ()) -> None:
     """Rank 0, once every rank's files are written and flushed: config and manifest, then the folder
     renamed into place, ``latest`` replaced, old checkpoints deleted."""
-    records[CONFIG_NAME] = _write_json(os.path.join(staging, CONFIG_NAME), config)
+    records[CONFIG_NAME] = write_json_hashed(os.path.join(staging, CONFIG_NAME), config)
     for directory, _, names in os.walk(staging):  # anything DeepSpeed wrote without its checkpoint engine
         for name in names:
             relative = os.path.relpath(os.path.join(directory, name), staging)
             if relative not in records:
                 fsync_path(os.path.join(directory, name))
-                records[relative] = _hash_file(os.path.join(directory, name))
+                records[relative] = hash_file(os.path.join(directory, name))
     manifest = {"format": MANIFEST_FORMAT, "version": MANIFEST_VERSION, "step": step, "world_size": world_size,
                 "zero_stage": zero_stage,
                 "files": {name: {"size": size, "sha256": digest} for name, (size, digest) in sorted(records.items())}}
     manifest["manifest_sha256"] = _manifest_digest(manifest)
-    _write_json(os.path.join(staging, MANIFEST_NAME), manifest)
+    write_json_hashed(os.path.join(staging, MANIFEST_NAME), manifest)
     fsync_path(staging)
     elapsed = time.perf_counter() - started
     total = sum(size for size, _ in records.values())
     (_logger.warning if elapsed > _SLOW_HASH_S else _logger.info)(
         "checkpoint %s: %d files, %s, written, hashed (sha256) and flushed in %.1f s", tag, len(records),
-        _size_text(total), elapsed)
+        size_text(total), elapsed)
     latest_tmp = _write_latest_tmp(root, tag)  # written before the rename: no space left fails here, harmlessly
     try:
         if os.path.exists(final):  # this step was reached before, on a timeline resumed from earlier
@@ -446,9 +353,9 @@ def verify_checkpoint(folder: str) -> Manifest:
     for name, expected in sorted(manifest.sha256.items()):
         file = os.path.join(folder, name)
         try:
-            _, actual = _hash_file(file)
+            _, actual = hash_file(file)
         except OSError as error:
-            raise CheckpointError(f"{folder} is damaged: {file} cannot be read: {_os_error_text(error)}") from None
+            raise CheckpointError(f"{folder} is damaged: {file} cannot be read: {os_error_text(error)}") from None
         if actual != expected:
             raise CheckpointError(f"{folder} is damaged: {file} does not match its sha256 in the manifest "
                                   f"(expected {expected[:16]}..., found {actual[:16]}...): flipped bits or "
@@ -456,7 +363,7 @@ def verify_checkpoint(folder: str) -> Manifest:
     elapsed = time.perf_counter() - started
     (_logger.warning if elapsed > _SLOW_HASH_S else _logger.info)(
         "verified %s: %d files, %s, sha256 in %.1f s", folder, len(manifest.sha256),
-        _size_text(sum(manifest.files.values())), elapsed)
+        size_text(sum(manifest.files.values())), elapsed)
     return manifest
 
 
@@ -475,26 +382,6 @@ def read_saved_config(folder: str) -> dict | None:
 # ----------------------------------------------------------------------------- choosing what to resume
 
 
-def _flatten(values: dict, prefix: str = "") -> dict[str, Any]:
-    flat = {}
-    for key, value in values.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[prefix + key] = value
-    return flat
-
-
-def config_changes(saved: dict, current: dict) -> list[tuple[str, Any, Any]]:
-    """``(key, saved value, current value)`` for every setting that differs, in key order."""
-    old, new = _flatten(saved), _flatten(current)
-    return [(key, old.get(key), new.get(key)) for key in sorted(set(old) | set(new)) if old.get(key) != new.get(key)]
-
-
-def _may_change(key: str, rules: tuple[str, ...]) -> bool:
-    return any(key == rule or (rule.endswith(".") or rule.endswith("_")) and key.startswith(rule) for rule in rules)
-
-
 def _latest_folder(root: str) -> tuple[str | None, str | None]:
     """(folder ``latest`` names, or None; why it cannot be used, or None)."""
     path = os.path.join(root, "latest")
@@ -511,7 +398,7 @@ def _latest_folder(root: str) -> tuple[str | None, str | None]:
 
 
 def _choose(root: str, resume: str, world_size: int | None, config: dict | None,
-            may_change: tuple[str, ...] = RESUME_MAY_CHANGE) -> tuple[str | None, list[str]]:
+            rules: tuple[str, ...] = RESUME_MAY_CHANGE) -> tuple[str | None, list[str]]:
     """Rank 0's decision: the folder to resume from (None: start at step 0) and warnings to log.
     ``world_size`` / ``config`` None: any world size and settings (export). Every file of the folder
     chosen matches its manifest (size and sha256). The saved config is compared with ``config`` in
@@ -571,7 +458,7 @@ def _choose(root: str, resume: str, world_size: int | None, config: dict | None,
         except ConfigError as error:
             raise CheckpointError(f"{os.path.join(folder, CONFIG_NAME)}: {error}") from None
         changes = config_changes(saved, config)
-        refused = [change for change in changes if not _may_change(change[0], may_change)]
+        refused = [change for change in changes if not may_change(change[0], rules)]
         if refused:
             lines = "\n".join(f"  {key}: checkpoint {old!r}, this run {new!r}" for key, old, new in refused)
             raise CheckpointError(f"{folder} was written with other settings that exact resume cannot honour "
@@ -603,7 +490,7 @@ def _set_aside(root: str) -> None:
     except OSError as error:
         raise CheckpointWriteError(f"checkpoint.resume=none: the checkpoints of an earlier run in {root} must be "
                                    f"moved aside before this run starts from step 0, and moving them to {target} "
-                                   f"failed: {_os_error_text(error)}; move or delete them yourself") from None
+                                   f"failed: {os_error_text(error)}; move or delete them yourself") from None
     _logger.warning("checkpoint.resume=none: moved what %s held (%s) to %s, so that this run, which starts from "
                     "step 0, never resumes from them; delete that folder once it is no longer needed",
                     root, ", ".join(held), target)
@@ -615,11 +502,11 @@ def _prepare_root(root: str) -> None:
     try:
         os.makedirs(root, exist_ok=True)
         _remove_incomplete(root)
-        _write_hashed(probe, lambda f: f.write(b"checkpoints can be written here\n"))
+        write_hashed(probe, lambda f: f.write(b"checkpoints can be written here\n"))
         os.remove(probe)
     except OSError as error:
         raise CheckpointWriteError(
-            f"checkpoints cannot be written to {root}: {_os_error_text(error)} ({error.filename or root}). "
+            f"checkpoints cannot be written to {root}: {os_error_text(error)} ({error.filename or root}). "
             "The run would train until its first save and lose it: make the directory writable (or free "
             "space there), or set run_dir to a writable place") from None
 
@@ -631,18 +518,18 @@ def _check_free_space(root: str, folder: str) -> None:
     free = shutil.disk_usage(root).free
     if free < needed:
         raise CheckpointWriteError(
-            f"{root} has {_size_text(free)} free, less than the {_size_text(needed)} that the last checkpoint "
+            f"{root} has {size_text(free)} free, less than the {size_text(needed)} that the last checkpoint "
             f"({folder}) takes: the next save would fail with no space left on device. Free space there "
             "(or lower checkpoint.keep), or set run_dir elsewhere")
 
 
 def choose_checkpoint(root: str, resume: str, world: WorldInfo, config: dict,
-                      may_change: tuple[str, ...] = RESUME_MAY_CHANGE) -> str | None:
+                      rules: tuple[str, ...] = RESUME_MAY_CHANGE) -> str | None:
     """Every rank: prepare the checkpoint directory and pick the checkpoint to resume from (None:
     start at step 0), all decided on rank 0.
 
-    ``resume`` is ``latest``, ``none`` or a folder; ``may_change`` the keys a resumed run may change
-    (:func:`resume_rules`). With ``none``, checkpoints already under
+    ``resume`` is ``latest``, ``none`` or a folder; ``rules`` the keys a resumed run may change
+    (:func:`pretrain.resume_rules.resume_rules`). With ``none``, checkpoints already under
     ``root`` are moved aside (logged). Leftovers of interrupted saves are removed; the directory
     must take a file, and as many bytes as the chosen checkpoint holds. Raises
     :class:`CheckpointError` (:class:`CheckpointWriteError` for the directory) on every rank
@@ -654,7 +541,7 @@ def choose_checkpoint(root: str, resume: str, world: WorldInfo, config: dict,
             if resume == "none":
                 _set_aside(root)
             _prepare_root(root)
-            folder, warnings = _choose(root, resume, world.world_size, config, may_change)
+            folder, warnings = _choose(root, resume, world.world_size, config, rules)
             for warning in warnings:
                 _logger.warning("%s", warning)
             if folder is not None:

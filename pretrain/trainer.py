@@ -29,6 +29,7 @@ from .ema import ModelEMA
 from .metrics import Progress, TensorBoard, Throughput, close_run_log, init_logging, memory_stats
 from .optim import build_optimizer, build_scheduler
 from .preemption import PREEMPTION_SIGNALS, STOP_FILE
+from .resume_rules import resume_rules
 from .task import Task, build_task
 
 __all__ = ["EvaluationIncompleteError", "NonFiniteLossError", "STOP_FILE", "StopRequests", "TrainResult", "Trainer", "capture_rng", "restore_rng",
@@ -185,7 +186,7 @@ class Trainer:
         self._start(config, task, "train.log")
         # decided on rank 0 before anything is built, so a checkpoint that cannot be used fails every rank fast
         self.resume_from = ckpt.choose_checkpoint(self.checkpoint_root, config.checkpoint.resume, self.world,
-                                                  config_to_dict(config), ckpt.resume_rules(config.task))
+                                                  config_to_dict(config), resume_rules(config.task))
         seed_everything(config.train.seed)  # identical initial weights on every rank
         model = self._build_model()
         self.train_loader = self.task.build_train_loader(self.world)
